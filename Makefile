@@ -1,0 +1,49 @@
+# dlm-kernels: `make test` and `make demo` are the quick start; both install into .venv first.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+TRITON ?= triton==3.6.0
+# Builds take a lock so that parallel `make` calls never compile into the same build/ at once.
+LOCK := flock $(VENV)/.build.lock
+PYTEST_ARGS ?=
+
+.PHONY: venv install build test test-fast bench bench-gpu lint demo clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# torch first (from the local wheel cache where there is one), then the build and test tools,
+# then the package itself built against that torch.
+$(VENV)/.deps: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q "$(TORCH)" "$(TRITON)"
+	# numpy<2.3: triton 3.6's interpreter converts 1-element arrays with int(), an error in
+	# numpy 2.3+ ("only 0-dimensional arrays can be converted"), which breaks every loop bound.
+	$(BIN)/pip install -q "numpy<2.3" scipy pytest pytest-benchmark ruff ninja "pybind11>=2.12" \
+		safetensors tqdm matplotlib
+	touch $@
+
+venv: $(VENV)/.deps
+
+build: $(VENV)/.deps
+	$(LOCK) $(BIN)/pip install -q --no-build-isolation --no-deps -e .
+
+install: build
+
+test: build
+	bash -c 'set -o pipefail; $(BIN)/python -m pytest $(PYTEST_ARGS)'; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+
+bench: build
+	$(BIN)/python -m benchmarks.run_cpu
+
+lint: $(VENV)/.deps
+	$(BIN)/ruff check dlm_kernels dlm tests benchmarks setup.py
+	$(BIN)/ruff format --check dlm_kernels dlm tests benchmarks setup.py
+
+demo: build
+	$(BIN)/dlm train --preset shakespeare-tiny --out runs/demo
+
+clean:
+	rm -rf build dist *.egg-info dlm_kernels/*.so .pytest_cache

@@ -1,0 +1,107 @@
+// Shared helpers for the CPU kernels: a vectorisable exp and row conversion to float.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+namespace dlm {
+
+// exp(x) in float32 with ~2 ulp error, branch-free so that gcc vectorises loops that call it
+// (std::exp does not vectorise without -ffast-math, which we avoid because it breaks NaN/inf
+// handling). Cody-Waite range reduction x = n ln2 + r, degree-6 polynomial for exp(r), then a
+// scale by 2^n through the exponent bits. exp(-inf) = 0, exp(x > 88.7) = inf, NaN stays NaN.
+static inline float fast_exp(float x) {
+  const float log2e = 1.44269504088896341f;
+  const float ln2_hi = 0.693359375f;
+  const float ln2_lo = -2.12194440e-4f;
+  float xc = x > 88.3762626647949f ? 88.3762626647949f : x;
+  xc = xc < -87.3365447504f ? -87.3365447504f : xc;  // NaN fails both compares and stays NaN
+  float n = std::nearbyint(xc * log2e);
+  float r = xc - n * ln2_hi;
+  r = r - n * ln2_lo;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  int32_t ni = static_cast<int32_t>(n);
+  ni = ni < -126 ? -126 : ni;  // NaN converts to INT_MIN here; p is NaN then anyway
+  int32_t bits = (ni + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  float out = p * scale;
+  out = x < -87.3365447504f ? 0.0f : out;
+  out = x > 88.7228391f ? std::numeric_limits<float>::infinity() : out;
+  return out;
+}
+
+template <typename T>
+static inline float to_float(T v) {
+  return static_cast<float>(v);
+}
+
+// Copy one row of n elements of type T into a float buffer.
+template <typename T>
+static inline void row_to_float(const T* src, float* dst, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(src[j]);
+}
+
+template <typename T>
+static inline void row_from_float(const float* src, T* dst, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<T>(src[j]);
+}
+
+// Statistics of one float row: max (NaN if any element is NaN) and logsumexp.
+struct RowStats {
+  float max;
+  float lse;
+  float sum;  // sum of the elements, for label smoothing
+};
+
+static inline RowStats row_stats(const float* x, int64_t n, bool want_sum) {
+  float m = -std::numeric_limits<float>::infinity();
+  int nan = 0;
+#pragma omp simd reduction(max : m) reduction(| : nan)
+  for (int64_t j = 0; j < n; ++j) {
+    m = x[j] > m ? x[j] : m;
+    nan |= (x[j] != x[j]);
+  }
+  RowStats st;
+  if (nan) {
+    const float q = std::numeric_limits<float>::quiet_NaN();
+    st.max = q;
+    st.lse = q;
+    st.sum = q;
+    return st;
+  }
+  // All -inf (or empty): logsumexp is -inf; shift by 0 to avoid inf - inf.
+  const float shift = std::isinf(m) && m < 0 ? 0.0f : m;
+  float s = 0.0f;
+  if (std::isinf(shift)) {  // +inf present: logsumexp is +inf
+    s = std::numeric_limits<float>::infinity();
+  } else {
+#pragma omp simd reduction(+ : s)
+    for (int64_t j = 0; j < n; ++j) s += fast_exp(x[j] - shift);
+  }
+  float total = 0.0f;
+  if (want_sum) {
+#pragma omp simd reduction(+ : total)
+    for (int64_t j = 0; j < n; ++j) total += x[j];
+  }
+  st.max = m;
+  st.lse = std::isinf(s) ? s : shift + std::log(s);
+  st.sum = total;
+  return st;
+}
+
+}  // namespace dlm

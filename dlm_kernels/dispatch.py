@@ -1,0 +1,124 @@
+"""Which implementation runs an op: Triton, the compiled C++ ops, or the PyTorch reference.
+
+Decided once per process from the environment, then per call from the tensors' device:
+
+    auto (default)  CUDA tensors -> Triton (when triton imports), CPU tensors -> C++ (when
+                    ``dlm_kernels._C`` loads and the op has a C++ kernel), otherwise the reference.
+                    Under ``TRITON_INTERPRET=1`` CPU tensors also go to Triton: that is how the
+                    Triton kernels are tested on machines without a GPU.
+    triton | cpp | reference
+                    force one path; an op that lacks the forced path uses the reference.
+
+Set with ``DLM_KERNELS_IMPL=...``; tests and benchmarks switch it for a block with
+``with dispatch.use("cpp"): ...``. If the C++ extension is missing or fails to load, the ops fall
+back to the reference and one warning says so (never silently).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import os
+import threading
+import warnings
+from typing import Iterator
+
+import torch
+
+IMPLS = ("auto", "triton", "cpp", "reference")
+_local = threading.local()
+
+
+@functools.cache
+def requested_impl() -> str:
+    """The implementation asked for by ``DLM_KERNELS_IMPL`` (read once)."""
+    impl = os.environ.get("DLM_KERNELS_IMPL", "auto").strip().lower() or "auto"
+    if impl not in IMPLS:
+        raise ValueError(f"DLM_KERNELS_IMPL must be one of {IMPLS}, got {impl!r}")
+    return impl
+
+
+def triton_interpret() -> bool:
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+@functools.cache
+def cpp_ops():
+    """The compiled module ``dlm_kernels._C``, or None (with one warning) if it cannot load."""
+    try:
+        return importlib.import_module("dlm_kernels._C")
+    except Exception as e:  # ImportError, undefined symbols from a torch mismatch, ...
+        warnings.warn(
+            "dlm_kernels: the C++ extension dlm_kernels._C could not be loaded "
+            f"({type(e).__name__}: {e}); CPU ops fall back to the slower PyTorch reference. "
+            "Rebuild with `pip install --no-build-isolation -e .` against the installed torch.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+
+
+@contextlib.contextmanager
+def use(impl: str) -> Iterator[None]:
+    """Force ``impl`` for every op called inside the block (this thread only)."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    prev = getattr(_local, "impl", None)
+    _local.impl = impl
+    try:
+        yield
+    finally:
+        _local.impl = prev
+
+
+def current_impl() -> str:
+    return getattr(_local, "impl", None) or requested_impl()
+
+
+def select(device: torch.device, *, has_triton: bool = True, has_cpp: bool = True) -> str:
+    """Pick "triton", "cpp" or "reference" for an op whose tensors live on ``device``.
+
+    ``has_triton`` / ``has_cpp`` say which kernels the op has. A forced path that cannot run on
+    ``device`` (Triton on CPU without the interpreter) raises, so a test never passes by silently
+    testing the reference.
+    """
+    impl = current_impl()
+    on_cuda = device.type == "cuda"
+    triton_ok = has_triton and triton_available() and (on_cuda or triton_interpret())
+    if impl == "auto":
+        if on_cuda:
+            return "triton" if triton_ok else "reference"
+        if triton_interpret() and triton_ok:
+            return "triton"
+        if device.type == "cpu" and has_cpp and cpp_ops() is not None:
+            return "cpp"
+        return "reference"
+    if impl == "triton":
+        if not has_triton:
+            return "reference"
+        if not triton_ok:
+            raise RuntimeError(
+                f"DLM_KERNELS_IMPL=triton but Triton cannot run on {device} tensors "
+                "(needs CUDA, or TRITON_INTERPRET=1 on CPU, and `import triton` to work)"
+            )
+        return "triton"
+    if impl == "cpp":
+        if not has_cpp:
+            return "reference"
+        if device.type != "cpu":
+            raise RuntimeError(f"DLM_KERNELS_IMPL=cpp but the tensors are on {device}")
+        if cpp_ops() is None:
+            raise RuntimeError("DLM_KERNELS_IMPL=cpp but dlm_kernels._C failed to load")
+        return "cpp"
+    return "reference"

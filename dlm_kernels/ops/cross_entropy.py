@@ -1,0 +1,415 @@
+"""Masked cross-entropy over (..., V) logits: Triton kernels, C++ ops, dispatch, autograd.
+
+Only positions that carry loss (masked and target != ignore_index) are read; every other row
+costs one zero write of its gradient. The forward keeps one float32 logsumexp per row; the
+backward recomputes the softmax from it instead of storing (N, V) probabilities.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from dlm_kernels import dispatch, reference
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs without triton: the Triton path is never selected
+    triton = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _mce_fwd_kernel(
+        logits_ptr,  # (N, V) float32/bf16/fp16, last dim contiguous
+        stride_row,  # elements between consecutive rows of logits
+        target_ptr,  # (N,) int64
+        valid_ptr,  # (N,) bool: row carries loss
+        weight_ptr,  # (N,) float32 per-row factor
+        loss_ptr,  # (N,) float32 out: weighted loss, 0 at invalid rows
+        lse_ptr,  # (N,) float32 out: logsumexp, 0 at invalid rows
+        V,  # vocabulary size
+        label_smoothing,  # eps of label smoothing
+        z_loss,  # coefficient of lse^2
+        HAS_SMOOTHING: tl.constexpr,  # eps != 0 (skip the row sum otherwise; 0 * inf is NaN)
+        HAS_Z: tl.constexpr,  # z_loss != 0
+        BLOCK_V: tl.constexpr,  # vocabulary tile
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        valid = tl.load(valid_ptr + row)
+        if valid:
+            base = logits_ptr + row * stride_row
+            target = tl.load(target_ptr + row)
+            # Online logsumexp over vocabulary tiles, as one running (max, sum) pair per lane
+            # vector; reduced to scalars once at the end.
+            m = tl.full([BLOCK_V], float("-inf"), tl.float32)
+            s = tl.zeros([BLOCK_V], tl.float32)
+            total = tl.zeros([BLOCK_V], tl.float32)
+            for start in range(0, V, BLOCK_V):
+                offs = start + tl.arange(0, BLOCK_V)
+                x = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+                m_new = tl.maximum(m, x)
+                # A lane that has seen only -inf keeps shift 0, so exp(-inf - 0) = 0, not NaN.
+                shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+                s = s * tl.exp(m - shift) + tl.exp(x - shift)
+                m = m_new
+                if HAS_SMOOTHING:
+                    total += tl.where(offs < V, x, 0.0)
+            m_row = tl.max(m, 0)
+            shift_row = tl.where(m_row == float("-inf"), 0.0, m_row)
+            lanes = tl.where(m == float("-inf"), 0.0, s * tl.exp(m - shift_row))
+            lse = shift_row + tl.log(tl.sum(lanes, 0))
+            in_range = (target >= 0) & (target < V)
+            x_t = tl.load(base + tl.where(in_range, target, 0)).to(tl.float32)
+            x_t = tl.where(in_range, x_t, float("nan"))  # never read outside the row
+            loss = lse - x_t
+            if HAS_SMOOTHING:
+                loss = (1.0 - label_smoothing) * loss + label_smoothing * (
+                    lse - tl.sum(total, 0) / V
+                )
+            if HAS_Z:
+                loss += z_loss * lse * lse
+            w = tl.load(weight_ptr + row)
+            tl.store(loss_ptr + row, w * loss)
+            tl.store(lse_ptr + row, lse)
+        else:
+            tl.store(loss_ptr + row, 0.0)
+            tl.store(lse_ptr + row, 0.0)
+
+    @triton.jit
+    def _mce_bwd_kernel(
+        grad_ptr,  # (N,) float32: d(total) / d(loss_i)
+        logits_ptr,  # (N, V) input logits
+        stride_row,  # elements between rows of logits
+        dlogits_ptr,  # (N, V) out, contiguous, dtype of logits
+        target_ptr,  # (N,) int64
+        valid_ptr,  # (N,) bool
+        weight_ptr,  # (N,) float32
+        lse_ptr,  # (N,) float32 from the forward
+        V,
+        label_smoothing,
+        z_loss,
+        BLOCK_V: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        valid = tl.load(valid_ptr + row)
+        out = dlogits_ptr + row * V
+        if valid:
+            base = logits_ptr + row * stride_row
+            target = tl.load(target_ptr + row)
+            lse = tl.load(lse_ptr + row)
+            coef = tl.load(grad_ptr + row) * tl.load(weight_ptr + row)
+            scale = coef * (1.0 + 2.0 * z_loss * lse)
+            shift = coef * label_smoothing / V
+            hit = coef * (1.0 - label_smoothing)
+            for start in range(0, V, BLOCK_V):
+                offs = start + tl.arange(0, BLOCK_V)
+                x = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+                g = scale * tl.exp(x - lse) - shift - tl.where(offs == target, hit, 0.0)
+                tl.store(out + offs, g.to(dlogits_ptr.dtype.element_ty), mask=offs < V)
+        else:
+            for start in range(0, V, BLOCK_V):
+                offs = start + tl.arange(0, BLOCK_V)
+                zero = tl.zeros([BLOCK_V], tl.float32).to(dlogits_ptr.dtype.element_ty)
+                tl.store(out + offs, zero, mask=offs < V)
+
+
+def _block_v(V: int) -> int:
+    # One tile per row up to 4096 columns; larger vocabularies loop. Under the interpreter a
+    # bigger tile is simply faster (numpy vectorises it), so it takes the whole row up to 64k.
+    cap = 65536 if dispatch.triton_interpret() else 4096
+    return min(cap, triton.next_power_of_2(V))
+
+
+def _triton_fwd(logits, target, valid, weight, label_smoothing, z_loss):
+    """Reads each valid row once (online logsumexp): N_valid * V * itemsize bytes, the floor."""
+    N, V = logits.shape
+    loss = torch.empty(N, dtype=torch.float32, device=logits.device)
+    lse = torch.empty(N, dtype=torch.float32, device=logits.device)
+    if N == 0:
+        return loss, lse
+    _mce_fwd_kernel[(N,)](
+        logits, logits.stride(0), target, valid, weight, loss, lse, V,
+        float(label_smoothing), float(z_loss),
+        HAS_SMOOTHING=label_smoothing != 0.0, HAS_Z=z_loss != 0.0,
+        BLOCK_V=_block_v(V), num_warps=8,
+    )  # fmt: skip
+    return loss, lse
+
+
+def _triton_bwd(grad, logits, target, valid, weight, lse, label_smoothing, z_loss):
+    """Reads each valid row once and writes every row once: (N_valid + N) * V * itemsize."""
+    N, V = logits.shape
+    out = torch.empty((N, V), dtype=logits.dtype, device=logits.device)
+    if N == 0:
+        return out
+    _mce_bwd_kernel[(N,)](
+        grad.contiguous(), logits, logits.stride(0), out, target, valid, weight, lse, V,
+        float(label_smoothing), float(z_loss), BLOCK_V=_block_v(V), num_warps=8,
+    )  # fmt: skip
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# custom ops (one entry point per direction; `impl` picks the kernel family)
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("dlm_kernels::masked_ce_fwd", mutates_args=())
+def _masked_ce_fwd(
+    logits: Tensor,
+    target: Tensor,
+    valid: Tensor,
+    weight: Tensor,
+    label_smoothing: float,
+    z_loss: float,
+    impl: str,
+) -> tuple[Tensor, Tensor]:
+    if impl == "cpp":
+        loss, lse = dispatch.cpp_ops().masked_ce_fwd(
+            logits, target, valid, weight, label_smoothing, z_loss
+        )
+        return loss, lse
+    return _triton_fwd(logits, target, valid, weight, label_smoothing, z_loss)
+
+
+@_masked_ce_fwd.register_fake
+def _(logits, target, valid, weight, label_smoothing, z_loss, impl):
+    n = logits.shape[0]
+    return logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.float32)
+
+
+@torch.library.custom_op("dlm_kernels::masked_ce_bwd", mutates_args=())
+def _masked_ce_bwd(
+    grad: Tensor,
+    logits: Tensor,
+    target: Tensor,
+    valid: Tensor,
+    weight: Tensor,
+    lse: Tensor,
+    label_smoothing: float,
+    z_loss: float,
+    impl: str,
+) -> Tensor:
+    grad = grad.to(torch.float32).contiguous()
+    if impl == "cpp":
+        return dispatch.cpp_ops().masked_ce_bwd(
+            grad, logits, target, valid, weight, lse, label_smoothing, z_loss
+        )
+    return _triton_bwd(grad, logits, target, valid, weight, lse, label_smoothing, z_loss)
+
+
+@_masked_ce_bwd.register_fake
+def _(grad, logits, target, valid, weight, lse, label_smoothing, z_loss, impl):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, target, valid, weight, label_smoothing, z_loss, impl = inputs
+    ctx.save_for_backward(logits, target, valid, weight, output[1])
+    ctx.opts = (label_smoothing, z_loss, impl)
+
+
+def _backward(ctx, grad_loss, grad_lse):
+    logits, target, valid, weight, lse = ctx.saved_tensors
+    label_smoothing, z_loss, impl = ctx.opts
+    if grad_loss is None:
+        grad_loss = torch.zeros_like(lse)
+    dlogits = _masked_ce_bwd(
+        grad_loss, logits, target, valid, weight, lse, label_smoothing, z_loss, impl
+    )
+    return dlogits, None, None, None, None, None, None
+
+
+_masked_ce_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# public function
+# ---------------------------------------------------------------------------------------------
+_REDUCTIONS = ("mean", "sum", "none")
+_FLOAT_LOGITS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _check_targets_on_host(target: Tensor, valid: Tensor, V: int) -> bool:
+    """Range-check targets eagerly where it costs no device sync (CPU) or when asked for.
+
+    On CUDA the check would stall the stream, so it runs only with DLM_KERNELS_CHECK=1; the
+    kernels never read outside a row and give NaN for an out-of-range target instead.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    if target.device.type == "cpu":
+        return True
+    if target.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return False
+    return os.environ.get("DLM_KERNELS_CHECK", "0") == "1"
+
+
+def prepare_rows(
+    name: str,
+    target: Tensor,
+    mask: Tensor | None,
+    weight: Tensor | None,
+    ignore_index: int,
+    V: int,
+    device: torch.device,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Validate (target, mask, weight) against ``target.shape`` and flatten them to rows.
+
+    Returns (target int64 (N,), valid bool (N,), weight float32 (N,)), all contiguous. Shared by
+    every loss op so that they accept and reject exactly the same inputs. ``name`` is the op's
+    name for error messages.
+    """
+    if not isinstance(target, Tensor) or target.dtype.is_floating_point or target.is_complex():
+        got = target.dtype if isinstance(target, Tensor) else type(target).__name__
+        raise TypeError(f"{name}: target must be an integer tensor (int64), got {got}")
+    if target.dtype == torch.bool:
+        raise TypeError(f"{name}: target must be an integer tensor (int64), got torch.bool")
+    shape = target.shape
+    if target.device != device:
+        raise ValueError(f"{name}: target is on {target.device}, expected {device}")
+    valid = target != ignore_index
+    if mask is not None:
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+            got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
+            raise TypeError(f"{name}: mask must be a bool tensor (True = carries loss), got {got}")
+        if mask.shape != shape:
+            raise ValueError(
+                f"{name}: mask must have the shape of target {tuple(shape)}, got {tuple(mask.shape)}"
+            )
+        if mask.device != device:
+            raise ValueError(f"{name}: mask is on {mask.device}, expected {device}")
+        valid = valid & mask
+    if weight is None:
+        w = torch.ones(shape, dtype=torch.float32, device=device)
+    else:
+        if not isinstance(weight, Tensor) or not weight.dtype.is_floating_point:
+            got = weight.dtype if isinstance(weight, Tensor) else type(weight).__name__
+            raise TypeError(f"{name}: weight must be a floating-point tensor, got {got}")
+        try:
+            w = torch.broadcast_to(weight, shape)
+        except RuntimeError:
+            raise ValueError(
+                f"{name}: weight must have the shape of target {tuple(shape)} or broadcast to "
+                f"it (e.g. (B, 1) for one weight per sequence), got {tuple(weight.shape)}"
+            ) from None
+        if weight.device != device:
+            raise ValueError(f"{name}: weight is on {weight.device}, expected {device}")
+        w = w.to(torch.float32)
+    target = target.reshape(-1).to(torch.int64).contiguous()
+    valid = valid.reshape(-1).contiguous()
+    if _check_targets_on_host(target, valid, V):
+        bad = valid & ((target < 0) | (target >= V))
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"{name}: target must lie in [0, {V}) at positions that carry loss; "
+                f"flat position {i} has {int(target[i])}"
+            )
+    return target, valid, w.reshape(-1).contiguous()
+
+
+def reduce_rows(
+    name: str, loss: Tensor, valid: Tensor, shape, reduction: str, normalizer
+) -> Tensor:
+    """Apply ``reduction`` to per-row losses without a host sync ("mean" of nothing is 0)."""
+    if reduction == "none":
+        return loss.reshape(shape)
+    total = loss.sum()
+    if reduction == "sum":
+        return total
+    if normalizer is not None:
+        return total / normalizer
+    return total / valid.sum().clamp_min(1)
+
+
+def check_options(name: str, reduction: str, label_smoothing: float, z_loss: float, normalizer):
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"{name}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"{name}: label_smoothing must lie in [0, 1], got {label_smoothing}")
+    if float(z_loss) < 0.0:
+        raise ValueError(f"{name}: z_loss must be >= 0, got {z_loss}")
+    if normalizer is not None and reduction != "mean":
+        raise ValueError(f"{name}: normalizer applies to reduction='mean' only")
+    if isinstance(normalizer, (int, float)) and normalizer <= 0:
+        raise ValueError(f"{name}: normalizer must be > 0, got {normalizer}")
+
+
+def masked_cross_entropy(
+    logits: Tensor,
+    target: Tensor,
+    mask: Tensor | None = None,
+    weight: Tensor | None = None,
+    *,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    normalizer: float | Tensor | None = None,
+) -> Tensor:
+    """Cross-entropy over the positions that carry loss, with per-position weights.
+
+    Per position: ``weight * (CE with label smoothing + z_loss * logsumexp^2)``, in float32.
+
+    Args:
+        logits: (..., V) float32, bfloat16 or float16 (float64 runs the reference).
+        target: (...) int64 token ids; must lie in [0, V) wherever the position carries loss.
+        mask: (...) bool, True where the position carries loss (the masked tokens of the
+            diffusion loss). None: every position whose target != ignore_index. Positions whose
+            target == ignore_index never carry loss.
+        weight: (...) float, or any shape that broadcasts to it such as (B, 1): a per-position
+            factor, e.g. the ELBO weight 1/t of each sequence. None: 1.
+        reduction: "mean" (sum / number of positions carrying loss, 0 if there are none),
+            "sum", or "none" ((...) float32 with zeros at positions carrying no loss).
+        ignore_index: target value that carries no loss (default -100).
+        label_smoothing: eps in [0, 1]: (1 - eps) * NLL + eps * mean over the vocabulary of -log p.
+        z_loss: coefficient of logsumexp^2 (PaLM's z-loss), >= 0.
+        normalizer: with reduction="mean", divide the sum by this instead (the ELBO divides by
+            B * L, the number of tokens, not the number of masked ones). Float or 0-dim tensor.
+
+    Returns:
+        float32 scalar, or (...) for reduction="none" (float64 for float64 logits). Gradients
+        flow to ``logits`` only.
+
+    A row whose logits hold a NaN gets a NaN loss; a row whose target logit is -inf gets +inf.
+    Rows that carry no loss are never read, so NaN or -inf there is harmless.
+
+    Example:
+        >>> logits, target = torch.randn(2, 37, 1003), torch.randint(0, 1003, (2, 37))
+        >>> mask = torch.rand(2, 37) < 0.5                       # the masked positions
+        >>> t = torch.rand(2, 1)                                 # diffusion time per sequence
+        >>> loss = masked_cross_entropy(logits, target, mask, 1 / t, normalizer=2 * 37)
+    """
+    name = "masked_cross_entropy"
+    if not isinstance(logits, Tensor) or logits.dtype not in _FLOAT_LOGITS:
+        got = logits.dtype if isinstance(logits, Tensor) else type(logits).__name__
+        raise TypeError(f"{name}: logits must be a float32/bfloat16/float16 tensor, got {got}")
+    if logits.dim() < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"{name}: logits must have shape (..., V) with V >= 1")
+    if tuple(logits.shape[:-1]) != tuple(target.shape):
+        raise ValueError(
+            f"{name}: logits {tuple(logits.shape)} must be target's shape {tuple(target.shape)} "
+            "plus a vocabulary dimension"
+        )
+    check_options(name, reduction, label_smoothing, z_loss, normalizer)
+    V = logits.shape[-1]
+    shape = target.shape
+    t, valid, w = prepare_rows(name, target, mask, weight, ignore_index, V, logits.device)
+    impl = dispatch.select(logits.device)
+    if impl == "reference" or logits.dtype == torch.float64:
+        loss, _ = reference.masked_cross_entropy_rows(
+            logits.reshape(-1, V), t, valid, w, label_smoothing, z_loss
+        )
+    else:
+        x = logits.reshape(-1, V)
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        loss, _ = _masked_ce_fwd(x, t, valid, w, float(label_smoothing), float(z_loss), impl)
+    return reduce_rows(name, loss, valid, shape, reduction, normalizer)

@@ -1,0 +1,80 @@
+"""Build dlm-kernels and its C++ CPU extension ``dlm_kernels._C``.
+
+Install with the torch you already have (CPU or CUDA build); the extension is compiled against it:
+
+    pip install --no-build-isolation .          # or: pip install --no-build-isolation -e .
+    pip wheel --no-build-isolation --no-deps .
+
+Environment switches (read at build time):
+
+    DLM_KERNELS_SKIP_EXT=1     build no extension: a pure-Python install. The ops then use the
+                               Triton kernels on CUDA tensors and the PyTorch reference on CPU,
+                               and warn once that the C++ ops are missing.
+    MAX_JOBS=N                 parallel compile jobs for ninja (default: torch's choice, all cores).
+    DLM_KERNELS_CPU_ARCH=ARCH  value for gcc's -march (default "native": the build machine's own
+                               vector units). Set e.g. "x86-64-v3" when building a wheel for
+                               other machines, or "" to pass no -march at all.
+    DLM_KERNELS_DEBUG=1        -O0 -g instead of -O3, for gdb and sanitizers.
+    DLM_KERNELS_NO_OPENMP=1    build without OpenMP (single-threaded kernels).
+
+Why --no-build-isolation: pip's isolated build environment would install a fresh torch (a CUDA
+build, gigabytes) that may not match the one you run with; the extension must be built against
+the torch it is loaded into.
+"""
+
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def _ext_modules():
+    if _flag("DLM_KERNELS_SKIP_EXT"):
+        print("dlm-kernels: DLM_KERNELS_SKIP_EXT=1, building no C++ extension", file=sys.stderr)
+        return [], {}
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError as e:  # isolated build without torch
+        raise SystemExit(
+            "dlm-kernels: torch is not importable in the build environment. Install torch first, "
+            "then build with `pip install --no-build-isolation .` (or set DLM_KERNELS_SKIP_EXT=1 "
+            f"for a pure-Python install). Original error: {e}"
+        ) from e
+
+    debug = _flag("DLM_KERNELS_DEBUG")
+    cxx = ["-O0", "-g"] if debug else ["-O3", "-DNDEBUG"]
+    cxx += ["-std=c++17", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
+    ldflags = []
+    arch = os.environ.get("DLM_KERNELS_CPU_ARCH", "native")
+    if arch:
+        cxx.append(f"-march={arch}")
+    if not _flag("DLM_KERNELS_NO_OPENMP"):
+        cxx.append("-fopenmp")
+        ldflags.append("-fopenmp")
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    ext = CppExtension(
+        name="dlm_kernels._C",
+        sources=sources,
+        include_dirs=[os.path.join(HERE, "csrc")],
+        extra_compile_args={"cxx": cxx},
+        extra_link_args=ldflags,
+    )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _ext_modules()
+
+setup(
+    packages=find_packages(include=["dlm_kernels", "dlm_kernels.*", "dlm", "dlm.*"]),
+    package_data={"dlm": ["data/*.gz", "data/*.tsv", "data/*.md"]},
+    include_package_data=True,
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
