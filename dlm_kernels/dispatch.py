@@ -4,8 +4,10 @@ Decided once per process from the environment, then per call from the tensors' d
 
     auto (default)  CUDA tensors -> Triton (when triton imports), CPU tensors -> C++ (when
                     ``dlm_kernels._C`` loads and the op has a C++ kernel), otherwise the reference.
-                    Under ``TRITON_INTERPRET=1`` CPU tensors also go to Triton: that is how the
-                    Triton kernels are tested on machines without a GPU.
+                    ``auto`` never sends CPU tensors to Triton, even under the interpreter, so
+                    that a CPU model or trainer runs the fast C++ ops and not the slow interpreter.
+    triton          Under ``TRITON_INTERPRET=1`` this forces the Triton path on CPU tensors too:
+                    that is how the Triton kernels are tested on machines without a GPU.
     triton | cpp | reference
                     force one path; an op that lacks the forced path uses the reference.
 
@@ -99,8 +101,6 @@ def select(device: torch.device, *, has_triton: bool = True, has_cpp: bool = Tru
     if impl == "auto":
         if on_cuda:
             return "triton" if triton_ok else "reference"
-        if triton_interpret() and triton_ok:
-            return "triton"
         if device.type == "cpu" and has_cpp and cpp_ops() is not None:
             return "cpp"
         return "reference"
