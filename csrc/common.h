@@ -86,21 +86,34 @@ static inline RowStats row_stats(const float* x, int64_t n, bool want_sum) {
   }
   // All -inf (or empty): logsumexp is -inf; shift by 0 to avoid inf - inf.
   const float shift = std::isinf(m) && m < 0 ? 0.0f : m;
-  float s = 0.0f;
+  // Sums are blocked: float lanes within a block of kSumBlock elements (vectorised), double
+  // across blocks. A flat float sum over V = 152k terms lost 1.6e-5 relative in the loss.
+  constexpr int64_t kSumBlock = 1024;
+  double s = 0.0;
   if (std::isinf(shift)) {  // +inf present: logsumexp is +inf
-    s = std::numeric_limits<float>::infinity();
+    s = std::numeric_limits<double>::infinity();
   } else {
-#pragma omp simd reduction(+ : s)
-    for (int64_t j = 0; j < n; ++j) s += fast_exp(x[j] - shift);
+    for (int64_t b = 0; b < n; b += kSumBlock) {
+      const int64_t e = b + kSumBlock < n ? b + kSumBlock : n;
+      float part = 0.0f;
+#pragma omp simd reduction(+ : part)
+      for (int64_t j = b; j < e; ++j) part += fast_exp(x[j] - shift);
+      s += part;
+    }
   }
-  float total = 0.0f;
+  double total = 0.0;
   if (want_sum) {
-#pragma omp simd reduction(+ : total)
-    for (int64_t j = 0; j < n; ++j) total += x[j];
+    for (int64_t b = 0; b < n; b += kSumBlock) {
+      const int64_t e = b + kSumBlock < n ? b + kSumBlock : n;
+      float part = 0.0f;
+#pragma omp simd reduction(+ : part)
+      for (int64_t j = b; j < e; ++j) part += x[j];
+      total += part;
+    }
   }
   st.max = m;
-  st.lse = std::isinf(s) ? s : shift + std::log(s);
-  st.sum = total;
+  st.lse = std::isinf(s) ? static_cast<float>(s) : static_cast<float>(shift + std::log(s));
+  st.sum = static_cast<float>(total);
   return st;
 }
 

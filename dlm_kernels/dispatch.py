@@ -19,35 +19,24 @@ back to the reference and one warning says so (never silently).
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib
 import os
-import threading
 import warnings
 from typing import Iterator
 
 import torch
 
 IMPLS = ("auto", "triton", "cpp", "reference")
-_local = threading.local()
 
 
-@functools.cache
-def requested_impl() -> str:
-    """The implementation asked for by ``DLM_KERNELS_IMPL`` (read once)."""
+def _env_impl() -> str:
     impl = os.environ.get("DLM_KERNELS_IMPL", "auto").strip().lower() or "auto"
     if impl not in IMPLS:
         raise ValueError(f"DLM_KERNELS_IMPL must be one of {IMPLS}, got {impl!r}")
     return impl
 
 
-def triton_interpret() -> bool:
-    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-@functools.cache
-def triton_available() -> bool:
+def _load_triton() -> bool:
     try:
         import triton  # noqa: F401
     except Exception:
@@ -55,9 +44,7 @@ def triton_available() -> bool:
     return True
 
 
-@functools.cache
-def cpp_ops():
-    """The compiled module ``dlm_kernels._C``, or None (with one warning) if it cannot load."""
+def _load_cpp():
     try:
         return importlib.import_module("dlm_kernels._C")
     except Exception as e:  # ImportError, undefined symbols from a torch mismatch, ...
@@ -66,26 +53,64 @@ def cpp_ops():
             f"({type(e).__name__}: {e}); CPU ops fall back to the slower PyTorch reference. "
             "Rebuild with `pip install --no-build-isolation -e .` against the installed torch.",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
         return None
 
 
+# Decided once, at import: module globals (not functools.cache) so that torch.compile can trace
+# select() and guard on them. The C++ module is loaded lazily on first use so that importing
+# dlm_kernels stays cheap, and its failure is reported once.
+_IMPL = _env_impl()
+_TRITON_OK = _load_triton()
+_UNSET = object()
+_CPP = _UNSET
+_override: list[str] = []
+
+
+def refresh() -> None:
+    """Re-read DLM_KERNELS_IMPL and retry loading the C++ module (for tests)."""
+    global _IMPL, _CPP
+    _IMPL = _env_impl()
+    _CPP = _UNSET
+
+
+def requested_impl() -> str:
+    """The implementation asked for by ``DLM_KERNELS_IMPL`` (read at import or refresh())."""
+    return _IMPL
+
+
+def triton_interpret() -> bool:
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_available() -> bool:
+    return _TRITON_OK
+
+
+def cpp_ops():
+    """The compiled module ``dlm_kernels._C``, or None (with one warning) if it cannot load."""
+    global _CPP
+    if _CPP is _UNSET:
+        _CPP = _load_cpp()
+    return _CPP
+
+
 @contextlib.contextmanager
 def use(impl: str) -> Iterator[None]:
-    """Force ``impl`` for every op called inside the block (this thread only)."""
+    """Force ``impl`` for every op called inside the block (process-wide, nestable)."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    prev = getattr(_local, "impl", None)
-    _local.impl = impl
+    _override.append(impl)
     try:
         yield
     finally:
-        _local.impl = prev
+        _override.pop()
 
 
 def current_impl() -> str:
-    return getattr(_local, "impl", None) or requested_impl()
+    return _override[-1] if _override else _IMPL
 
 
 def select(device: torch.device, *, has_triton: bool = True, has_cpp: bool = True) -> str:

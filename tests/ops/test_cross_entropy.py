@@ -1,0 +1,322 @@
+"""masked_cross_entropy: each implementation vs the float64 reference, forward and backward."""
+
+import math
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dlm_kernels
+from dlm_kernels import dispatch, reference
+from tests.utils import IMPLS, assert_close, device, ids, impl, skip_unless_available
+
+DEV = device()
+
+
+def _inputs(shape, V, dtype, p_mask=0.5, scale=3.0):
+    logits = (torch.randn(*shape, V, device=DEV) * scale).to(dtype)
+    target = torch.randint(0, V, shape, device=DEV)
+    mask = torch.rand(shape, device=DEV) < p_mask
+    weight = torch.rand(shape, device=DEV) + 0.5
+    return logits, target, mask, weight
+
+
+def _run(name, logits, target, mask, weight, grad_out=None, **kw):
+    """Loss and d(loss * grad_out)/d(logits) of one implementation (logits cloned as a leaf)."""
+    x = logits.detach().clone().requires_grad_(True)
+    with impl(name):
+        loss = dlm_kernels.masked_cross_entropy(x, target, mask, weight, **kw)
+    if grad_out is None:
+        grad_out = torch.tensor(1.7, dtype=torch.float64, device=loss.device)
+    (loss * grad_out.to(loss.dtype)).sum().backward()
+    return loss.detach(), x.grad
+
+
+def _check_against_reference(name, logits, target, mask, weight, **kw):
+    # The same random upstream gradient for all three runs (per row for reduction="none").
+    g = torch.randn(target.shape, dtype=torch.float64, device=target.device)
+    if kw.get("reduction", "mean") != "none":
+        g = g.reshape(-1)[0]
+    ref_loss, ref_grad = _run("reference", logits.double(), target, mask, weight, g, **kw)
+    low_loss, low_grad = _run("reference", logits, target, mask, weight, g, **kw)
+    out_loss, out_grad = _run(name, logits, target, mask, weight, g, **kw)
+    assert out_loss.dtype == torch.float32
+    assert out_grad.dtype == logits.dtype
+    assert_close(f"{name} loss", ref_loss, out_loss, low_loss)
+    assert_close(f"{name} grad", ref_grad, out_grad, low_grad)
+
+
+# ------------------------------------------------------------------ reference vs naive formula
+def test_reference_matches_naive_formula():
+    N, V, eps, z = 37, 1003, 0.1, 1e-3
+    logits, target, mask, weight = _inputs((N,), V, torch.float64)
+    out = reference.masked_cross_entropy(
+        logits, target, mask, weight, reduction="none", label_smoothing=eps, z_loss=z
+    )
+    expected = torch.zeros(N, dtype=torch.float64)
+    for i in range(N):
+        if not mask[i]:
+            continue
+        row = logits[i].tolist()
+        lse = math.log(sum(math.exp(v) for v in row))
+        nll = lse - row[target[i]]
+        smooth = lse - sum(row) / V
+        expected[i] = weight[i].item() * ((1 - eps) * nll + eps * smooth + z * lse * lse)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_reference_matches_torch_cross_entropy():
+    logits, target, mask, _ = _inputs((4, 37), 1003, torch.float64)
+    ours = reference.masked_cross_entropy(logits, target, mask, label_smoothing=0.2)
+    theirs = F.cross_entropy(logits[mask], target[mask], label_smoothing=0.2)
+    torch.testing.assert_close(ours, theirs)
+
+
+# ------------------------------------------------------------------ kernels vs reference
+@pytest.mark.parametrize("name", IMPLS)
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float16], ids=lambda d: ids(d=d)
+)
+def test_against_reference_dtypes(name, dtype):
+    skip_unless_available(name)
+    logits, target, mask, weight = _inputs((37,), 1003, dtype)
+    _check_against_reference(name, logits, target, mask, weight)
+
+
+OPTIONS = {
+    "plain": {},
+    "sum": {"reduction": "sum"},
+    "none": {"reduction": "none"},
+    "smoothing": {"label_smoothing": 0.1},
+    "zloss": {"z_loss": 1e-3},
+    "normalizer": {"normalizer": 2 * 37},
+    "all": {"label_smoothing": 0.05, "z_loss": 1e-4, "normalizer": 50.0},
+}
+
+
+@pytest.mark.parametrize("name", IMPLS)
+@pytest.mark.parametrize("opt", list(OPTIONS))
+def test_options(name, opt):
+    skip_unless_available(name)
+    logits, target, mask, weight = _inputs((2, 37), 1003, torch.float32)
+    _check_against_reference(name, logits, target, mask, weight, **OPTIONS[opt])
+
+
+@pytest.mark.parametrize("name", IMPLS)
+def test_no_mask_uses_ignore_index(name):
+    skip_unless_available(name)
+    logits, target, _, weight = _inputs((37,), 1003, torch.float32)
+    target[::3] = -1
+    _check_against_reference(name, logits, target, None, weight, ignore_index=-1)
+    _check_against_reference(name, logits, target, None, None, ignore_index=-1)
+
+
+@pytest.mark.parametrize("name", IMPLS)
+def test_mask_and_ignore_index_combine(name):
+    """A masked position whose target is ignore_index carries no loss and no gradient."""
+    skip_unless_available(name)
+    logits, target, mask, weight = _inputs((37,), 1003, torch.float32, p_mask=1.0)
+    target[:5] = -100
+    loss, grad = _run(name, logits, target, mask, weight, reduction="none")
+    assert (loss[:5] == 0).all() and (grad[:5] == 0).all()
+    _check_against_reference(name, logits, target, mask, weight)
+
+
+@pytest.mark.parametrize("name", IMPLS)
+@pytest.mark.parametrize("p_mask", [0.0, 1.0], ids=["none-masked", "all-masked"])
+def test_none_and_all_masked(name, p_mask):
+    skip_unless_available(name)
+    logits, target, mask, weight = _inputs((3, 37), 1003, torch.float32, p_mask=p_mask)
+    loss, grad = _run(name, logits, target, mask, weight)
+    if p_mask == 0.0:
+        assert loss.item() == 0.0, "mean over no masked position is defined as 0"
+        assert (grad == 0).all()
+    else:
+        _check_against_reference(name, logits, target, mask, weight)
+
+
+@pytest.mark.parametrize("name", IMPLS)
+def test_unmasked_rows_are_never_read(name):
+    """NaN and -inf in rows that carry no loss change nothing."""
+    skip_unless_available(name)
+    logits, target, mask, weight = _inputs((37,), 1003, torch.float32)
+    mask[0], mask[1] = False, True
+    logits[0] = float("nan")
+    loss, grad = _run(name, logits, target, mask, weight, reduction="none")
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    assert (grad[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("name", IMPLS)
+def test_neg_inf_logits(name):
+    """-inf logits (banned tokens) are legal; a -inf target logit gives +inf loss."""
+    skip_unless_available(name)
+    logits, target, mask, weight = _inputs((37,), 1003, torch.float32, p_mask=1.0)
+    logits[:, 500:] = float("-inf")  # half the vocabulary banned everywhere
+    target = target % 500
+    logits[3, :-1] = float("-inf")  # all but one token banned
+    logits[3, -1] = 0.0
+    target[3] = 1002
+    _check_against_reference(name, logits, target, mask, weight)
+    target[4] = 700  # the target itself banned
+    loss, _ = _run(name, logits, target, mask, weight, reduction="none")
+    assert loss[4].item() == float("inf")
+    assert torch.isfinite(loss[torch.arange(37) != 4]).all()
+
+
+@pytest.mark.parametrize("name", IMPLS)
+def test_nan_logits_give_nan_loss(name):
+    skip_unless_available(name)
+    logits, target, mask, weight = _inputs((37,), 1003, torch.float32, p_mask=1.0)
+    logits[7, 11] = float("nan")
+    with impl(name):
+        loss = dlm_kernels.masked_cross_entropy(logits, target, mask, reduction="none")
+    assert torch.isnan(loss[7])
+    assert torch.isfinite(loss[torch.arange(37) != 7]).all()
+
+
+@pytest.mark.parametrize("name", IMPLS)
+def test_noncontiguous_logits_and_broadcast_weight(name):
+    skip_unless_available(name)
+    base = torch.randn(3, 37, 2 * 1003, device=DEV)
+    logits = base[..., ::2]  # last-dim stride 2
+    target = torch.randint(0, 1003, (3, 37), device=DEV)
+    mask = torch.rand(3, 37, device=DEV) < 0.5
+    weight = torch.rand(3, 1, device=DEV) + 0.5  # one 1/t per sequence
+    _check_against_reference(name, logits, target, mask, weight, normalizer=3 * 37)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", IMPLS)
+def test_vocab_151936(name):
+    skip_unless_available(name)
+    logits, target, mask, weight = _inputs((5,), 151936, torch.bfloat16)
+    mask[0] = True
+    _check_against_reference(name, logits, target, mask, weight, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("name", ["cpp", "triton"])
+def test_repeat_runs_are_bitwise_identical(name):
+    """Deterministic: two runs give identical results (no atomics, fixed reduction order)."""
+    skip_unless_available(name)
+    logits, target, mask, weight = _inputs((37,), 1003, torch.float32)
+    torch.manual_seed(0)
+    a = _run(name, logits, target, mask, weight)
+    torch.manual_seed(0)
+    b = _run(name, logits, target, mask, weight)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_gradcheck_float64_reference_path():
+    logits = torch.randn(5, 11, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 11, (5,))
+    mask = torch.tensor([True, False, True, True, False])
+    weight = torch.rand(5, dtype=torch.float64) + 0.5
+
+    def f(x):
+        return dlm_kernels.masked_cross_entropy(
+            x, target, mask, weight, label_smoothing=0.1, z_loss=0.01
+        )
+
+    assert torch.autograd.gradcheck(f, (logits,))
+
+
+def test_torch_compile_with_custom_op():
+    """The C++ path is a registered custom op: torch.compile traces it without graph breaks."""
+    skip_unless_available("cpp")
+    logits, target, mask, weight = _inputs((37,), 1003, torch.float32)
+
+    def f(x):
+        return dlm_kernels.masked_cross_entropy(x, target, mask, weight)
+
+    with impl("cpp"):
+        compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+        x1 = logits.clone().requires_grad_(True)
+        compiled(x1).backward()
+        x2 = logits.clone().requires_grad_(True)
+        f(x2).backward()
+    torch.testing.assert_close(x1.grad, x2.grad)
+
+
+# ------------------------------------------------------------------ errors
+@pytest.mark.parametrize(
+    "kwargs, exc, words",
+    [
+        ({"target": "float"}, TypeError, "target must be an integer"),
+        ({"target": "shape"}, ValueError, "target's shape"),
+        ({"target": "range"}, ValueError, "target must lie in [0, 1003)"),
+        ({"mask": "int"}, TypeError, "mask must be a bool"),
+        ({"mask": "shape"}, ValueError, "mask must have the shape"),
+        ({"weight": "shape"}, ValueError, "weight must have the shape"),
+        ({"weight": "int"}, TypeError, "weight must be a floating-point"),
+        ({"logits": "int"}, TypeError, "logits must be a float32"),
+        ({"reduction": "avg"}, ValueError, "reduction must be one of"),
+        ({"label_smoothing": 1.5}, ValueError, "label_smoothing must lie in [0, 1]"),
+    ],
+    ids=lambda v: "-".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else "",
+)
+@pytest.mark.parametrize("name", ["reference", "cpp"])
+def test_bad_input_errors_name_the_argument(name, kwargs, exc, words):
+    skip_unless_available(name)
+    logits, target, mask, weight = _inputs((37,), 1003, torch.float32)
+    args = {"logits": logits, "target": target, "mask": mask, "weight": weight}
+    opts = {}
+    for k, v in kwargs.items():
+        if k == "target":
+            args["target"] = {
+                "float": target.float(),
+                "shape": target[:-1],
+                "range": torch.where(mask, torch.full_like(target, 1003), target),
+            }[v]
+        elif k == "mask":
+            args["mask"] = {"int": mask.long(), "shape": mask[:5]}[v]
+        elif k == "weight":
+            args["weight"] = {"shape": weight[:5], "int": weight.long()}[v]
+        elif k == "logits":
+            args["logits"] = logits.long()
+        else:
+            opts[k] = v
+    with impl(name), pytest.raises(exc, match=re.escape(words)):
+        dlm_kernels.masked_cross_entropy(
+            args["logits"], args["target"], args["mask"], args["weight"], **opts
+        )
+
+
+def test_missing_extension_warns_once_and_falls_back(monkeypatch):
+    import importlib
+    import warnings
+
+    real_import = importlib.import_module
+
+    def fake_import(name, *a, **k):
+        if name == "dlm_kernels._C":
+            raise ImportError("simulated: extension not built")
+        return real_import(name, *a, **k)
+
+    dispatch.refresh()
+    monkeypatch.setattr(importlib, "import_module", fake_import)
+    try:
+        logits, target, mask, weight = _inputs((37,), 1003, torch.float32)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with impl("auto"):
+                a = dlm_kernels.masked_cross_entropy(logits, target, mask, weight)
+                dlm_kernels.masked_cross_entropy(logits, target, mask, weight)
+        msgs = [w for w in caught if "dlm_kernels._C could not be loaded" in str(w.message)]
+        assert len(msgs) == 1, [str(w.message) for w in caught]
+        assert dispatch.select(torch.device("cpu")) == "reference"
+        b = reference.masked_cross_entropy(logits, target, mask, weight)
+        torch.testing.assert_close(a, b)
+    finally:
+        monkeypatch.undo()
+        dispatch.refresh()
+
+
+def test_dispatch_env_override_is_validated(monkeypatch):
+    monkeypatch.setenv("DLM_KERNELS_IMPL", "fastest")
+    with pytest.raises(ValueError, match="DLM_KERNELS_IMPL must be one of"):
+        dispatch.refresh()
+    monkeypatch.undo()
+    dispatch.refresh()
+    assert dispatch.requested_impl() == "auto"
