@@ -50,7 +50,9 @@ def _ext_modules():
 
     debug = _flag("DLM_KERNELS_DEBUG")
     cxx = ["-O0", "-g"] if debug else ["-O3", "-DNDEBUG"]
-    cxx += ["-std=c++17", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
+    # -fno-math-errno / -fno-trapping-math let gcc if-convert and vectorise the float loops
+    # (branch-free exp in csrc/common.h); unlike -ffast-math they keep NaN and inf semantics.
+    cxx += ["-std=c++17", "-fno-math-errno", "-fno-trapping-math", "-Wall", "-Wno-unknown-pragmas"]
     ldflags = []
     arch = os.environ.get("DLM_KERNELS_CPU_ARCH", "native")
     if arch:
@@ -73,7 +75,7 @@ ext_modules, cmdclass = _ext_modules()
 
 setup(
     packages=find_packages(include=["dlm_kernels", "dlm_kernels.*", "dlm", "dlm.*"]),
-    package_data={"dlm": ["data/*.gz", "data/*.tsv", "data/*.md"]},
+    package_data={"dlm": ["corpus/*.gz", "corpus/*.tsv", "corpus/*.md"]},
     include_package_data=True,
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 
 #include "masked_cross_entropy.h"
+#include "unmask_sample.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "dlm-kernels CPU kernels";
@@ -17,6 +18,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("weight"), py::arg("lse"), py::arg("label_smoothing"), py::arg("z_loss"));
 
   // ---- unmask-sample (csrc/unmask_sample.cpp) ----
+  m.def("sample_rows", &dlm::sample_rows, "per-row filter + Gumbel-max draw + confidence",
+        py::arg("logits"), py::arg("rows"), py::arg("valid"), py::arg("temperature"),
+        py::arg("top_k"), py::arg("top_p"), py::arg("min_p"), py::arg("mode"), py::arg("seed"),
+        py::arg("offset"), py::arg("has_topk"), py::arg("has_topp"), py::arg("has_minp"));
+  m.def("philox4x32", &dlm::philox4x32, "Philox4x32-10 words (n, 4) for counters (c0, c1, c2, c3)",
+        py::arg("c0"), py::arg("c1"), py::arg("c2"), py::arg("c3"), py::arg("seed"));
 
   // ---- linear cross-entropy (csrc/linear_cross_entropy.cpp) ----
 }

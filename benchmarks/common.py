@@ -1,0 +1,116 @@
+"""Timing and memory helpers shared by every benchmark.
+
+GPU: triton.testing.do_bench (median and quantiles over many launches, L2 flushed between).
+CPU: wall-clock over repeated calls with time.perf_counter (median, p20, p80).
+Peak memory: torch.cuda.max_memory_allocated on GPU; on CPU the growth of the process's peak
+resident set (ru_maxrss), measured in a fresh child process per case when ``isolate`` is used.
+Every figure is reported next to a baseline measured in the same process and run.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import time
+from typing import Callable
+
+import torch
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_fn(fn: Callable[[], object], device: str, *, quick: bool = False) -> dict:
+    """Median / p20 / p80 milliseconds of ``fn()``."""
+    if device.startswith("cuda"):
+        import triton.testing
+
+        ms = triton.testing.do_bench(
+            fn, warmup=5 if quick else 25, rep=20 if quick else 100, quantiles=[0.5, 0.2, 0.8]
+        )
+        return {"ms": ms[0], "ms_p20": ms[1], "ms_p80": ms[2]}
+    fn()  # warm-up (allocator, first-call dispatch)
+    reps = 1 if quick else 7
+    times = []
+    budget = time.perf_counter() + (0.5 if quick else 20.0)
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+        if time.perf_counter() > budget and len(times) >= 3:
+            break
+    times.sort()
+    q = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
+    return {"ms": statistics.median(times), "ms_p20": q[0], "ms_p80": q[3]}
+
+
+def peak_memory_mb(fn: Callable[[], object], device: str) -> float | None:
+    """Peak extra memory of one call of ``fn`` in MB (GPU: allocator peak above the baseline)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    return None  # CPU peaks need a fresh process: see rss_peak_mb
+
+
+def rss_peak_mb() -> float:
+    """This process's peak resident set size in MB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def machine() -> dict:
+    """Device name and versions, for every results file."""
+    info = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": _cpu_name(),
+        "threads": torch.get_num_threads(),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if torch.cuda.is_available():
+        info["device"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    else:
+        info["device"] = info["cpu"]
+    try:
+        info["commit"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+            cwd=os.path.dirname(os.path.abspath(__file__)), check=False,
+        ).stdout.strip() or None  # fmt: skip
+    except OSError:
+        info["commit"] = None
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def row(name: str, provider: str, shape: str, dtype, timing: dict | None, **extra) -> dict:
+    """One result row; a provider that could not run has timing None and a status saying why."""
+    out = {"name": name, "provider": provider, "shape": shape, "dtype": str(dtype).replace(
+        "torch.", ""), "status": "ok" if timing else extra.pop("status", "missing")}
+    if timing:
+        out.update(timing)
+    out.update(extra)
+    return out

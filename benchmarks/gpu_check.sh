@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The one-command GPU check: build, run the test suite on CUDA, run every benchmark at the goal
+# shapes, write figures to $OUT (or the folder given), print the short table last.
+#
+#   bash benchmarks/gpu_check.sh [--quick] [OUTDIR]
+#
+# Made for the lent H100 (torch 2.11 + CUDA 13.0, triton 3.6.0, Python 3.12, no internet):
+# under 8 minutes in full, under 3 with --quick. Optional peer wheels (liger-kernel,
+# cut-cross-entropy, flashinfer, flash-attn) are installed from .whl/ when carried there (see
+# the device tool's README); a peer that is missing is reported as "missing" in the tables.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+QUICK=""
+DEST=""
+for arg in "$@"; do
+  case "$arg" in
+    --quick) QUICK="--quick" ;;
+    *) DEST="$arg" ;;
+  esac
+done
+DEST="${DEST:-${OUT:-benchmarks/results/gpu-$(date +%Y%m%d-%H%M%S)}}"
+mkdir -p "$DEST"
+PY="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+unset TRITON_INTERPRET
+t0=$(date +%s)
+stamp() { echo "[gpu_check $(( $(date +%s) - t0 ))s] $*"; }
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+  stamp "installing carried wheels"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  git rev-parse --short HEAD 2>/dev/null || true
+} 2>&1 | tee "$DEST/env.txt"
+
+# The C++ extension serves CPU tensors only; it is built so that the dispatch works as installed.
+stamp "building dlm_kernels._C"
+MAX_JOBS="${MAX_JOBS:-16}" "$PY" setup.py -q build_ext --inplace > "$DEST/build.log" 2>&1 \
+  || { stamp "build failed (tail below); tests run without the C++ ops"; tail -20 "$DEST/build.log"; }
+
+stamp "tests on CUDA"
+TEST_BUDGET=200
+SELECT=()
+if [ -n "$QUICK" ]; then TEST_BUDGET=80; SELECT=(-m "not slow"); fi
+timeout "$TEST_BUDGET" "$PY" -m pytest tests -q --maxfail=20 -p no:cacheprovider \
+  -o addopts="-ra --durations=10" "${SELECT[@]}" > "$DEST/pytest.txt" 2>&1
+rc_tests=$?
+tail -25 "$DEST/pytest.txt"
+[ $rc_tests -eq 124 ] && stamp "tests stopped at the ${TEST_BUDGET}s budget"
+
+stamp "benchmarks"
+timeout $([ -n "$QUICK" ] && echo 90 || echo 240) \
+  "$PY" -m benchmarks.run --device cuda $QUICK --out "$DEST" > "$DEST/bench.txt" 2> "$DEST/bench.err"
+rc_bench=$?
+tail -30 "$DEST/bench.err"
+
+stamp "done: tests rc=$rc_tests, benchmarks rc=$rc_bench; files in $DEST"
+ls "$DEST"
+echo
+cat "$DEST/bench.txt"
+exit $(( rc_tests != 0 || rc_bench != 0 ))

@@ -1,0 +1,125 @@
+"""Run every benchmark and write the figures: JSON (all of them) and a markdown table.
+
+    python -m benchmarks.run [--device cpu|cuda] [--quick] [--out DIR] [--only NAME ...]
+
+Each ``benchmarks/bench_<op>.py`` exposes ``run(quick, device) -> list[dict]``. A benchmark
+whose module fails to import or raises is recorded as a row with status "error", never dropped;
+a peer library that is not installed is a row with status "missing", never a zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import json
+import os
+import sys
+import traceback
+
+import torch
+
+from benchmarks.common import machine
+
+BENCHES = [
+    "bench_cross_entropy",
+    "bench_linear_cross_entropy",
+    "bench_unmask_sample",
+    "bench_attention",
+]
+
+
+def ratios(rows: list[dict]) -> None:
+    """Add ``speedup``: each row's time against the baseline row of the same case and mode."""
+    base = {}
+    for r in rows:
+        if r.get("status") == "ok" and r["provider"] in ("eager", "reference", "sdpa", "torch"):
+            base.setdefault((r["name"], r["shape"], r["dtype"]), r["ms"])
+    for r in rows:
+        b = base.get((r["name"], r["shape"], r["dtype"]))
+        if b and r.get("status") == "ok":
+            r["speedup_vs_baseline"] = b / r["ms"]
+
+
+def fractions(rows: list[dict]) -> None:
+    """Add each row's share of the card's ceilings (copy GB/s, matmul TFLOP/s) from this run."""
+    ceil = {r["name"]: r for r in rows if r["name"].startswith("ceiling:") and r["status"] == "ok"}
+    bw = ceil.get("ceiling: copy", {}).get("gbps")
+    fl = ceil.get("ceiling: matmul", {}).get("tflops")
+    for r in rows:
+        if r["name"].startswith("ceiling:") or r.get("status") != "ok":
+            continue
+        if bw and r.get("gbps"):
+            r["frac_of_copy_bw"] = r["gbps"] / bw
+        if fl and r.get("tflops"):
+            r["frac_of_matmul"] = r["tflops"] / fl
+
+
+def table(rows: list[dict]) -> str:
+    cols = ["name", "provider", "shape", "dtype", "status", "ms", "speedup_vs_baseline", "gbps",
+            "frac_of_copy_bw", "tflops", "frac_of_matmul", "peak_mem_mb"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = r.get(c)
+            if isinstance(v, float):
+                v = f"{v:.3g}" if c != "ms" else f"{v:.3f}"
+            cells.append("" if v is None else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def print_table(rows: list[dict]) -> None:
+    ratios(rows)
+    fractions(rows)
+    print(table(rows))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="toy sizes, one iteration")
+    p.add_argument("--out", default=None, help="folder for results (default benchmarks/results)")
+    p.add_argument("--only", nargs="*", default=None, help="benchmark module names to run")
+    p.add_argument("--no-ceilings", action="store_true", help="skip the copy/matmul ceilings")
+    a = p.parse_args(argv)
+    out = a.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    os.makedirs(out, exist_ok=True)
+    rows: list[dict] = []
+    if not a.no_ceilings:
+        from benchmarks import ceilings
+
+        rows.extend(ceilings.measure(a.device, a.quick))
+    failed = False
+    for name in a.only or BENCHES:
+        try:
+            mod = importlib.import_module(f"benchmarks.{name}")
+            got = mod.run(quick=a.quick, device=a.device)
+            rows.extend(got)
+            print(f"{name}: {len(got)} rows", file=sys.stderr, flush=True)
+        except Exception as e:  # record, keep going: one broken benchmark must not hide others
+            failed = True
+            traceback.print_exc()
+            rows.append({"name": name, "provider": "-", "shape": "-", "dtype": "-",
+                         "status": f"error: {type(e).__name__}: {e}"[:300]})
+    ratios(rows)
+    fractions(rows)
+    info = machine()
+    kind = "gpu" if a.device.startswith("cuda") else "cpu"
+    stamp = datetime.date.today().isoformat()
+    tag = "-quick" if a.quick else ""
+    base = os.path.join(out, f"{kind}-{stamp}{tag}")
+    with open(base + ".json", "w") as f:
+        json.dump({"machine": info, "quick": a.quick, "rows": rows}, f, indent=1)
+    md = f"Machine: {info['device']}, torch {info['torch']}, commit {info['commit']}\n\n"
+    md += table(rows) + "\n"
+    with open(base + ".md", "w") as f:
+        f.write(md)
+    print(md)
+    print(f"wrote {base}.json and {base}.md", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
