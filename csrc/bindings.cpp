@@ -12,7 +12,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // ---- masked cross-entropy (csrc/masked_cross_entropy.cpp) ----
   m.def("masked_ce_fwd", &dlm::masked_ce_fwd, "per-row masked CE loss and logsumexp",
         py::arg("logits"), py::arg("target"), py::arg("valid"), py::arg("weight"),
-        py::arg("label_smoothing"), py::arg("z_loss"));
+        py::arg("label_smoothing"), py::arg("z_loss"), py::arg("write_grad") = false);
   m.def("masked_ce_bwd", &dlm::masked_ce_bwd, "gradient of the per-row masked CE loss",
         py::arg("grad"), py::arg("logits"), py::arg("target"), py::arg("valid"),
         py::arg("weight"), py::arg("lse"), py::arg("label_smoothing"), py::arg("z_loss"));

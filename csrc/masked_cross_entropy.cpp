@@ -23,24 +23,39 @@ namespace {
 // Rows per parallel chunk: enough work per task to amortise the scheduling.
 int64_t grain_for(int64_t V) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(V, 1)); }
 
+// Gradient of one valid row, written to g (which may alias x: each element is read before it is
+// written): g = coef (p (1 + 2 z lse) - eps / V - (1 - eps) [j == y]).
+static inline void row_grad(const float* x, float* g, int64_t V, int64_t y, float coef, float lse,
+                            float eps, float z) {
+  const float scale = coef * (1.0f + 2.0f * z * lse);
+  const float shift = coef * eps / static_cast<float>(V);
+#pragma omp simd
+  for (int64_t j = 0; j < V; ++j) g[j] = scale * fast_exp(x[j] - lse) - shift;
+  g[y] -= coef * (1.0f - eps);
+}
+
+// write_grad: also overwrite each row of logits with d(loss_i)/d(logits_i) (zeros for invalid
+// rows) while the row is still in cache: Liger-Kernel's trade, no second (N, V) buffer.
 template <typename T>
 void fwd_impl(const at::Tensor& logits, const int64_t* target, const bool* valid,
-              const float* weight, float eps, float z, float* loss, float* lse) {
+              const float* weight, float eps, float z, float* loss, float* lse, bool write_grad) {
   const int64_t N = logits.size(0), V = logits.size(1), stride = logits.stride(0);
-  const T* base = logits.data_ptr<T>();
+  T* base = static_cast<T*>(logits.data_ptr());
   at::parallel_for(0, N, grain_for(V), [&](int64_t begin, int64_t end) {
     std::vector<float> buf(std::is_same<T, float>::value ? 0 : V);
     for (int64_t i = begin; i < end; ++i) {
+      T* row_ptr = base + i * stride;
       if (!valid[i]) {
         loss[i] = 0.0f;
         lse[i] = 0.0f;
+        if (write_grad) std::memset(static_cast<void*>(row_ptr), 0, sizeof(T) * V);
         continue;
       }
-      const float* x;
+      float* x;
       if constexpr (std::is_same<T, float>::value) {
-        x = base + i * stride;
+        x = row_ptr;
       } else {
-        row_to_float(base + i * stride, buf.data(), V);
+        row_to_float(row_ptr, buf.data(), V);
         x = buf.data();
       }
       const RowStats st = row_stats(x, V, eps != 0.0f);
@@ -50,6 +65,10 @@ void fwd_impl(const at::Tensor& logits, const int64_t* target, const bool* valid
       if (z != 0.0f) row += z * l * l;
       loss[i] = weight[i] * row;
       lse[i] = l;
+      if (write_grad) {
+        row_grad(x, x, V, target[i], weight[i], l, eps, z);
+        if constexpr (!std::is_same<T, float>::value) row_from_float(x, row_ptr, V);
+      }
     }
   });
 }
@@ -61,7 +80,6 @@ void bwd_impl(const float* grad, const at::Tensor& logits, const int64_t* target
   const int64_t N = logits.size(0), V = logits.size(1), stride = logits.stride(0);
   const T* base = logits.data_ptr<T>();
   T* obase = out.data_ptr<T>();
-  const float inv_v = 1.0f / static_cast<float>(V);
   at::parallel_for(0, N, grain_for(V), [&](int64_t begin, int64_t end) {
     const bool conv = !std::is_same<T, float>::value;
     std::vector<float> buf(conv ? 2 * V : 0);
@@ -81,13 +99,7 @@ void bwd_impl(const float* grad, const at::Tensor& logits, const int64_t* target
         x = buf.data();
         g = buf.data() + V;
       }
-      const float coef = grad[i] * weight[i];
-      const float l = lse[i];
-      const float scale = coef * (1.0f + 2.0f * z * l);
-      const float shift = coef * eps * inv_v;
-#pragma omp simd
-      for (int64_t j = 0; j < V; ++j) g[j] = scale * fast_exp(x[j] - l) - shift;
-      g[target[i]] -= coef * (1.0f - eps);
+      row_grad(x, g, V, target[i], grad[i] * weight[i], lse[i], eps, z);
       if constexpr (!std::is_same<T, float>::value) row_from_float(g, o, V);
     }
   });
@@ -120,8 +132,10 @@ void check_inputs(const at::Tensor& logits, const at::Tensor& target, const at::
 
 std::vector<at::Tensor> masked_ce_fwd(const at::Tensor& logits, const at::Tensor& target,
                                       const at::Tensor& valid, const at::Tensor& weight,
-                                      double label_smoothing, double z_loss) {
+                                      double label_smoothing, double z_loss, bool write_grad) {
   check_inputs(logits, target, valid, weight);
+  TORCH_CHECK(!write_grad || logits.is_contiguous(),
+              "logits: the in-place gradient needs contiguous logits");
   const int64_t N = logits.size(0), V = logits.size(1);
   const int64_t* t = target.data_ptr<int64_t>();
   const bool* m = valid.data_ptr<bool>();
@@ -136,15 +150,15 @@ std::vector<at::Tensor> masked_ce_fwd(const at::Tensor& logits, const at::Tensor
   switch (logits.scalar_type()) {
     case at::kFloat:
       fwd_impl<float>(logits, t, m, weight.data_ptr<float>(), eps, z, loss.data_ptr<float>(),
-                      lse.data_ptr<float>());
+                      lse.data_ptr<float>(), write_grad);
       break;
     case at::kBFloat16:
       fwd_impl<c10::BFloat16>(logits, t, m, weight.data_ptr<float>(), eps, z,
-                              loss.data_ptr<float>(), lse.data_ptr<float>());
+                              loss.data_ptr<float>(), lse.data_ptr<float>(), write_grad);
       break;
     default:
       fwd_impl<c10::Half>(logits, t, m, weight.data_ptr<float>(), eps, z, loss.data_ptr<float>(),
-                          lse.data_ptr<float>());
+                          lse.data_ptr<float>(), write_grad);
   }
   return {loss, lse};
 }

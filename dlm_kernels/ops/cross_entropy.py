@@ -40,6 +40,7 @@ if triton is not None:
         z_loss,  # coefficient of lse^2
         HAS_SMOOTHING: tl.constexpr,  # eps != 0 (skip the row sum otherwise; 0 * inf is NaN)
         HAS_Z: tl.constexpr,  # z_loss != 0
+        WRITE_GRAD: tl.constexpr,  # overwrite logits with d(loss_i)/d(logits_i) (Liger's trade)
         BLOCK_V: tl.constexpr,  # vocabulary tile
     ):
         row = tl.program_id(0).to(tl.int64)
@@ -79,9 +80,26 @@ if triton is not None:
             w = tl.load(weight_ptr + row)
             tl.store(loss_ptr + row, w * loss)
             tl.store(lse_ptr + row, lse)
+            if WRITE_GRAD:
+                # Second sweep over the row, read then overwritten tile by tile (the row has
+                # just been read, so on a GPU much of it is still in L2).
+                scale = w * (1.0 + 2.0 * z_loss * lse)
+                shift = w * label_smoothing / V
+                hit = w * (1.0 - label_smoothing)
+                for start in range(0, V, BLOCK_V):
+                    offs = start + tl.arange(0, BLOCK_V)
+                    x = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+                    g = scale * tl.exp(x - lse) - shift - tl.where(offs == target, hit, 0.0)
+                    tl.store(base + offs, g.to(logits_ptr.dtype.element_ty), mask=offs < V)
         else:
             tl.store(loss_ptr + row, 0.0)
             tl.store(lse_ptr + row, 0.0)
+            if WRITE_GRAD:
+                base = logits_ptr + row * stride_row
+                for start in range(0, V, BLOCK_V):
+                    offs = start + tl.arange(0, BLOCK_V)
+                    zero = tl.zeros([BLOCK_V], tl.float32).to(logits_ptr.dtype.element_ty)
+                    tl.store(base + offs, zero, mask=offs < V)
 
     @triton.jit
     def _mce_bwd_kernel(
@@ -128,8 +146,12 @@ def _block_v(V: int) -> int:
     return min(cap, triton.next_power_of_2(V))
 
 
-def _triton_fwd(logits, target, valid, weight, label_smoothing, z_loss):
-    """Reads each valid row once (online logsumexp): N_valid * V * itemsize bytes, the floor."""
+def _triton_fwd(logits, target, valid, weight, label_smoothing, z_loss, write_grad=False):
+    """Reads each valid row once (online logsumexp): N_valid * V * itemsize bytes, the floor.
+
+    write_grad: also overwrite every row of ``logits`` with its gradient (one more read and one
+    write of each row), so that the backward needs no (N, V) buffer of its own.
+    """
     N, V = logits.shape
     loss = torch.empty(N, dtype=torch.float32, device=logits.device)
     lse = torch.empty(N, dtype=torch.float32, device=logits.device)
@@ -138,7 +160,7 @@ def _triton_fwd(logits, target, valid, weight, label_smoothing, z_loss):
     _mce_fwd_kernel[(N,)](
         logits, logits.stride(0), target, valid, weight, loss, lse, V,
         float(label_smoothing), float(z_loss),
-        HAS_SMOOTHING=label_smoothing != 0.0, HAS_Z=z_loss != 0.0,
+        HAS_SMOOTHING=label_smoothing != 0.0, HAS_Z=z_loss != 0.0, WRITE_GRAD=write_grad,
         BLOCK_V=_block_v(V), num_warps=8,
     )  # fmt: skip
     return loss, lse
@@ -227,6 +249,35 @@ def _backward(ctx, grad_loss, grad_lse):
 
 
 _masked_ce_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _GradInForward(torch.autograd.Function):
+    """The gradient computed in the forward pass and written over the logits' own storage.
+
+    Saves the (N, V) buffer that the backward would allocate; the logits values are destroyed.
+    autograd's version counter of ``logits`` is bumped, so any other op that saved the logits
+    for its own backward fails loudly instead of reading gradients as logits.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, target, valid, weight, label_smoothing, z_loss, impl):
+        if impl == "cpp":
+            loss, _ = dispatch.cpp_ops().masked_ce_fwd(
+                logits, target, valid, weight, label_smoothing, z_loss, True
+            )
+        else:
+            loss, _ = _triton_fwd(logits, target, valid, weight, label_smoothing, z_loss, True)
+        torch.autograd.graph.increment_version(logits)
+        ctx.save_for_backward(logits)  # now holds d(loss_i)/d(logits_i)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        # Scaled in place by the per-row upstream gradient: one read and write, no host check
+        # for grad_loss == 1 (Liger skips it that way, at the cost of a device sync).
+        grad.mul_(grad_loss.to(grad.dtype)[:, None])
+        return grad, None, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,6 +404,7 @@ def masked_cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     normalizer: float | Tensor | None = None,
+    grad_in_forward: bool = False,
 ) -> Tensor:
     """Cross-entropy over the positions that carry loss, with per-position weights.
 
@@ -373,6 +425,11 @@ def masked_cross_entropy(
         z_loss: coefficient of logsumexp^2 (PaLM's z-loss), >= 0.
         normalizer: with reduction="mean", divide the sum by this instead (the ELBO divides by
             B * L, the number of tokens, not the number of masked ones). Float or 0-dim tensor.
+        grad_in_forward: compute the gradient during the forward pass and write it over the
+            logits' storage (Liger-Kernel's trade: no second (N, V) buffer, about half the peak
+            memory at large V). The logits are destroyed, so use it only when nothing else
+            reads them afterwards; needs contiguous logits that require grad, and the C++ or
+            Triton path (the reference ignores it).
 
     Returns:
         float32 scalar, or (...) for reduction="none" (float64 for float64 logits). Gradients
@@ -407,6 +464,11 @@ def masked_cross_entropy(
         loss, _ = reference.masked_cross_entropy_rows(
             logits.reshape(-1, V), t, valid, w, label_smoothing, z_loss
         )
+    elif grad_in_forward and logits.requires_grad and torch.is_grad_enabled():
+        if not logits.is_contiguous():
+            raise ValueError(f"{name}: grad_in_forward=True needs contiguous logits")
+        x = logits.view(-1, V)
+        loss = _GradInForward.apply(x, t, valid, w, float(label_smoothing), float(z_loss), impl)
     else:
         x = logits.reshape(-1, V)
         if x.stride(-1) != 1:

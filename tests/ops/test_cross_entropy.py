@@ -320,3 +320,39 @@ def test_dispatch_env_override_is_validated(monkeypatch):
     monkeypatch.undo()
     dispatch.refresh()
     assert dispatch.requested_impl() == "auto"
+
+
+@pytest.mark.parametrize("name", ["cpp", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: ids(d=d))
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_grad_in_forward_matches_reference(name, dtype, reduction):
+    """Liger's trade: the gradient is written over the logits in the forward pass."""
+    skip_unless_available(name)
+    logits, target, mask, weight = _inputs((2, 37), 1003, dtype)
+    kw = {"reduction": reduction, "label_smoothing": 0.1, "z_loss": 1e-3}
+    g = torch.randn(target.shape, dtype=torch.float64, device=DEV)
+    if reduction != "none":
+        g = g.reshape(-1)[0]
+    ref_loss, ref_grad = _run("reference", logits.double(), target, mask, weight, g, **kw)
+    low_loss, low_grad = _run("reference", logits, target, mask, weight, g, **kw)
+    leaf = logits.detach().clone().requires_grad_(True)
+    x = leaf * 1  # a non-leaf, as the output of an LM head would be
+    with impl(name):
+        loss = dlm_kernels.masked_cross_entropy(x, target, mask, weight, grad_in_forward=True, **kw)
+    assert not torch.equal(x.detach(), logits), "the logits' storage holds the gradient now"
+    (loss * g.to(loss.dtype)).sum().backward()
+    assert_close(f"{name} loss", ref_loss, loss.detach(), low_loss)
+    assert_close(f"{name} grad", ref_grad, leaf.grad, low_grad)
+
+
+def test_grad_in_forward_guards_other_users_of_the_logits():
+    """An op that saved the logits for its backward fails loudly, not silently."""
+    skip_unless_available("cpp")
+    logits, target, mask, weight = _inputs((37,), 1003, torch.float32)
+    leaf = logits.clone().requires_grad_(True)
+    x = leaf * 1
+    y = (x * x).sum()  # saves x for its backward
+    with impl("cpp"):
+        loss = dlm_kernels.masked_cross_entropy(x, target, mask, weight, grad_in_forward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (loss + y).backward()
