@@ -49,7 +49,8 @@ def _ext_modules():
         ) from e
 
     debug = _flag("DLM_KERNELS_DEBUG")
-    cxx = ["-O0", "-g"] if debug else ["-O3", "-DNDEBUG"]
+    # -g0: Python's own CFLAGS often carry -g, which made the module 13 MB instead of ~1.
+    cxx = ["-O0", "-g"] if debug else ["-O3", "-DNDEBUG", "-g0"]
     # -fno-math-errno / -fno-trapping-math let gcc if-convert and vectorise the float loops
     # (branch-free exp in csrc/common.h); unlike -ffast-math they keep NaN and inf semantics.
     cxx += ["-std=c++17", "-fno-math-errno", "-fno-trapping-math", "-Wall", "-Wno-unknown-pragmas"]
