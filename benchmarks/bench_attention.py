@@ -1,0 +1,253 @@
+"""Benchmark bidirectional_attention against SDPA, FlexAttention and flash-attn.
+
+TFLOP/s of the forward, the backward and both, for three masks: none, 30% padding (each row has
+70% real tokens, alternately left- and right-padded) and block-causal (block 32). FLOPs count the
+(query, key) pairs that are visible, so a kernel that skips padding is credited only with useful
+work: fwd 4 * H * D * pairs, bwd 2.5x that (FlashAttention's convention), fwd+bwd 3.5x.
+
+GPU: bf16, B = 16384 // S, H = 2048 // D, S in 512..16384, D 64 and 128 (quick: S 4096, D 128,
+the issue's goal shape). CPU: tiny shapes, for a smoke run only. Every row of one run comes from
+the same process and device, so ratios between providers are meaningful.
+
+    python benchmarks/bench_attention.py --quick            # writes benchmarks/results/*.json
+    from benchmarks.bench_attention import run; rows = run(quick=True, device="cuda")
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import dlm_kernels  # noqa: E402
+from benchmarks.common import machine, time_fn  # noqa: E402
+
+MASKS = ("none", "padding30", "block32")
+MODES = ("fwd", "bwd", "fwd+bwd")
+FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
+PROVIDERS = ("ours", "sdpa", "flex", "flash_attn")
+
+
+# ------------------------------------------------------------------ inputs and FLOPs
+def _key_mask(B: int, S: int, device) -> torch.Tensor:
+    """70% real tokens per row; even rows right-padded, odd rows left-padded (prompts)."""
+    n_real = round(0.7 * S)
+    idx = torch.arange(S, device=device)
+    rows = [(idx < n_real) if b % 2 == 0 else (idx >= S - n_real) for b in range(B)]
+    return torch.stack(rows)
+
+
+def _visible_pairs(B: int, S: int, mask: str) -> int:
+    if mask == "none":
+        return B * S * S
+    if mask == "padding30":
+        return B * round(0.7 * S) ** 2
+    bs = 32  # query i sees keys < (i // bs + 1) * bs
+    return B * sum(min(S, (i // bs + 1) * bs) for i in range(S))
+
+
+# ------------------------------------------------------------------ providers
+def _ours(q, k, v, mask, key_mask):
+    kw = {"attention_mask": key_mask} if mask == "padding30" else {}
+    if mask == "block32":
+        kw["block_size"] = 32
+    return lambda: dlm_kernels.bidirectional_attention(q, k, v, **kw)
+
+
+def _sdpa(q, k, v, mask, key_mask):
+    # SDPA takes (B, H, S, D); the transposes are views. A boolean mask sends it off the flash
+    # backend (efficient or math), which is the point of the comparison.
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    S = q.shape[1]
+    attn_mask = None
+    if mask == "padding30":
+        attn_mask = key_mask[:, None, None, :]
+    elif mask == "block32":
+        i = torch.arange(S, device=q.device)
+        attn_mask = (i[None, :] // 32) <= (i[:, None] // 32)
+    return lambda: F.scaled_dot_product_attention(qt, kt, vt, attn_mask=attn_mask).transpose(1, 2)
+
+
+_FLEX = None
+
+
+def _flex(q, k, v, mask, key_mask):
+    global _FLEX
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if _FLEX is None:
+        _FLEX = torch.compile(flex_attention, dynamic=False)
+    B, S, H, _ = q.shape
+    qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    block_mask = None
+    if mask == "padding30":
+
+        def mask_mod(b, h, qi, kj):
+            return key_mask[b, kj] & key_mask[b, qi]
+
+        block_mask = create_block_mask(mask_mod, B, None, S, S, device=q.device)
+    elif mask == "block32":
+
+        def mask_mod(b, h, qi, kj):
+            return (kj // 32) <= (qi // 32)
+
+        block_mask = create_block_mask(mask_mod, None, None, S, S, device=q.device)
+    return lambda: _FLEX(qt, kt, vt, block_mask=block_mask)
+
+
+def _flash_attn(q, k, v, mask, key_mask):
+    import flash_attn  # noqa: F401  (ImportError -> "missing")
+    from flash_attn import flash_attn_func, flash_attn_varlen_func
+
+    if mask == "none":
+        return lambda: flash_attn_func(q, k, v)
+    if mask == "block32":
+        raise NotImplementedError("flash-attn has no block-causal mask")
+    # Padding: flash-attn's way is to pack the real tokens (varlen); packing is not timed.
+    B, S = key_mask.shape
+    lens = key_mask.sum(1, dtype=torch.int32)
+    cu = F.pad(lens.cumsum(0, dtype=torch.int32), (1, 0))
+    qp, kp, vp = (t[key_mask].detach().requires_grad_(t.requires_grad) for t in (q, k, v))
+    mx = int(lens.max())
+    return lambda: flash_attn_varlen_func(qp, kp, vp, cu, cu, mx, mx)
+
+
+_MAKERS = {"ours": _ours, "sdpa": _sdpa, "flex": _flex, "flash_attn": _flash_attn}
+
+
+# ------------------------------------------------------------------ timing
+def _timed_fn(make, q, k, v, mask, key_mask, mode):
+    """A zero-argument callable running ``mode`` for one provider."""
+    if mode == "fwd":
+        f = make(q, k, v, mask, key_mask)
+
+        def fwd():
+            with torch.no_grad():
+                f()
+
+        return fwd
+    leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+    f = make(*leaves, mask, key_mask)
+    if mode == "bwd":
+        out = f()
+        g = torch.randn_like(out)
+
+        def bwd():
+            for t in leaves:
+                t.grad = None
+            out.backward(g, retain_graph=True)
+
+        return bwd
+
+    def fwd_bwd():
+        for t in leaves:
+            t.grad = None
+        f().sum().backward()
+
+    return fwd_bwd
+
+
+def _configs(quick: bool, device: str):
+    if device != "cuda":
+        return [(1, 256, 2, 64, torch.float32)]
+    sizes = [4096] if quick else [512, 1024, 2048, 4096, 8192, 16384]
+    dims = [128] if quick else [64, 128]
+    return [(16384 // S, S, 2048 // D, D, torch.bfloat16) for D in dims for S in sizes]
+
+
+def run(quick: bool = True, device: str = "cuda") -> list[dict]:
+    """Time every provider x mask x mode; one dict per measurement.
+
+    Row keys: name, provider, shape, dtype, mask, mode, ms, ms_p20, ms_p80, tflops,
+    peak_mem_mb (extra memory over the inputs, CUDA only), status ("ok", "missing",
+    "unsupported: ...", "error: ..."), device.
+    """
+    dev = torch.device(device)
+    dev_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor()
+    rows = []
+    for B, S, H, D, dtype in _configs(quick, dev.type):
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(B, S, H, D, device=dev, dtype=dtype) for _ in range(3))
+        key_mask = _key_mask(B, S, dev)
+        shape = f"B{B}-S{S}-H{H}-D{D}"
+        for mask in MASKS:
+            flops_fwd = 4.0 * H * D * _visible_pairs(B, S, mask)
+            for provider in PROVIDERS:
+                for mode in MODES:
+                    row = dict(
+                        name=f"attention-{mask}-{mode}", provider=provider, shape=shape,
+                        dtype=str(dtype).replace("torch.", ""), mask=mask, mode=mode, ms=None,
+                        ms_p20=None, ms_p80=None, tflops=None, peak_mem_mb=None, status="ok",
+                        device=dev_name,
+                    )  # fmt: skip
+                    try:
+                        fn = _timed_fn(_MAKERS[provider], q, k, v, mask, key_mask, mode)
+                        if dev.type == "cuda":
+                            torch.cuda.synchronize()
+                            base = torch.cuda.memory_allocated()
+                            torch.cuda.reset_peak_memory_stats()
+                        fn()
+                        if dev.type == "cuda":
+                            torch.cuda.synchronize()
+                            peak = torch.cuda.max_memory_allocated() - base
+                            row["peak_mem_mb"] = round(peak / 2**20, 1)
+                        row.update(time_fn(fn, dev.type, quick=quick))
+                        row["tflops"] = flops_fwd * FLOP_FACTOR[mode] / (row["ms"] * 1e-3) / 1e12
+                    except ImportError:
+                        row["status"] = "missing"
+                    except NotImplementedError as e:
+                        row["status"] = f"unsupported: {e}"
+                    except Exception as e:  # a provider failing must not hide the others
+                        row["status"] = f"error: {type(e).__name__}: {str(e)[:200]}"
+                    rows.append(row)
+                    if row["status"] != "ok" and mode == "fwd":
+                        # The same failure repeats for bwd and fwd+bwd: record it, skip timing.
+                        for m in MODES[1:]:
+                            rows.append({**row, "name": f"attention-{mask}-{m}", "mode": m})
+                        break
+        del q, k, v
+    return rows
+
+
+def _print(rows: list[dict]) -> None:
+    ours = {
+        (r["shape"], r["mask"], r["mode"]): r["ms"]
+        for r in rows
+        if r["provider"] == "ours" and r["ms"]
+    }
+    print(f"{'shape':<22}{'mask':<11}{'mode':<9}{'provider':<12}{'ms':>9}{'TFLOP/s':>9}"
+          f"{'t/ours':>8}  status")  # fmt: skip
+    for r in rows:
+        ms = f"{r['ms']:.3f}" if r["ms"] else "-"
+        tf = f"{r['tflops']:.1f}" if r["tflops"] else "-"
+        base = ours.get((r["shape"], r["mask"], r["mode"]))
+        speed = f"{r['ms'] / base:.2f}" if base and r["ms"] else "-"
+        print(f"{r['shape']:<22}{r['mask']:<11}{r['mode']:<9}{r['provider']:<12}{ms:>9}{tf:>9}"
+              f"{speed:>8}  {r['status']}")  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="the goal shape only")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
+    args = ap.parse_args()
+    rows = run(args.quick, args.device)
+    _print(rows)
+    meta = {**machine(), "quick": args.quick}
+    tag = "gpu" if args.device == "cuda" else "cpu"
+    out = Path(args.out or Path(__file__).parent / "results" / f"attention_{tag}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,968 @@
+"""Bidirectional attention with padding, varlen, block-causal and KV-cached queries.
+
+flash_attn_func's layout: q (B, Sq, Hq, D), k and v (B, Sk, Hkv, D). The Triton kernels follow
+FlashAttention-2: the forward keeps a running (max, sum) per query row (online softmax) and writes
+one float32 logsumexp per row; the backward recomputes the probabilities from it, with a
+preprocessing pass (delta = rowsum(dO * O)), a dK/dV kernel that loops over query blocks and a dQ
+kernel that loops over key blocks. No atomics: each program owns the rows it writes, and the dK/dV
+program of a key head loops over the query heads of its group (GQA) itself.
+
+Which keys a query sees (the one rule the kernels, the reference and the tests share):
+    query i sits at key position p = Sk - Sq + i (Sq < Sk: the queries are the last Sq positions,
+    a block against a cached prefix); key j is visible when attention_mask[b, j] is True and, with
+    block_size, when j // block_size <= p // block_size. A query whose own position p is padding
+    sees nothing. A query that sees nothing gets output 0, lse -inf and zero gradients.
+
+Work skipped: key tiles before a row's first or after its last real key (left/right padding),
+query tiles that hold only padding, and key tiles past the block of a query tile's last query
+(block-causal). A hole of padding in the middle of a row is masked, not skipped. Only the edge
+tiles pay for per-element masks; whole tiles inside the visible range run unmasked.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch import Tensor
+
+from dlm_kernels import dispatch, reference
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs without triton: the Triton path is never selected
+    triton = None
+
+_LOG2E = 1.4426950408889634  # log2(e): the kernels work in base 2 (exp2 is one instruction)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _dot(a, b, PRECISION: tl.constexpr):
+        """tl.dot with float32 accumulation. "upcast": the operands (already rounded to bfloat16)
+        are multiplied as float32, because the Triton 3.6 interpreter's bfloat16 tl.dot returns
+        garbage (~1e10 for unit inputs); the products are the same as a bf16 tensor-core dot."""
+        if PRECISION == "upcast":
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        else:
+            return tl.dot(a, b, input_precision=PRECISION)
+
+    @triton.jit
+    def _head_dim_mask(offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Columns that hold the head dim. A constant-true mask when D is a power of two, so
+        that loads stay vectorised (and cp.async-pipelined); `offs_d < D` would defeat that."""
+        if HEAD_DIM == BLOCK_D:
+            return tl.full([BLOCK_D], 1, tl.int1)
+        else:
+            return offs_d < HEAD_DIM
+
+    @triton.jit
+    def _seq_bounds(b, cu_q_ptr, cu_k_ptr, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
+        """(first packed row of the queries, of the keys, number of queries, of keys) of b."""
+        if VARLEN:
+            q_start = tl.load(cu_q_ptr + b).to(tl.int64)
+            len_q = tl.load(cu_q_ptr + b + 1) - tl.load(cu_q_ptr + b)
+            k_start = tl.load(cu_k_ptr + b).to(tl.int64)
+            len_k = tl.load(cu_k_ptr + b + 1) - tl.load(cu_k_ptr + b)
+        else:
+            q_start = tl.zeros([], tl.int64)
+            len_q = tl.zeros([], tl.int32) + seqlen_q
+            k_start = tl.zeros([], tl.int64)
+            len_k = tl.zeros([], tl.int32) + seqlen_k
+        return q_start, k_start, len_q, len_k
+
+    @triton.jit
+    def _key_range(
+        b, start_m, len_q, len_k, row_ok, kv_lo_ptr, kv_hi_ptr, block_size,
+        HAS_MASK: tl.constexpr, BLOCK_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):  # fmt: skip
+        """[lo, hi): the keys a query tile may see; tiles outside are never loaded. [lo, mid):
+        whole tiles that every query of the tile may see (no per-element mask but padding).
+
+        Padding: keys before the first real key or after the last one of the row (the common
+        left/right padding) are skipped, and a tile of padding queries loops over nothing.
+        Block-causal: keys past the block of the tile's last query are skipped.
+        """
+        lo = tl.zeros([], tl.int32)
+        hi = len_k
+        if HAS_MASK:
+            lo = tl.load(kv_lo_ptr + b)
+            hi = tl.load(kv_hi_ptr + b)
+            hi = tl.where(tl.sum(row_ok.to(tl.int32), 0) > 0, hi, lo)
+        if BLOCK_CAUSAL:
+            last_pos = len_k - len_q + tl.minimum(start_m + BLOCK_M, len_q) - 1
+            hi = tl.minimum(hi, (last_pos // block_size + 1) * block_size)
+        lo = (lo // BLOCK_N) * BLOCK_N  # aligned tiles load aligned rows
+        full = hi
+        if BLOCK_CAUSAL:  # keys before the end of the first query's block
+            first_pos = len_k - len_q + start_m
+            full = tl.minimum(full, (first_pos // block_size + 1) * block_size)
+        mid = lo + (tl.maximum(full - lo, 0) // BLOCK_N) * BLOCK_N
+        return lo, mid, hi
+
+    @triton.jit
+    def _fwd_tiles(
+        acc, m_i, l_i,  # running output sum, max (base 2), sum of exp2 of one query tile
+        q, k_base, v_base, mask_row, pos_m, offs_d, d_ok,
+        start, end,  # key range [start, end), start a multiple of BLOCK_N
+        stride_ks, stride_vs, sm_scale2, block_size,
+        HAS_MASK: tl.constexpr,
+        CHECK: tl.constexpr,  # mask per element (the last tiles): bounds and block-causal
+        BLOCK_CAUSAL: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """Online softmax over key tiles. Query rows are not masked here: padding and
+        out-of-range rows hold q = 0 and are overwritten by the caller."""
+        for start_n in range(start, end, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            if CHECK:
+                col_ok = offs_n < end
+                if HAS_MASK:
+                    col_ok = col_ok & (tl.load(mask_row + offs_n, mask=col_ok, other=0) != 0)
+            else:
+                col_ok = tl.load(mask_row + offs_n) != 0 if HAS_MASK else offs_n >= 0
+            # Padding keys load as 0, so NaN or inf stored there cannot reach the sums.
+            kv_mask = col_ok[:, None] & d_ok[None, :]
+            k = tl.load(
+                k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0
+            )
+            v = tl.load(
+                v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0
+            )
+            s = _dot(q, tl.trans(k), PRECISION) * sm_scale2
+            if CHECK:
+                vis = col_ok[None, :]
+                if BLOCK_CAUSAL:
+                    vis = vis & ((offs_n[None, :] // block_size) <= (pos_m[:, None] // block_size))
+                s = tl.where(vis, s, float("-inf"))
+            elif HAS_MASK:
+                s = tl.where(col_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # A row that has seen no key yet keeps shift 0: exp2(-inf - 0) = 0, not NaN.
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - shift[:, None])
+            alpha = tl.math.exp2(m_i - shift)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
+            m_i = m_new
+        return acc, m_i, l_i
+
+    @triton.jit
+    def _dq_tiles(
+        dq, q, do, lse2, delta,  # one query tile: dq accumulator, lse * log2(e) (+inf: no key)
+        k_base, v_base, mask_row, pos_m, offs_d, d_ok, start, end,
+        stride_ks, sm_scale2, block_size,
+        HAS_MASK: tl.constexpr,
+        CHECK: tl.constexpr,
+        BLOCK_CAUSAL: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """dQ += dS K over key tiles; rows that saw nothing have lse2 = +inf, hence p = 0."""
+        for start_n in range(start, end, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            if CHECK:
+                col_ok = offs_n < end
+                if HAS_MASK:
+                    col_ok = col_ok & (tl.load(mask_row + offs_n, mask=col_ok, other=0) != 0)
+            else:
+                col_ok = tl.load(mask_row + offs_n) != 0 if HAS_MASK else offs_n >= 0
+            kv_mask = col_ok[:, None] & d_ok[None, :]
+            k = tl.load(
+                k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0
+            )
+            v = tl.load(
+                v_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0
+            )
+            s = _dot(q, tl.trans(k), PRECISION) * sm_scale2
+            p = tl.math.exp2(s - lse2[:, None])
+            if CHECK:
+                vis = col_ok[None, :]
+                if BLOCK_CAUSAL:
+                    vis = vis & ((offs_n[None, :] // block_size) <= (pos_m[:, None] // block_size))
+                p = tl.where(vis, p, 0.0)
+            elif HAS_MASK:
+                p = tl.where(col_ok[None, :], p, 0.0)
+            dp = _dot(do, tl.trans(v), PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq += _dot(ds.to(k.dtype), k, PRECISION)
+        return dq
+
+    @triton.jit
+    def _dkdv_tiles(
+        dk, dv, k, v,  # one key tile: accumulators and its keys / values
+        q_base, do_base, lse_base, delta_base,  # query head h: row 0 of q, do, lse, delta
+        mask_row, pos0, offs_n, offs_d, d_ok, start, end,
+        stride_qs, stride_ds, sm_scale2, block_size,
+        HAS_MASK: tl.constexpr,
+        CHECK: tl.constexpr,  # apply the block-causal rule per element (the first tiles)
+        BLOCK_CAUSAL: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """dV += P^T dO and dK += dS^T Q over query tiles [start, end). Padding and
+        out-of-range queries load lse = -inf, hence p = 0; keys are masked by the caller."""
+        for start_m in range(start, end, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            pos_m = pos0 + offs_m
+            row_ok = offs_m < end
+            if HAS_MASK:
+                row_ok = row_ok & (tl.load(mask_row + pos_m, mask=row_ok, other=0) != 0)
+            q_mask = row_ok[:, None] & d_ok[None, :]
+            q = tl.load(
+                q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=q_mask, other=0.0
+            )
+            do = tl.load(
+                do_base + offs_m[:, None] * stride_ds + offs_d[None, :], mask=q_mask, other=0.0
+            )
+            lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("-inf"))
+            delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+            # Rows that saw nothing (lse -inf) get p = 0 through lse2 = +inf.
+            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+            sT = _dot(k, tl.trans(q), PRECISION) * sm_scale2
+            pT = tl.math.exp2(sT - lse2[None, :])
+            if CHECK:
+                pT = tl.where(
+                    (offs_n[:, None] // block_size) <= (pos_m[None, :] // block_size), pT, 0.0
+                )
+            dv += _dot(pT.to(do.dtype), do, PRECISION)
+            dpT = _dot(v, tl.trans(do), PRECISION)
+            dsT = pT * (dpT - delta[None, :])
+            dk += _dot(dsT.to(q.dtype), q, PRECISION)
+        return dk, dv
+
+    @triton.jit
+    def _attn_fwd_kernel(
+        q_ptr, k_ptr, v_ptr,  # (B, Sq, Hq, D), (B, Sk, Hkv, D) x2; varlen: (total, H, D)
+        o_ptr,  # out, strides of q's layout, dtype of q
+        lse_ptr,  # out (B, Hq, Sq) float32 natural-log lse; varlen (Hq, total_q)
+        mask_ptr,  # (B, Sk) uint8, 1 = real key (read only when HAS_MASK)
+        kv_lo_ptr, kv_hi_ptr,  # (B,) int32: first real key, one past the last real key
+        cu_q_ptr, cu_k_ptr,  # (B + 1,) int32 packed offsets (read only when VARLEN)
+        stride_qb, stride_qs, stride_qh,  # element strides of q (batch stride 0 when varlen)
+        stride_kb, stride_ks, stride_kh,
+        stride_vb, stride_vs, stride_vh,
+        stride_ob, stride_os, stride_oh,
+        stride_lb, stride_lh,  # lse strides (batch stride 0 when varlen)
+        stride_mb,  # attention_mask row stride
+        n_heads_q,  # Hq
+        group,  # Hq // Hkv: query head h reads key head h // group
+        seqlen_q, seqlen_k,  # Sq, Sk (dense layout only)
+        sm_scale2,  # softmax_scale * log2(e)
+        block_size,  # block-causal block (read only when BLOCK_CAUSAL)
+        HEAD_DIM: tl.constexpr,  # D
+        HAS_MASK: tl.constexpr,
+        VARLEN: tl.constexpr,
+        BLOCK_CAUSAL: tl.constexpr,
+        BLOCK_M: tl.constexpr,  # query tile
+        BLOCK_N: tl.constexpr,  # key tile
+        BLOCK_D: tl.constexpr,  # D rounded up to a power of two (>= 16), masked
+        PRECISION: tl.constexpr,  # tl.dot input precision: "ieee" keeps float32 exact
+    ):  # fmt: skip
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = (pid_bh // n_heads_q).to(tl.int64)
+        h = pid_bh % n_heads_q
+        hk = h // group
+        q_start, k_start, len_q, len_k = _seq_bounds(
+            b, cu_q_ptr, cu_k_ptr, seqlen_q, seqlen_k, VARLEN
+        )
+        start_m = pid_m * BLOCK_M
+        if start_m < len_q:  # varlen: programs past a short sequence's end have nothing to do
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            offs_d = tl.arange(0, BLOCK_D)
+            d_ok = _head_dim_mask(offs_d, HEAD_DIM, BLOCK_D)
+            pos_m = len_k - len_q + offs_m  # key position of each query
+            row_in = offs_m < len_q
+            row_ok = row_in
+            if HAS_MASK:  # a padding query sees nothing
+                real = tl.load(mask_ptr + b * stride_mb + pos_m, mask=row_in, other=0)
+                row_ok = row_in & (real != 0)
+            q_base = q_ptr + b * stride_qb + q_start * stride_qs + h * stride_qh
+            k_base = k_ptr + b * stride_kb + k_start * stride_ks + hk * stride_kh
+            v_base = v_ptr + b * stride_vb + k_start * stride_vs + hk * stride_vh
+            q = tl.load(
+                q_base + offs_m[:, None] * stride_qs + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0,
+            )  # fmt: skip
+            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_M], tl.float32)
+            acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+            lo, mid, hi = _key_range(
+                b, start_m, len_q, len_k, row_ok, kv_lo_ptr, kv_hi_ptr, block_size,
+                HAS_MASK, BLOCK_CAUSAL, BLOCK_M, BLOCK_N,
+            )  # fmt: skip
+            mask_row = mask_ptr + b * stride_mb
+            # Whole tiles first (no per-element mask), then the edge tiles (bounds, blocks).
+            acc, m_i, l_i = _fwd_tiles(
+                acc, m_i, l_i, q, k_base, v_base, mask_row, pos_m, offs_d, d_ok, lo, mid,
+                stride_ks, stride_vs, sm_scale2, block_size,
+                HAS_MASK, False, BLOCK_CAUSAL, BLOCK_N, PRECISION,
+            )  # fmt: skip
+            acc, m_i, l_i = _fwd_tiles(
+                acc, m_i, l_i, q, k_base, v_base, mask_row, pos_m, offs_d, d_ok, mid, hi,
+                stride_ks, stride_vs, sm_scale2, block_size,
+                HAS_MASK, True, BLOCK_CAUSAL, BLOCK_N, PRECISION,
+            )  # fmt: skip
+            seen = (l_i > 0.0) & row_ok  # padding rows ran with q = 0: discard them here
+            l_safe = tl.where(seen, l_i, 1.0)
+            out = tl.where(seen[:, None], acc / l_safe[:, None], 0.0)
+            lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+            o_base = o_ptr + b * stride_ob + q_start * stride_os + h * stride_oh
+            tl.store(
+                o_base + offs_m[:, None] * stride_os + offs_d[None, :],
+                out.to(o_ptr.dtype.element_ty), mask=row_in[:, None] & d_ok[None, :],
+            )  # fmt: skip
+            tl.store(lse_ptr + b * stride_lb + h * stride_lh + q_start + offs_m, lse, mask=row_in)
+
+    @triton.jit
+    def _attn_bwd_preprocess_kernel(
+        o_ptr, do_ptr,  # out and d(out), the layout of q
+        dlse_ptr,  # d(lse) (float32, layout of lse), read only when HAS_DLSE
+        delta_ptr,  # out: rowsum(dO * O) - dlse, float32, the layout of lse
+        cu_q_ptr,  # (B + 1,) int32 (VARLEN)
+        stride_ob, stride_os, stride_oh,
+        stride_db, stride_ds, stride_dh,  # strides of do
+        stride_lb, stride_lh,  # strides of lse / delta / dlse
+        n_heads_q, seqlen_q,
+        HEAD_DIM: tl.constexpr,
+        HAS_DLSE: tl.constexpr,
+        VARLEN: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = (pid_bh // n_heads_q).to(tl.int64)
+        h = pid_bh % n_heads_q
+        q_start, _, len_q, _ = _seq_bounds(b, cu_q_ptr, cu_q_ptr, seqlen_q, seqlen_q, VARLEN)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        row_in = offs_m < len_q
+        msk = row_in[:, None] & _head_dim_mask(offs_d, HEAD_DIM, BLOCK_D)[None, :]
+        o = tl.load(
+            o_ptr + b * stride_ob + (q_start + offs_m[:, None]) * stride_os + h * stride_oh
+            + offs_d[None, :], mask=msk, other=0.0,
+        ).to(tl.float32)  # fmt: skip
+        do = tl.load(
+            do_ptr + b * stride_db + (q_start + offs_m[:, None]) * stride_ds + h * stride_dh
+            + offs_d[None, :], mask=msk, other=0.0,
+        ).to(tl.float32)  # fmt: skip
+        delta = tl.sum(o * do, 1)
+        l_off = b * stride_lb + h * stride_lh + q_start + offs_m
+        if HAS_DLSE:
+            # d lse / d s = p, so a gradient on lse enters as ds = p * (dp - (delta - dlse)).
+            delta -= tl.load(dlse_ptr + l_off, mask=row_in, other=0.0)
+        tl.store(delta_ptr + l_off, delta, mask=row_in)
+
+    @triton.jit
+    def _attn_bwd_dkdv_kernel(
+        q_ptr, k_ptr, v_ptr, do_ptr,
+        dk_ptr, dv_ptr,  # out: layouts of k and v (contiguous, same strides as k)
+        lse_ptr, delta_ptr,  # float32, layout of lse
+        mask_ptr, kv_lo_ptr, kv_hi_ptr, cu_q_ptr, cu_k_ptr,
+        stride_qb, stride_qs, stride_qh,
+        stride_kb, stride_ks, stride_kh,  # also the strides of dk, dv, v
+        stride_db, stride_ds, stride_dh,  # strides of do
+        stride_lb, stride_lh,
+        stride_mb,
+        n_heads_k,  # Hkv
+        group,  # Hq // Hkv: this program sums over query heads hk * group .. hk * group + group
+        seqlen_q, seqlen_k,
+        sm_scale2,  # softmax_scale * log2(e)
+        sm_scale,  # softmax_scale
+        block_size,
+        HEAD_DIM: tl.constexpr,
+        HAS_MASK: tl.constexpr,
+        VARLEN: tl.constexpr,
+        BLOCK_CAUSAL: tl.constexpr,
+        BLOCK_M: tl.constexpr,  # query tile (inner loop)
+        BLOCK_N: tl.constexpr,  # key tile (owned by the program)
+        BLOCK_D: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        pid_n = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = (pid_bh // n_heads_k).to(tl.int64)
+        hk = pid_bh % n_heads_k
+        q_start, k_start, len_q, len_k = _seq_bounds(
+            b, cu_q_ptr, cu_k_ptr, seqlen_q, seqlen_k, VARLEN
+        )
+        start_n = pid_n * BLOCK_N
+        if start_n < len_k:
+            off = len_k - len_q  # key position of query 0
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            offs_d = tl.arange(0, BLOCK_D)
+            d_ok = _head_dim_mask(offs_d, HEAD_DIM, BLOCK_D)
+            col_in = offs_n < len_k
+            col_ok = col_in
+            # The queries that may see this key tile: [q_lo, q_hi).
+            q_lo = tl.zeros([], tl.int32)
+            q_hi = len_q
+            if HAS_MASK:
+                real_k = tl.load(mask_ptr + b * stride_mb + offs_n, mask=col_in, other=0)
+                col_ok = col_in & (real_k != 0)
+                # Real queries sit at real positions, all inside [kv_lo, kv_hi).
+                q_lo = tl.maximum(q_lo, tl.load(kv_lo_ptr + b) - off)
+                q_hi = tl.minimum(q_hi, tl.load(kv_hi_ptr + b) - off)
+                q_hi = tl.where(tl.sum(col_ok.to(tl.int32), 0) > 0, q_hi, q_lo)
+            if BLOCK_CAUSAL:  # query p sees key j iff p >= (j // block_size) * block_size
+                q_lo = tl.maximum(q_lo, (start_n // block_size) * block_size - off)
+            q_lo = (q_lo // BLOCK_M) * BLOCK_M
+            q_mid = q_lo  # [q_lo, q_mid): tiles with the block-causal rule applied per element
+            if BLOCK_CAUSAL:  # queries from full_from on see every key of this tile
+                full_from = ((start_n + BLOCK_N - 1) // block_size) * block_size - off
+                q_mid = q_lo + tl.cdiv(tl.maximum(full_from - q_lo, 0), BLOCK_M) * BLOCK_M
+                q_mid = tl.minimum(q_mid, q_hi)
+            kv_mask = col_ok[:, None] & d_ok[None, :]
+            kv_off = b * stride_kb + (k_start + offs_n[:, None]) * stride_ks + hk * stride_kh
+            k = tl.load(k_ptr + kv_off + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_ptr + kv_off + offs_d[None, :], mask=kv_mask, other=0.0)
+            dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+            dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+            mask_row = mask_ptr + b * stride_mb
+            for h in range(hk * group, hk * group + group):  # GQA: sum over the group here
+                q_base = q_ptr + b * stride_qb + q_start * stride_qs + h * stride_qh
+                do_base = do_ptr + b * stride_db + q_start * stride_ds + h * stride_dh
+                l_off = b * stride_lb + h * stride_lh + q_start
+                dk, dv = _dkdv_tiles(
+                    dk, dv, k, v, q_base, do_base, lse_ptr + l_off, delta_ptr + l_off,
+                    mask_row, off, offs_n, offs_d, d_ok, q_lo, q_mid,
+                    stride_qs, stride_ds, sm_scale2, block_size,
+                    HAS_MASK, BLOCK_CAUSAL, BLOCK_CAUSAL, BLOCK_M, PRECISION,
+                )  # fmt: skip
+                dk, dv = _dkdv_tiles(
+                    dk, dv, k, v, q_base, do_base, lse_ptr + l_off, delta_ptr + l_off,
+                    mask_row, off, offs_n, offs_d, d_ok, q_mid, q_hi,
+                    stride_qs, stride_ds, sm_scale2, block_size,
+                    HAS_MASK, False, BLOCK_CAUSAL, BLOCK_M, PRECISION,
+                )  # fmt: skip
+            # Padding keys ran with k = v = 0 against real queries: their gradients are 0.
+            dk = tl.where(col_ok[:, None], dk, 0.0)
+            dv = tl.where(col_ok[:, None], dv, 0.0)
+            out_mask = col_in[:, None] & d_ok[None, :]
+            tl.store(
+                dk_ptr + kv_off + offs_d[None, :], (dk * sm_scale).to(dk_ptr.dtype.element_ty),
+                mask=out_mask,
+            )  # fmt: skip
+            tl.store(
+                dv_ptr + kv_off + offs_d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=out_mask
+            )
+
+    @triton.jit
+    def _attn_bwd_dq_kernel(
+        q_ptr, k_ptr, v_ptr, do_ptr,
+        dq_ptr,  # out: the layout of q (same strides)
+        lse_ptr, delta_ptr,
+        mask_ptr, kv_lo_ptr, kv_hi_ptr, cu_q_ptr, cu_k_ptr,
+        stride_qb, stride_qs, stride_qh,  # also the strides of dq
+        stride_kb, stride_ks, stride_kh,  # also the strides of v
+        stride_db, stride_ds, stride_dh,
+        stride_lb, stride_lh,
+        stride_mb,
+        n_heads_q, group,
+        seqlen_q, seqlen_k,
+        sm_scale2, sm_scale,
+        block_size,
+        HEAD_DIM: tl.constexpr,
+        HAS_MASK: tl.constexpr,
+        VARLEN: tl.constexpr,
+        BLOCK_CAUSAL: tl.constexpr,
+        BLOCK_M: tl.constexpr,  # query tile (owned by the program)
+        BLOCK_N: tl.constexpr,  # key tile (inner loop)
+        BLOCK_D: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = (pid_bh // n_heads_q).to(tl.int64)
+        h = pid_bh % n_heads_q
+        hk = h // group
+        q_start, k_start, len_q, len_k = _seq_bounds(
+            b, cu_q_ptr, cu_k_ptr, seqlen_q, seqlen_k, VARLEN
+        )
+        start_m = pid_m * BLOCK_M
+        if start_m < len_q:
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            offs_d = tl.arange(0, BLOCK_D)
+            d_ok = _head_dim_mask(offs_d, HEAD_DIM, BLOCK_D)
+            pos_m = len_k - len_q + offs_m
+            row_in = offs_m < len_q
+            row_ok = row_in
+            if HAS_MASK:
+                real = tl.load(mask_ptr + b * stride_mb + pos_m, mask=row_in, other=0)
+                row_ok = row_in & (real != 0)
+            q_mask = row_ok[:, None] & d_ok[None, :]
+            q_off = b * stride_qb + (q_start + offs_m[:, None]) * stride_qs + h * stride_qh
+            q = tl.load(q_ptr + q_off + offs_d[None, :], mask=q_mask, other=0.0)
+            do = tl.load(
+                do_ptr + b * stride_db + (q_start + offs_m[:, None]) * stride_ds + h * stride_dh
+                + offs_d[None, :], mask=q_mask, other=0.0,
+            )  # fmt: skip
+            l_off = b * stride_lb + h * stride_lh + q_start + offs_m
+            lse = tl.load(lse_ptr + l_off, mask=row_ok, other=float("-inf"))
+            delta = tl.load(delta_ptr + l_off, mask=row_ok, other=0.0)
+            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+            dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+            k_base = k_ptr + b * stride_kb + k_start * stride_ks + hk * stride_kh
+            v_base = v_ptr + b * stride_kb + k_start * stride_ks + hk * stride_kh
+            lo, mid, hi = _key_range(
+                b, start_m, len_q, len_k, row_ok, kv_lo_ptr, kv_hi_ptr, block_size,
+                HAS_MASK, BLOCK_CAUSAL, BLOCK_M, BLOCK_N,
+            )  # fmt: skip
+            mask_row = mask_ptr + b * stride_mb
+            dq = _dq_tiles(
+                dq, q, do, lse2, delta, k_base, v_base, mask_row, pos_m, offs_d, d_ok, lo, mid,
+                stride_ks, sm_scale2, block_size,
+                HAS_MASK, False, BLOCK_CAUSAL, BLOCK_N, PRECISION,
+            )  # fmt: skip
+            dq = _dq_tiles(
+                dq, q, do, lse2, delta, k_base, v_base, mask_row, pos_m, offs_d, d_ok, mid, hi,
+                stride_ks, sm_scale2, block_size,
+                HAS_MASK, True, BLOCK_CAUSAL, BLOCK_N, PRECISION,
+            )  # fmt: skip
+            tl.store(
+                dq_ptr + q_off + offs_d[None, :], (dq * sm_scale).to(dq_ptr.dtype.element_ty),
+                mask=row_in[:, None] & d_ok[None, :],
+            )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# launchers
+# ---------------------------------------------------------------------------------------------
+def _tiles(D: int, dtype: torch.dtype, kind: str) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of one kernel ("fwd", "dkdv", "dq").
+
+    Interpreter: small unequal tiles (fast in numpy, and M != N catches tile-edge bugs). GPU:
+    FlashAttention-2's usual choices, shrunk as a row of the tile grows (bf16 D 256, float32)
+    so that shared memory stays under the H100's 227 KiB (sizes from compiling for sm_90: fwd
+    bf16 D128 128x64x3 stages 128 KiB; float32 D128 at 128x64 took 225 KiB, hence 64x32).
+    Untuned: not yet measured on an H100.
+    """
+    if dispatch.triton_interpret():
+        return {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}[kind] + (1, 1)
+    row_bytes = max(16, triton.next_power_of_2(D)) * torch.empty((), dtype=dtype).element_size()
+    if kind == "fwd":
+        if row_bytes <= 256:  # bf16 D <= 128, float32 D <= 64
+            return 128, 64, 4 if row_bytes <= 128 else 8, 3
+        return (64, 32, 4, 2) if row_bytes <= 512 else (32, 32, 4, 1)
+    if row_bytes <= 256:
+        return 64, 64, 4 if row_bytes <= 128 else 8, 2
+    return (32, 32, 4, 1) if row_bytes <= 512 else (16, 32, 4, 1)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # float32 inputs keep exact float32 products (TF32 would miss the float32 tolerance).
+    if dtype == torch.bfloat16 and dispatch.triton_interpret():
+        return "upcast"  # see _dot
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _layout(x: Tensor, varlen: bool) -> tuple[int, int, int]:
+    """(batch, sequence, head) element strides; the batch stride of a packed tensor is 0."""
+    return (0, x.stride(0), x.stride(1)) if varlen else (x.stride(0), x.stride(1), x.stride(2))
+
+
+def _key_bounds(mask: Tensor | None, dummy: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(mask as uint8, first real key, one past the last real key) per row: no host sync."""
+    if mask is None:
+        return dummy, dummy, dummy
+    Sk = mask.shape[1]
+    idx = torch.arange(Sk, device=mask.device, dtype=torch.int32)
+    lo = torch.where(mask, idx, Sk).amin(dim=1).to(torch.int32)
+    hi = torch.where(mask, idx + 1, 0).amax(dim=1).to(torch.int32)
+    return mask.contiguous().view(torch.uint8), lo, hi
+
+
+def _shapes(q: Tensor, k: Tensor, cu_q: Tensor | None):
+    if cu_q is not None:
+        return cu_q.numel() - 1, q.shape[1], k.shape[1], q.shape[2]
+    return q.shape[0], q.shape[2], k.shape[2], q.shape[3]
+
+
+def _lse_shape(q: Tensor, varlen: bool) -> tuple[int, ...]:
+    return (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
+
+
+def _triton_fwd(q, k, v, mask, cu_q, cu_k, max_q, max_k, block_size, scale):
+    """One pass over Q and O and, per query tile, one over the visible K and V tiles.
+
+    Flops 4 * B * Hq * Sq * Sk_visible * D; bytes (Q + O) + (K + V) * ceil(Sq / BLOCK_M)
+    (mostly L2 hits), so the op is compute-bound for Sq >= ~256 on an H100.
+    """
+    varlen = cu_q is not None
+    B, Hq, Hkv, D = _shapes(q, k, cu_q)
+    out = torch.empty_like(q)
+    lse = torch.empty(_lse_shape(q, varlen), dtype=torch.float32, device=q.device)
+    if q.numel() == 0 or B == 0:
+        return out, lse
+    if k.numel() == 0:  # no keys at all: every row sees nothing
+        return out.zero_(), lse.fill_(float("-inf"))
+    m8, lo, hi = _key_bounds(mask, q)
+    BM, BN, warps, stages = _tiles(D, q.dtype, "fwd")
+    Sq, Sk = (max_q, max_k) if varlen else (q.shape[1], k.shape[1])
+    grid = (triton.cdiv(Sq, BM), B * Hq)
+    _attn_fwd_kernel[grid](
+        q, k, v, out, lse, m8, lo, hi,
+        cu_q if varlen else q, cu_k if varlen else q,
+        *_layout(q, varlen), *_layout(k, varlen), *_layout(v, varlen), *_layout(out, varlen),
+        0 if varlen else lse.stride(0), lse.stride(-2),
+        m8.stride(0) if mask is not None else 0,
+        Hq, Hq // Hkv, Sq, Sk, scale * _LOG2E, block_size or 1,
+        HEAD_DIM=D, HAS_MASK=mask is not None, VARLEN=varlen, BLOCK_CAUSAL=bool(block_size),
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=max(16, triton.next_power_of_2(D)),
+        PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    return out, lse
+
+
+def _triton_bwd(do, q, k, v, out, lse, dlse, mask, cu_q, cu_k, max_q, max_k, block_size, scale):
+    """Three kernels: delta (reads O, dO), dK/dV (per key tile: Q, dO of the visible query
+    tiles of every head in the group) and dQ (per query tile: the visible K, V tiles).
+
+    Flops 10 * B * Hq * Sq * Sk_visible * D (S and dP are recomputed in both kernels).
+    """
+    varlen = cu_q is not None
+    B, Hq, Hkv, D = _shapes(q, k, cu_q)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if B == 0 or q.numel() == 0 or k.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    m8, lo, hi = _key_bounds(mask, q)
+    Sq, Sk = (max_q, max_k) if varlen else (q.shape[1], k.shape[1])
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    stride_l = (0 if varlen else lse.stride(0), lse.stride(-2))
+    stride_m = m8.stride(0) if mask is not None else 0
+    cu_q_, cu_k_ = (cu_q, cu_k) if varlen else (q, q)
+    flags = dict(
+        HEAD_DIM=D, HAS_MASK=mask is not None, VARLEN=varlen, BLOCK_CAUSAL=bool(block_size),
+        BLOCK_D=BLOCK_D, PRECISION=_precision(q.dtype),
+    )  # fmt: skip
+    delta = torch.empty_like(lse)
+    BM_pre = 16 if dispatch.triton_interpret() else 64
+    _attn_bwd_preprocess_kernel[(triton.cdiv(Sq, BM_pre), B * Hq)](
+        out, do, dlse if dlse is not None else lse, delta, cu_q_,
+        *_layout(out, varlen), *_layout(do, varlen), *stride_l, Hq, Sq,
+        HEAD_DIM=D, HAS_DLSE=dlse is not None, VARLEN=varlen, BLOCK_M=BM_pre, BLOCK_D=BLOCK_D,
+    )  # fmt: skip
+    BM, BN, warps, stages = _tiles(D, q.dtype, "dkdv")
+    _attn_bwd_dkdv_kernel[(triton.cdiv(Sk, BN), B * Hkv)](
+        q, k, v, do, dk, dv, lse, delta, m8, lo, hi, cu_q_, cu_k_,
+        *_layout(q, varlen), *_layout(k, varlen), *_layout(do, varlen), *stride_l, stride_m,
+        Hkv, Hq // Hkv, Sq, Sk, scale * _LOG2E, scale, block_size or 1,
+        BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages, **flags,
+    )  # fmt: skip
+    BM, BN, warps, stages = _tiles(D, q.dtype, "dq")
+    _attn_bwd_dq_kernel[(triton.cdiv(Sq, BM), B * Hq)](
+        q, k, v, do, dq, lse, delta, m8, lo, hi, cu_q_, cu_k_,
+        *_layout(q, varlen), *_layout(k, varlen), *_layout(do, varlen), *stride_l, stride_m,
+        Hq, Hq // Hkv, Sq, Sk, scale * _LOG2E, scale, block_size or 1,
+        BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages, **flags,
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------------------------
+# custom ops
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("dlm_kernels::bidirectional_attention_fwd", mutates_args=())
+def _attn_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attention_mask: Tensor | None,
+    cu_seqlens_q: Tensor | None,
+    cu_seqlens_k: Tensor | None,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    block_size: int,
+    softmax_scale: float,
+) -> tuple[Tensor, Tensor]:
+    return _triton_fwd(
+        q, k, v, attention_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+        block_size, softmax_scale,
+    )  # fmt: skip
+
+
+@_attn_fwd.register_fake
+def _(q, k, v, attention_mask, cu_seqlens_q, cu_seqlens_k, max_q, max_k, block_size, scale):
+    lse = q.new_empty(_lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32)
+    return torch.empty_like(q), lse
+
+
+@torch.library.custom_op("dlm_kernels::bidirectional_attention_bwd", mutates_args=())
+def _attn_bwd(
+    do: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    dlse: Tensor | None,
+    attention_mask: Tensor | None,
+    cu_seqlens_q: Tensor | None,
+    cu_seqlens_k: Tensor | None,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    block_size: int,
+    softmax_scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    do = do.contiguous()
+    if dlse is not None:
+        dlse = dlse.to(torch.float32).contiguous()
+    return _triton_bwd(
+        do, q, k, v, out, lse, dlse, attention_mask, cu_seqlens_q, cu_seqlens_k,
+        max_seqlen_q, max_seqlen_k, block_size, softmax_scale,
+    )  # fmt: skip
+
+
+@_attn_bwd.register_fake
+def _(do, q, k, v, out, lse, dlse, mask, cu_q, cu_k, max_q, max_k, block_size, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, mask, cu_q, cu_k, max_q, max_k, block_size, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, mask, cu_q, cu_k)
+    ctx.opts = (max_q, max_k, block_size, scale)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, mask, cu_q, cu_k = ctx.saved_tensors
+    max_q, max_k, block_size, scale = ctx.opts
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = _attn_bwd(
+        grad_out, q, k, v, out, lse, grad_lse, mask, cu_q, cu_k, max_q, max_k, block_size, scale
+    )
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# public function
+# ---------------------------------------------------------------------------------------------
+_NAME = "bidirectional_attention"
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_TRITON_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+def _err(msg: str, kind=ValueError):
+    return kind(f"{_NAME}: {msg}")
+
+
+def _check_int(name: str, x, minimum: int) -> int:
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise _err(f"{name} must be an int, got {type(x).__name__}", TypeError)
+    if x < minimum:
+        raise _err(f"{name} must be >= {minimum}, got {x}")
+    return x
+
+
+def _host_checks(device: torch.device) -> bool:
+    """Whether to check the values of cu_seqlens: always on CPU (free); on CUDA it would stall
+    the stream, so only with DLM_KERNELS_CHECK=1 (as masked_cross_entropy's target check)."""
+    if torch.compiler.is_compiling():
+        return False
+    if device.type == "cpu":
+        return True
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return False
+    return os.environ.get("DLM_KERNELS_CHECK", "0") == "1"
+
+
+def _check_qkv(q, k, v, ndim: int, layout: str):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise _err(f"{name} must be a tensor, got {type(t).__name__}", TypeError)
+        if t.dtype not in _FLOATS:
+            raise _err(f"{name} must be float16, bfloat16 or float32, got {t.dtype}", TypeError)
+        if t.dim() != ndim:
+            raise _err(f"{name} must have shape {layout}, got {tuple(t.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise _err(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}", TypeError)
+    if not (q.device == k.device == v.device):
+        raise _err(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if k.shape != v.shape:
+        raise _err(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    D, Hq, Hkv = q.shape[-1], q.shape[-2], k.shape[-2]
+    if k.shape[-1] != D:
+        raise _err(f"q and k must have the same head dim, got {D} and {k.shape[-1]}")
+    if not 1 <= D <= MAX_HEAD_DIM:
+        raise _err(f"head dim must be in [1, {MAX_HEAD_DIM}], got {D}")
+    if Hkv < 1 or Hq % Hkv != 0:
+        raise _err(
+            f"the number of query heads ({Hq}) must be a multiple of the number of key/value "
+            f"heads ({Hkv}) (GQA/MQA)"
+        )
+
+
+def _check_cu(name: str, cu, device) -> Tensor:
+    if not isinstance(cu, Tensor) or cu.dtype != torch.int32:
+        got = cu.dtype if isinstance(cu, Tensor) else type(cu).__name__
+        raise _err(f"{name} must be an int32 tensor of offsets (B + 1,), got {got}", TypeError)
+    if cu.dim() != 1 or cu.numel() < 2:
+        raise _err(f"{name} must have shape (B + 1,) with B >= 1, got {tuple(cu.shape)}")
+    if cu.device != device:
+        raise _err(f"{name} is on {cu.device}, expected {device} (the device of q)")
+    return cu.contiguous()
+
+
+def _check_varlen(q, k, cu_q, cu_k, max_q, max_k, block_size):
+    if cu_q is None or cu_k is None:
+        raise _err("cu_seqlens_q and cu_seqlens_k must be given together")
+    cu_q = _check_cu("cu_seqlens_q", cu_q, q.device)
+    cu_k = _check_cu("cu_seqlens_k", cu_k, q.device)
+    if cu_q.numel() != cu_k.numel():
+        raise _err(
+            f"cu_seqlens_q and cu_seqlens_k must have the same length B + 1, got "
+            f"{cu_q.numel()} and {cu_k.numel()}"
+        )
+    if max_q is None or max_k is None:
+        raise _err(
+            "max_seqlen_q and max_seqlen_k are required with cu_seqlens (the longest sequence "
+            "lengths; reading them from cu_seqlens would sync the device)"
+        )
+    max_q = _check_int("max_seqlen_q", max_q, 0)
+    max_k = _check_int("max_seqlen_k", max_k, 0)
+    if _host_checks(q.device):
+        for name, cu, total, mx in (
+            ("cu_seqlens_q", cu_q, q.shape[0], max_q),
+            ("cu_seqlens_k", cu_k, k.shape[0], max_k),
+        ):
+            lens = cu[1:] - cu[:-1]
+            if int(cu[0]) != 0 or bool((lens < 0).any()) or int(cu[-1]) != total:
+                raise _err(
+                    f"{name} must start at 0, never decrease and end at {total} (the packed "
+                    f"length), got {cu.tolist()}"
+                )
+            if int(lens.max()) > mx:
+                raise _err(f"max_seqlen for {name} is {mx} but a sequence has {int(lens.max())}")
+        if block_size is not None and bool(((cu_q[1:] - cu_q[:-1]) > (cu_k[1:] - cu_k[:-1])).any()):
+            raise _err(
+                "with block_size every sequence needs len_q <= len_k (its queries are the "
+                "last len_q of its keys)"
+            )
+    return cu_q, cu_k, max_q, max_k
+
+
+def bidirectional_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    attention_mask: Tensor | None = None,
+    cu_seqlens_q: Tensor | None = None,
+    cu_seqlens_k: Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    block_size: int | None = None,
+    softmax_scale: float | None = None,
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Non-causal attention softmax(scale * Q K^T) V with padding, packing, block-causal masks
+    and queries against a cached prefix; flash_attn_func's layout and names.
+
+    Args:
+        q: (B, Sq, Hq, D) float16, bfloat16 or float32 (float64 runs the reference); varlen:
+            (total_q, Hq, D). D <= 256 (any D; not a power of two is padded internally).
+        k, v: (B, Sk, Hkv, D), same dtype and device; varlen: (total_k, Hkv, D). Hq must be a
+            multiple of Hkv (GQA/MQA: query head h reads key head h // (Hq // Hkv)).
+            Sq <= Sk: with Sq < Sk the queries are the last Sq positions of the key sequence
+            (the current block against a KV-cached prefix); query i sits at position Sk - Sq + i.
+        attention_mask: (B, Sk) bool, True = real key (default None: all real). A query whose
+            own position is padding is a padding row. Not allowed with cu_seqlens.
+        cu_seqlens_q, cu_seqlens_k: (B + 1,) int32 offsets of packed sequences (flash-attn's
+            varlen); sequence b's queries are the last len_q of its keys. Give both or neither.
+        max_seqlen_q, max_seqlen_k: int, the longest query / key sequence; required with
+            cu_seqlens (they size the launch grid without a device sync). They must be >= every
+            sequence's length: checked on CPU (and on CUDA with DLM_KERNELS_CHECK=1).
+        block_size: int >= 1 or None. Block-causal: a query in block j (of its position) sees
+            keys in blocks <= j (semi-autoregressive / block diffusion). None: fully bidirectional.
+        softmax_scale: float, default 1 / sqrt(D).
+        return_lse: also return the float32 log-sum-exp of the scaled scores.
+
+    Returns:
+        out: the shape and dtype of q. lse (when return_lse): float32 (B, Hq, Sq), or
+        (Hq, total_q) for varlen (float64 for float64 inputs). Gradients flow to q, k and v
+        (and through lse when it is used).
+
+    A query row that sees no key - a padding row, or a row whose visible keys are all padding -
+    gets out 0, lse -inf and zero gradients, never NaN. Padding keys are never read by the
+    Triton kernels, so garbage (even NaN) stored there cannot leak into the result.
+
+    Example:
+        >>> q, k, v = (torch.randn(2, 37, 4, 64) for _ in range(3))
+        >>> mask = torch.arange(37) >= torch.tensor([[0], [5]])  # row 1 is left-padded by 5
+        >>> out = bidirectional_attention(q, k, v, attention_mask=mask, block_size=8)
+    """
+    varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
+    _check_qkv(q, k, v, 3 if varlen else 4, "(total, H, D)" if varlen else "(B, S, H, D)")
+    if varlen:
+        if attention_mask is not None:
+            raise _err("attention_mask cannot be combined with cu_seqlens (pack real tokens only)")
+        cu_q, cu_k, max_q, max_k = _check_varlen(
+            q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size
+        )
+    else:
+        if max_seqlen_q is not None or max_seqlen_k is not None:
+            raise _err("max_seqlen_q / max_seqlen_k apply only with cu_seqlens_q / cu_seqlens_k")
+        B, Sq, Sk = q.shape[0], q.shape[1], k.shape[1]
+        if k.shape[0] != B:
+            raise _err(f"q and k must have the same batch size, got {B} and {k.shape[0]}")
+        if Sq > Sk:
+            raise _err(
+                f"Sq ({Sq}) must be <= Sk ({Sk}): queries are the last Sq positions of the keys"
+            )
+        if attention_mask is not None:
+            if not isinstance(attention_mask, Tensor) or attention_mask.dtype != torch.bool:
+                got = (
+                    attention_mask.dtype
+                    if isinstance(attention_mask, Tensor)
+                    else type(attention_mask).__name__
+                )
+                raise _err(f"attention_mask must be a bool tensor (True = real key), got {got}",
+                           TypeError)  # fmt: skip
+            if tuple(attention_mask.shape) != (B, Sk):
+                raise _err(
+                    f"attention_mask must have shape (B, Sk) = {(B, Sk)}, got "
+                    f"{tuple(attention_mask.shape)}"
+                )
+            if attention_mask.device != q.device:
+                raise _err(f"attention_mask is on {attention_mask.device}, expected {q.device}")
+        cu_q = cu_k = None
+        max_q, max_k = Sq, Sk
+    if block_size is not None:
+        _check_int("block_size", block_size, 1)
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(q.shape[-1])
+    elif isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+        raise _err(f"softmax_scale must be a float, got {type(softmax_scale).__name__}", TypeError)
+    elif not math.isfinite(softmax_scale):
+        raise _err(f"softmax_scale must be finite, got {softmax_scale}")
+    softmax_scale = float(softmax_scale)
+    if not isinstance(return_lse, bool):
+        raise _err(f"return_lse must be a bool, got {type(return_lse).__name__}", TypeError)
+
+    impl = dispatch.select(q.device, has_cpp=False)
+    if impl != "triton" or q.dtype not in _TRITON_FLOATS:
+        return reference.bidirectional_attention_sdpa(
+            q, k, v, attention_mask=attention_mask, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+            block_size=block_size, softmax_scale=softmax_scale, return_lse=return_lse,
+        )  # fmt: skip
+    q, k, v = (t if t.is_contiguous() else t.contiguous() for t in (q, k, v))
+    out, lse = _attn_fwd(
+        q, k, v, attention_mask, cu_q, cu_k, max_q, max_k, block_size or 0, softmax_scale
+    )
+    return (out, lse) if return_lse else out

@@ -1,0 +1,320 @@
+"""bidirectional_attention: the Triton kernels and the SDPA fallback against the float64
+written-out reference, for the output, the lse and every gradient (dq, dk, dv)."""
+
+import math
+
+import pytest
+import torch
+
+import dlm_kernels
+from dlm_kernels import reference
+from tests.utils import assert_close, device, ids, impl, skip_unless_available
+
+DEV = device()
+# "reference" is the SDPA fallback the CPU path runs; "triton" runs in the interpreter on CPU.
+PATHS = ["reference", "triton"]
+
+
+def _inputs(B, Sq, Sk, Hq, Hkv, D, dtype, varlen_total=None):
+    if varlen_total is not None:  # packed layout: (total, H, D)
+        tq, tk = varlen_total
+        shapes = [(tq, Hq, D), (tk, Hkv, D), (tk, Hkv, D)]
+    else:
+        shapes = [(B, Sq, Hq, D), (B, Sk, Hkv, D), (B, Sk, Hkv, D)]
+    return [torch.randn(s, device=DEV).to(dtype) for s in shapes]
+
+
+def _run(path, q, k, v, g, glse, **kw):
+    """out, lse and the gradients of sum(out * g) + sum(finite lse * glse) of one path."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    if path == "float64":
+        out, lse = reference.bidirectional_attention(
+            *(t.double() for t in leaves), return_lse=True, **kw
+        )
+    elif path == "lowp":  # the reference with its matmuls in the input dtype
+        out, lse = reference.bidirectional_attention(*leaves, return_lse=True, upcast=False, **kw)
+    else:
+        with impl(path):
+            out, lse = dlm_kernels.bidirectional_attention(*leaves, return_lse=True, **kw)
+    # -inf (rows that see nothing) must not turn the loss into NaN: those entries are dropped.
+    lse_term = lse.masked_fill(torch.isinf(lse), 0.0) * glse.to(lse.dtype)
+    ((out * g.to(out.dtype)).sum() + lse_term.sum()).backward()
+    return out.detach(), lse.detach(), *(t.grad for t in leaves)
+
+
+def _check(path, q, k, v, **kw):
+    """Compare one path with the float64 reference under the 2x-low-precision rule."""
+    if path == "triton":
+        skip_unless_available("triton")
+    out_shape = q.shape
+    g = torch.randn(out_shape, device=DEV, dtype=torch.float64)
+    varlen = kw.get("cu_seqlens_q") is not None
+    lse_shape = (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
+    glse = torch.randn(lse_shape, device=DEV, dtype=torch.float64)
+    ref = _run("float64", q, k, v, g, glse, **kw)
+    low = _run("lowp", q, k, v, g, glse, **kw)
+    got = _run(path, q, k, v, g, glse, **kw)
+    assert got[0].dtype == q.dtype and got[0].shape == q.shape
+    assert got[1].dtype == torch.float32 and got[1].shape == lse_shape
+    for name, r, lo, o in zip(("out", "lse", "dq", "dk", "dv"), ref, low, got):
+        assert o.dtype == (torch.float32 if name == "lse" else q.dtype)
+        assert_close(f"{path} {name}", r, o, lo)
+    return got
+
+
+def _padding_mask(B, S):
+    """Row 0 left-padded, row 1 right-padded with an interior hole, last row entirely padding."""
+    idx = torch.arange(S, device=DEV)
+    mask = torch.ones(B, S, dtype=torch.bool, device=DEV)
+    mask[0] = idx >= S // 3
+    if B > 1:
+        mask[1] = (idx < S - 7) & (idx != 5)
+    if B > 2:
+        mask[-1] = False
+    return mask
+
+
+# ------------------------------------------------------------------ reference vs naive formula
+def test_reference_matches_naive_formula():
+    # softmax(QK^T / sqrt(D)) V one query at a time, with a mask, a block size and Sq < Sk.
+    B, Sq, Sk, H, D, bs = 2, 5, 9, 2, 7, 4
+    q, k, v = (t.double() for t in _inputs(B, Sq, Sk, H, H, D, torch.float64))
+    mask = torch.rand(B, Sk, device=DEV) < 0.7
+    mask[:, -Sq:] = True
+    mask[1, -2] = False  # one padding query
+    out, lse = reference.bidirectional_attention(
+        q, k, v, attention_mask=mask, block_size=bs, return_lse=True
+    )
+    for b in range(B):
+        for h in range(H):
+            for i in range(Sq):
+                p = Sk - Sq + i
+                keys = [j for j in range(Sk) if mask[b, j] and j // bs <= p // bs]
+                if not mask[b, p] or not keys:
+                    assert out[b, i, h].abs().max() == 0 and lse[b, h, i] == -math.inf
+                    continue
+                s = [float(q[b, i, h] @ k[b, j, h]) / math.sqrt(D) for j in keys]
+                z = sum(math.exp(x) for x in s)
+                o = sum(math.exp(x) / z * v[b, j, h] for x, j in zip(s, keys))
+                torch.testing.assert_close(out[b, i, h], o, rtol=1e-12, atol=1e-12)
+                assert abs(lse[b, h, i].item() - math.log(z)) < 1e-12
+
+
+def test_reference_matches_sdpa_unmasked():
+    q, k, v = _inputs(2, 37, 37, 6, 2, 40, torch.float64)
+    out = reference.bidirectional_attention(q, k, v)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), enable_gqa=True
+    ).transpose(1, 2)
+    torch.testing.assert_close(out, sdpa)
+
+
+# ------------------------------------------------------------------ every feature, each path
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize(
+    "B,S,Hq,Hkv,D,dtype",
+    [
+        pytest.param(*c, id=ids(B=c[0], S=c[1], H=c[2], Hkv=c[3], D=c[4], d=c[5]))
+        for c in [
+            (2, 37, 2, 2, 40, torch.float32),
+            (1, 37, 2, 2, 128, torch.bfloat16),
+            (2, 37, 3, 3, 64, torch.float16),
+            (1, 131, 1, 1, 64, torch.float32),
+        ]
+    ],
+)
+def test_plain(path, B, S, Hq, Hkv, D, dtype):
+    _check(path, *_inputs(B, S, S, Hq, Hkv, D, dtype))
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: ids(d=d))
+def test_padding_mask(path, dtype):
+    B, S = 3, 37
+    q, k, v = _inputs(B, S, S, 2, 2, 40, dtype)
+    mask = _padding_mask(B, S)
+    out, lse, dq, dk, dv = _check(path, q, k, v, attention_mask=mask)
+    # Padding query rows: exactly zero output and gradient, lse -inf; padding keys: zero dk, dv.
+    assert torch.all(out[~mask] == 0) and torch.all(dq[~mask] == 0)
+    assert torch.all(torch.isinf(lse.transpose(1, 2)[~mask]))
+    assert torch.all(dk[~mask] == 0) and torch.all(dv[~mask] == 0)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("block_size", [1, 12, 40], ids=lambda b: f"bs{b}")
+def test_block_causal(path, block_size):
+    # 12 is aligned with neither the query nor the key tiles; 1 is plain causal attention;
+    # 40 > S is one block (bidirectional).
+    _check(path, *_inputs(2, 37, 37, 3, 1, 40, torch.float32), block_size=block_size)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: ids(d=d))
+def test_cache_mode_with_mask_and_blocks(path, dtype):
+    # The current block of 13 queries against 37 keys (24 cached), left padding, GQA ratio 3.
+    B, Sq, Sk = 3, 13, 37
+    q, k, v = _inputs(B, Sq, Sk, 6, 2, 40, dtype)
+    mask = _padding_mask(B, Sk)
+    _check(path, q, k, v, attention_mask=mask, block_size=10)
+    _check(path, q, k, v, attention_mask=mask)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_gqa_ratio_3_with_mask(path):
+    q, k, v = _inputs(2, 37, 37, 6, 2, 40, torch.float32)
+    _check(path, q, k, v, attention_mask=_padding_mask(2, 37), block_size=16)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_long_odd_sequence_all_features(path):
+    # S = 131: several tiles, block edges (24) crossing tile edges, padding on both ends.
+    q, k, v = _inputs(2, 131, 131, 3, 1, 40, torch.bfloat16)
+    mask = _padding_mask(2, 131)
+    _check(path, q, k, v, attention_mask=mask, block_size=24)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("cache", [False, True], ids=["self", "cached"])
+def test_varlen(path, cache):
+    lens_q = [10, 1, 0, 26]
+    lens_k = [17, 3, 4, 30] if cache else lens_q
+    cu_q = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32)
+    cu_k = torch.tensor([0, *torch.tensor(lens_k).cumsum(0).tolist()], dtype=torch.int32)
+    q, k, v = _inputs(0, 0, 0, 6, 2, 40, torch.float32, (sum(lens_q), sum(lens_k)))
+    kw = dict(cu_seqlens_q=cu_q.to(DEV), cu_seqlens_k=cu_k.to(DEV))
+    # max_seqlen larger than needed only launches idle programs.
+    kw.update(max_seqlen_q=max(lens_q) + 5, max_seqlen_k=max(lens_k))
+    _check(path, q, k, v, block_size=8 if cache else None, **kw)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_varlen_equals_padded_batch(path):
+    # A packed batch gives what each sequence gives alone.
+    if path == "triton":
+        skip_unless_available("triton")
+    q, k, v = _inputs(0, 0, 0, 2, 2, 40, torch.float32, (30, 30))
+    cu = torch.tensor([0, 7, 30], dtype=torch.int32, device=DEV)
+    with impl(path):
+        packed = dlm_kernels.bidirectional_attention(
+            q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=23, max_seqlen_k=23
+        )
+        for a, b in ((0, 7), (7, 30)):
+            alone = dlm_kernels.bidirectional_attention(q[None, a:b], k[None, a:b], v[None, a:b])
+            torch.testing.assert_close(packed[a:b], alone[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_strided_inputs(path):
+    # q, k, v as (B, H, S, D).transpose(1, 2) views and a mask sliced out of a wider one.
+    B, S, H, D = 2, 23, 2, 40
+    q, k, v = (torch.randn(B, H, S, D, device=DEV).transpose(1, 2) for _ in range(3))
+    wide = torch.rand(B, S + 9, device=DEV) < 0.8
+    mask = wide[:, 4 : 4 + S]
+    assert not q.is_contiguous() and not mask.is_contiguous()
+    _check(path, q, k, v, attention_mask=mask, block_size=7)
+
+
+def test_garbage_in_padding_is_never_read():
+    # NaN stored at padding positions of q, k, v must not reach the output or the gradients.
+    skip_unless_available("triton")
+    B, S = 2, 37
+    q, k, v = _inputs(B, S, S, 2, 2, 40, torch.float32)
+    mask = _padding_mask(B, S)
+    dirty = [t.masked_fill(~mask[:, :, None, None], float("nan")) for t in (q, k, v)]
+    clean = [t.masked_fill(~mask[:, :, None, None], 0.0) for t in (q, k, v)]
+    g = torch.randn_like(q)
+    results = []
+    for qkv in (dirty, clean):
+        leaves = [t.clone().requires_grad_(True) for t in qkv]
+        with impl("triton"):
+            out = dlm_kernels.bidirectional_attention(*leaves, attention_mask=mask, block_size=8)
+        (out * g).sum().backward()
+        results.append([out.detach(), *(t.grad for t in leaves)])
+    for name, a, b in zip(("out", "dq", "dk", "dv"), *results):
+        assert not torch.isnan(a).any(), name
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_all_padding_batch_and_no_grad_path():
+    # Every row padding: zeros everywhere, no NaN; and the forward alone under no_grad.
+    q, k, v = _inputs(2, 37, 37, 2, 2, 40, torch.float32)
+    mask = torch.zeros(2, 37, dtype=torch.bool, device=DEV)
+    for path in PATHS:
+        if path == "triton":
+            skip_unless_available("triton")
+        with impl(path), torch.no_grad():
+            out, lse = dlm_kernels.bidirectional_attention(
+                q, k, v, attention_mask=mask, return_lse=True
+            )
+        assert torch.all(out == 0) and torch.all(lse == -math.inf)
+
+
+def test_fake_and_autograd_registration():
+    # opcheck runs the custom op under FakeTensor, autograd and schema checks.
+    skip_unless_available("triton")
+    from dlm_kernels.ops import attention
+
+    q, k, v = (t.requires_grad_(True) for t in _inputs(1, 19, 19, 2, 1, 16, torch.float32))
+    mask = _padding_mask(1, 19)
+    args = (q, k, v, mask, None, None, 19, 19, 8, 0.25)
+    torch.library.opcheck(
+        attention._attn_fwd,
+        args,
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )
+
+
+# ------------------------------------------------------------------ bad input
+def _bad(match, *args, exc=ValueError, **kw):
+    with pytest.raises(exc, match=match):
+        dlm_kernels.bidirectional_attention(*args, **kw)
+
+
+def test_bad_inputs():
+    q, k, v = _inputs(2, 8, 8, 4, 2, 16, torch.float32)
+    _bad("q must be float16", q.long(), k, v, exc=TypeError)
+    _bad("share one dtype", q, k.half(), v, exc=TypeError)
+    _bad(r"q must have shape \(B, S, H, D\)", q[0], k, v)
+    _bad("k and v must have the same shape", q, k, v[:, :4])
+    _bad("same head dim", q, k[..., :8], v[..., :8])
+    _bad("head dim must be in", *_inputs(1, 2, 2, 1, 1, 257, torch.float32))
+    k3 = torch.randn(2, 8, 3, 16)
+    _bad("multiple of the number of key/value heads", q, k3, k3)
+    _bad("multiple of the number of key/value heads", q[:, :, :3], k, v)
+    _bad("same batch size", q, k[:1], v[:1])
+    _bad("must be <= Sk", q, k[:, :4], v[:, :4])
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    _bad("attention_mask must be a bool", q, k, v, attention_mask=mask.int(), exc=TypeError)
+    _bad(r"attention_mask must have shape \(B, Sk\)", q, k, v, attention_mask=mask[:, :7])
+    _bad("block_size must be >= 1", q, k, v, block_size=0)
+    _bad("block_size must be an int", q, k, v, block_size=2.0, exc=TypeError)
+    _bad("softmax_scale must be finite", q, k, v, softmax_scale=float("nan"))
+    _bad("max_seqlen_q / max_seqlen_k apply only", q, k, v, max_seqlen_q=8)
+    # varlen
+    qp, kp, vp = q.reshape(16, 4, 16), k.reshape(16, 2, 16), v.reshape(16, 2, 16)
+    cu = torch.tensor([0, 5, 16], dtype=torch.int32)
+    ok = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=11, max_seqlen_k=11)
+    dlm_kernels.bidirectional_attention(qp, kp, vp, **ok)  # the valid call
+    _bad(r"\(total, H, D\)", q, k, v, **ok)
+    _bad("given together", qp, kp, vp, **{**ok, "cu_seqlens_k": None})
+    _bad("int32", qp, kp, vp, **{**ok, "cu_seqlens_q": cu.long()}, exc=TypeError)
+    _bad("are required with cu_seqlens", qp, kp, vp, **{**ok, "max_seqlen_q": None})
+    _bad("end at 16", qp, kp, vp, **{**ok, "cu_seqlens_q": torch.tensor([0, 5, 15]).int()})
+    _bad(
+        "never decrease",
+        qp,
+        kp,
+        vp,
+        **{
+            **ok,
+            "cu_seqlens_k": torch.tensor([0, 9, 5, 16]).int(),
+            "cu_seqlens_q": torch.tensor([0, 5, 9, 16]).int(),
+        },
+    )
+    _bad("same length", qp, kp, vp, **{**ok, "cu_seqlens_k": torch.tensor([0, 16]).int()})
+    _bad("a sequence has 11", qp, kp, vp, **{**ok, "max_seqlen_q": 10})
+    _bad("cannot be combined", qp, kp, vp, attention_mask=mask, **ok)
+    short = torch.tensor([0, 8, 16], dtype=torch.int32)
+    _bad("len_q <= len_k", qp, kp[:8 + 3], vp[:8 + 3], block_size=4, cu_seqlens_q=short,
+         cu_seqlens_k=torch.tensor([0, 3, 11], dtype=torch.int32), max_seqlen_q=8,
+         max_seqlen_k=8)  # fmt: skip
