@@ -1,0 +1,637 @@
+"""One sampling step of a masked diffusion LM: filter, draw, score and commit.
+
+``sample_tokens`` draws one token per row of (N, V) logits and scores it; ``unmask_step`` does
+that for the masked positions of x (B, L) and commits some of them. The per-logit work (filters,
+Gumbel draw, confidence) is one kernel per row (Triton on CUDA, C++ on CPU); choosing which
+positions commit is a few torch ops over (B, L), shared by every path, with no host sync.
+
+Randomness. Every uniform is Philox4x32-10 keyed by the seed, with counter (column, row, offset,
+stream): a draw depends only on (seed, offset, row, column), never on block sizes, thread counts
+or the backend, so the reference, C++ and Triton paths draw the same tokens for the same seed.
+The Gumbel noise is float64: u has 52 random bits, g = -log(-log u) (LLaDA's reason: float32
+Gumbel noise hurts quality). With ``seed=None`` one seed is drawn per call on the host from
+``generator`` (a CPU torch.Generator) or the global torch RNG: a CPU draw, never a device sync.
+Pass ``seed`` and a step counter as ``offset`` for reproducible generation.
+
+Tie and filter rules (shared with ``reference.sample_tokens_rows``): see ``sample_tokens``.
+Only last-ulp differences between the paths' exp/log (and their summation orders) can change a
+result, and only when two candidates' scores, or a top-p boundary mass, tie to ~1e-15.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from dlm_kernels import dispatch, reference
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs without triton: the Triton path is never selected
+    triton = None
+
+_CONF_MODES = {"prob": 0, "raw_prob": 1, "margin": 2, "neg_entropy": 3, "random": 4}
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _load_x(base, offs, V):
+        # NaN -> -inf (never drawn), +inf -> FLT_MAX, -0 -> +0 (so the int keys order like the
+        # float compares of the other paths), upcast to float32.
+        x = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+        x = tl.where(x != x, float("-inf"), x)
+        x = tl.where(x == float("inf"), 3.4028234663852886e38, x)
+        return tl.where(x == 0.0, 0.0, x)
+
+    @triton.jit
+    def _key(x):
+        # Order-preserving int64 key of a float32 (negative floats have their low bits flipped).
+        b = x.to(tl.int32, bitcast=True)
+        return tl.where(b >= 0, b, b ^ 0x7FFFFFFF).to(tl.int64)
+
+    @triton.jit
+    def _sample_rows_kernel(
+        logits_ptr,  # (R, V) float32/bf16/fp16, last dim contiguous
+        stride_row,  # elements between rows of logits
+        rows_ptr,  # (R,) int64: the Philox counter's row for each logits row
+        valid_ptr,  # (R,) bool: rows to draw (others get token 0, confidence -inf)
+        temp_ptr,  # (R,) float64 temperature, <= 0: argmax
+        topk_ptr,  # (R,) int64, <= 0 or >= V: off
+        topp_ptr,  # (R,) float64, >= 1: off
+        minp_ptr,  # (R,) float64, <= 0: off
+        tok_ptr,  # (R,) int64 out
+        conf_ptr,  # (R,) float32 out
+        V,  # vocabulary size
+        seed,  # Philox key (64 bits)
+        offset,  # Philox counter word 2
+        MODE: tl.constexpr,  # 0 prob, 1 raw_prob, 2 margin, 3 neg_entropy, 4 random
+        HAS_TOPK: tl.constexpr,
+        HAS_TOPP: tl.constexpr,
+        HAS_MINP: tl.constexpr,
+        BLOCK_V: tl.constexpr,  # vocabulary tile
+    ):
+        r = tl.program_id(0).to(tl.int64)
+        base = logits_ptr + r * stride_row
+        cols0 = tl.arange(0, BLOCK_V)
+        ninf = float("-inf")
+        if tl.load(valid_ptr + r):
+            # Pass 1: max and its lowest index.
+            mx = tl.full([], ninf, tl.float32)
+            amax = tl.full([], 0, tl.int64)
+            for start in range(0, V, BLOCK_V):
+                offs = start + cols0
+                x = _load_x(base, offs, V)
+                tm = tl.max(x, 0)
+                ti = tl.min(tl.where(x == tm, offs, 2147483647), 0).to(tl.int64)
+                upd = tm > mx
+                amax = tl.where(upd, ti, amax)
+                mx = tl.where(upd, tm, mx)
+            if mx == ninf:
+                tl.store(tok_ptr + r, 0)
+                tl.store(conf_ptr + r, ninf)
+            else:
+                T = tl.load(temp_ptr + r)
+                Te = tl.where(T > 0.0, T, 1.0).to(tl.float64)
+                mz = mx.to(tl.float64) / Te
+                tok = amax
+                conf = tl.zeros([], tl.float64)
+                need_dist = (T > 0.0) | (MODE == 0) | (MODE == 2) | (MODE == 3)
+                if need_dist:
+                    kmin = _key(tl.full([], ninf, tl.float32))
+                    kk = kmin  # keep key(x) >= kk
+                    kmax = _key(mx)
+                    if HAS_TOPK:
+                        k = tl.load(topk_ptr + r)
+                        if (k > 0) & (k < V):
+                            # Largest key K with count(key >= K) >= k: the k-th largest value.
+                            lo = kmin
+                            hi = kmax
+                            while lo < hi:
+                                mid = (lo + hi + 1) >> 1
+                                cnt = tl.zeros([BLOCK_V], tl.int64)
+                                up = tl.full([BLOCK_V], 2**40, tl.int64)
+                                dn = tl.full([BLOCK_V], -(2**40), tl.int64)
+                                for start in range(0, V, BLOCK_V):
+                                    offs = start + cols0
+                                    kx = _key(_load_x(base, offs, V))
+                                    ge = (kx >= mid) & (offs < V)
+                                    cnt += ge.to(tl.int64)
+                                    up = tl.minimum(up, tl.where(ge, kx, 2**40))
+                                    dn = tl.maximum(dn, tl.where((kx < mid) & (offs < V), kx,
+                                                                 -(2**40)))  # fmt: skip
+                                # Snap to the nearest data key on the kept side: at most one
+                                # step per distinct value, and ~log2(key range) at worst.
+                                if tl.sum(cnt, 0) >= k:
+                                    lo = tl.min(up, 0)
+                                else:
+                                    hi = tl.max(dn, 0)
+                            kk = lo
+                    if HAS_TOPP:
+                        p = tl.load(topp_ptr + r)
+                        if p < 1.0:
+                            zs = tl.zeros([BLOCK_V], tl.float64)
+                            for start in range(0, V, BLOCK_V):
+                                offs = start + cols0
+                                x = _load_x(base, offs, V)
+                                w = tl.exp(x.to(tl.float64) / Te - mz)
+                                zs += tl.where(_key(x) >= kk, w, 0.0)
+                            target = p * tl.sum(zs, 0)
+                            # Smallest K with mass(key > K) < target: kept = key >= K.
+                            lo = kk - 1
+                            hi = kmax
+                            while hi - lo > 1:
+                                mid = (lo + hi) >> 1
+                                acc = tl.zeros([BLOCK_V], tl.float64)
+                                up = tl.full([BLOCK_V], 2**40, tl.int64)
+                                dn = tl.full([BLOCK_V], -(2**40), tl.int64)
+                                for start in range(0, V, BLOCK_V):
+                                    offs = start + cols0
+                                    x = _load_x(base, offs, V)
+                                    kx = _key(x)
+                                    inr = (kx >= kk) & (offs < V)
+                                    w = tl.exp(x.to(tl.float64) / Te - mz)
+                                    acc += tl.where((kx > mid) & inr, w, 0.0)
+                                    up = tl.minimum(up, tl.where((kx > mid) & inr, kx, 2**40))
+                                    dn = tl.maximum(dn, tl.where((kx <= mid) & inr, kx, -(2**40)))
+                                # mass(key > K) only changes at data keys: snap hi down to one,
+                                # or lo up to just below one.
+                                if tl.sum(acc, 0) < target:
+                                    hi = tl.max(dn, 0)
+                                else:
+                                    lo = tl.min(up, 0) - 1
+                            kk = hi
+                    lz = tl.full([], ninf, tl.float64)
+                    if HAS_MINP:
+                        mp = tl.load(minp_ptr + r)
+                        if mp > 0.0:
+                            lz = tl.log(mp)
+                    # Final pass: normaliser, entropy / second value, and the Gumbel-max draw.
+                    zf = tl.zeros([BLOCK_V], tl.float64)
+                    ent = tl.zeros([BLOCK_V], tl.float64)
+                    ntop = tl.zeros([BLOCK_V], tl.int32)
+                    sec = tl.full([BLOCK_V], ninf, tl.float64)
+                    best = tl.full([], ninf, tl.float64)
+                    bidx = amax
+                    for start in range(0, V, BLOCK_V):
+                        offs = start + cols0
+                        x = _load_x(base, offs, V)
+                        z = x.to(tl.float64) / Te
+                        keep = (_key(x) >= kk) & (z - mz >= lz) & (offs < V)
+                        w = tl.where(keep, tl.exp(z - mz), 0.0)
+                        zf += w
+                        if MODE == 3:
+                            ent += w * tl.where(w > 0.0, z - mz, 0.0)  # 0 log 0 = 0
+                        if MODE == 2:
+                            ntop += (keep & (x == mx)).to(tl.int32)
+                            sec = tl.maximum(sec, tl.where(keep & (x != mx), z, ninf))
+                        if T > 0.0:
+                            c0 = offs.to(tl.uint32)
+                            c1 = (tl.zeros([BLOCK_V], tl.int64) + tl.load(rows_ptr + r)).to(tl.uint32)
+                            c2 = (tl.zeros([BLOCK_V], tl.int32) + offset).to(tl.uint32, bitcast=True)
+                            c3 = tl.zeros([BLOCK_V], tl.uint32)
+                            w0, w1, _, _ = tl.philox(seed, c0, c1, c2, c3)
+                            kb = (w0 >> 6).to(tl.float64) * 67108864.0 + (w1 >> 6).to(tl.float64)
+                            u = (kb + 0.5) * 2.220446049250313e-16
+                            s = tl.where(keep, z - tl.log(-tl.log(u)), ninf)
+                            tm = tl.max(s, 0)
+                            ti = tl.min(tl.where(s == tm, offs, 2147483647), 0).to(tl.int64)
+                            upd = tm > best
+                            bidx = tl.where(upd, ti, bidx)
+                            best = tl.where(upd, tm, best)
+                    Z = tl.sum(zf, 0)
+                    tok = bidx
+                    if MODE == 0:
+                        xt = _load_x(base, tok + tl.arange(0, 1), V)
+                        wt = tl.exp(xt.to(tl.float64) / Te - mz)
+                        conf = tl.sum(wt, 0) / Z
+                    if MODE == 2:
+                        p1 = 1.0 / Z
+                        p2 = tl.where(tl.sum(ntop, 0) >= 2, p1, tl.exp(tl.max(sec, 0) - mz) / Z)
+                        conf = p1 - p2
+                    if MODE == 3:
+                        conf = tl.sum(ent, 0) / Z - tl.log(Z)
+                if MODE == 1:
+                    # Untempered, unfiltered softmax of the drawn token (LLaDA low_confidence).
+                    zr = tl.zeros([BLOCK_V], tl.float64)
+                    for start in range(0, V, BLOCK_V):
+                        offs = start + cols0
+                        x = _load_x(base, offs, V)
+                        zr += tl.exp(x.to(tl.float64) - mx.to(tl.float64))
+                    xt = _load_x(base, tok + tl.arange(0, 1), V)
+                    et = tl.exp(xt.to(tl.float64) - mx.to(tl.float64))
+                    conf = tl.sum(et, 0) / tl.sum(zr, 0)
+                tl.store(tok_ptr + r, tok)
+                tl.store(conf_ptr + r, conf.to(tl.float32))
+        else:
+            tl.store(tok_ptr + r, 0)
+            tl.store(conf_ptr + r, ninf)
+
+
+def _as_int32(v: int) -> int:
+    # The counter word travels as an int32 and is bitcast back to uint32 in the kernel.
+    v &= 0xFFFFFFFF
+    return v - (1 << 32) if v >= (1 << 31) else v
+
+
+def _block_v(V: int) -> int:
+    # Under the interpreter a bigger tile is simply faster (numpy vectorises it).
+    cap = 65536 if dispatch.triton_interpret() else 2048
+    return min(cap, triton.next_power_of_2(V))
+
+
+def _triton_sample(logits, rows, valid, temp, topk, topp, minp, mode, seed, offset, flags):
+    """Passes over each valid row: 1 (greedy) to ~2 + 32 (top_k) + 32 (top_p) when filtering.
+
+    The floor is one read of the logits (R * V * itemsize bytes); the bisections re-read the
+    row once per step (from L2 on a GPU). A histogram/pivot search would cut the passes: not yet.
+    """
+    R, V = logits.shape
+    tok = torch.empty(R, dtype=torch.int64, device=logits.device)
+    conf = torch.empty(R, dtype=torch.float32, device=logits.device)
+    if R == 0:
+        return tok, conf
+    has_topk, has_topp, has_minp = flags
+    _sample_rows_kernel[(R,)](
+        logits, logits.stride(0), rows, valid, temp, topk, topp, minp, tok, conf, V,
+        seed, _as_int32(offset), MODE=mode, HAS_TOPK=has_topk, HAS_TOPP=has_topp,
+        HAS_MINP=has_minp, BLOCK_V=_block_v(V), num_warps=8,
+    )  # fmt: skip
+    return tok, conf
+
+
+# ---------------------------------------------------------------------------------------------
+# custom op
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("dlm_kernels::sample_rows", mutates_args=())
+def _sample_rows_op(
+    logits: Tensor,
+    rows: Tensor,
+    valid: Tensor,
+    temperature: Tensor,
+    top_k: Tensor,
+    top_p: Tensor,
+    min_p: Tensor,
+    mode: int,
+    seed: int,
+    offset: int,
+    has_topk: bool,
+    has_topp: bool,
+    has_minp: bool,
+    impl: str,
+) -> tuple[Tensor, Tensor]:
+    flags = (has_topk, has_topp, has_minp)
+    if impl == "cpp":
+        tok, conf = dispatch.cpp_ops().sample_rows(
+            logits, rows, valid, temperature, top_k, top_p, min_p, mode, seed, offset,
+            has_topk, has_topp, has_minp,
+        )  # fmt: skip
+        return tok, conf
+    return _triton_sample(logits, rows, valid, temperature, top_k, top_p, min_p, mode, seed,
+                          offset, flags)  # fmt: skip
+
+
+@_sample_rows_op.register_fake
+def _(logits, rows, valid, temperature, top_k, top_p, min_p, mode, seed, offset, has_topk,
+      has_topp, has_minp, impl):  # fmt: skip
+    n = logits.shape[0]
+    return logits.new_empty(n, dtype=torch.int64), logits.new_empty(n, dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# argument handling shared by the public functions
+# ---------------------------------------------------------------------------------------------
+def _draw_seed(name: str, seed, generator) -> int:
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+            raise ValueError(f"{name}: seed must be an int in [0, 2**63), got {seed!r}")
+        return seed
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"{name}: generator must be a torch.Generator, got {type(generator)}")
+        if generator.device.type != "cpu":
+            raise ValueError(
+                f"{name}: generator must be a CPU torch.Generator (the seed is drawn on the host "
+                f"so that no device sync happens), got one on {generator.device}"
+            )
+    # One CPU draw per call: never a device sync.
+    return int(torch.randint(0, 2**62, (), generator=generator, dtype=torch.int64))
+
+
+def _check_offset(name: str, offset) -> int:
+    if offset is None:
+        return 0
+    if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < 2**32:
+        raise ValueError(f"{name}: offset must be an int in [0, 2**32), got {offset!r}")
+    return offset
+
+
+def _host_checkable(t: Tensor) -> bool:
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _per_row(name, arg, value, n, dtype, device, lo=None, hi=None, lo_open=False) -> Tensor:
+    """A scalar or (n,) tensor option as an (n,) tensor of ``dtype`` on ``device``.
+
+    Values are range-checked for scalars and CPU tensors (a CUDA check would sync).
+    """
+    what = f"[{lo}, {hi}]" if not lo_open else f"({lo}, {hi}]"
+    if isinstance(value, Tensor):
+        if value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"{name}: {arg} must be a number or a real tensor, got {value.dtype}")
+        if dtype == torch.int64 and value.dtype.is_floating_point:
+            raise TypeError(f"{name}: {arg} must be an int or an integer tensor, got {value.dtype}")
+        if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != n):
+            raise ValueError(f"{name}: {arg} must be a scalar or a ({n},) tensor, got "
+                             f"shape {tuple(value.shape)}")  # fmt: skip
+        if value.device != device:
+            raise ValueError(f"{name}: {arg} is on {value.device}, expected {device}")
+        t = value.to(dtype).expand(n).contiguous()
+        if _host_checkable(t) and t.numel():
+            bad = torch.zeros((), dtype=torch.bool)
+            if lo is not None:
+                bad |= ((t <= lo) if lo_open else (t < lo)).any()
+            if hi is not None:
+                bad |= (t > hi).any()
+            if bool(bad):
+                raise ValueError(f"{name}: every {arg} must lie in {what}")
+        return t
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: {arg} must be a number or a tensor, got {type(value).__name__}")
+    if dtype == torch.int64 and not isinstance(value, int):
+        raise TypeError(f"{name}: {arg} must be an int, got {value!r}")
+    if value != value or (lo is not None and (value <= lo if lo_open else value < lo)) or (
+        hi is not None and value > hi
+    ):
+        raise ValueError(f"{name}: {arg} must lie in {what}, got {value}")
+    return torch.full((n,), value, dtype=dtype, device=device)
+
+
+def _options(name, n, device, temperature, top_k, top_p, min_p, confidence):
+    if confidence not in _CONF_MODES:
+        raise ValueError(f"{name}: confidence must be one of {tuple(_CONF_MODES)}, got "
+                         f"{confidence!r}")  # fmt: skip
+    temp = _per_row(name, "temperature", temperature, n, torch.float64, device, lo=0.0)
+    tk = None if top_k is None else _per_row(name, "top_k", top_k, n, torch.int64, device, lo=0)
+    tp = None
+    if top_p is not None:
+        tp = _per_row(name, "top_p", top_p, n, torch.float64, device, lo=0.0, hi=1.0, lo_open=True)
+    mp = None if min_p is None else _per_row(name, "min_p", min_p, n, torch.float64, device,
+                                             lo=0.0, hi=1.0)  # fmt: skip
+    return temp, tk, tp, mp
+
+
+def _check_logits(name: str, logits) -> None:
+    if not isinstance(logits, Tensor) or not logits.dtype.is_floating_point:
+        got = logits.dtype if isinstance(logits, Tensor) else type(logits).__name__
+        raise TypeError(f"{name}: logits must be a floating-point tensor, got {got}")
+    if logits.shape[-1] < 1 if logits.dim() else True:
+        raise ValueError(f"{name}: logits must have a vocabulary dimension V >= 1")
+
+
+def _sample(logits2d, rows, valid, temp, tk, tp, mp, confidence, seed, offset):
+    """Dispatch the per-row draw; (tokens int64 (R,), confidence float32 (R,))."""
+    R, V = logits2d.shape
+    impl = dispatch.select(logits2d.device)
+    if impl == "reference" or logits2d.dtype not in _KERNEL_DTYPES:
+        tok, conf = reference.sample_tokens_rows(logits2d, rows, temp, tk, tp, mp, confidence,
+                                                 seed, offset)  # fmt: skip
+        ninf = torch.full_like(conf, float("-inf"))
+        return torch.where(valid, tok, torch.zeros_like(tok)), torch.where(valid, conf, ninf)
+    x = logits2d if logits2d.stride(-1) == 1 else logits2d.contiguous()
+    dev = x.device
+    zero_i = torch.zeros(R, dtype=torch.int64, device=dev)
+    one_f = torch.ones(R, dtype=torch.float64, device=dev)
+    tok, conf = _sample_rows_op(
+        x, rows.contiguous(), valid.contiguous(), temp,
+        zero_i if tk is None else tk, one_f if tp is None else tp,
+        one_f * 0 if mp is None else mp, _CONF_MODES[confidence], seed, offset,
+        tk is not None, tp is not None, mp is not None, impl,
+    )  # fmt: skip
+    if confidence == "random":
+        u = reference.philox_uniform(torch.zeros_like(rows), rows, reference.STREAM_CONFIDENCE,
+                                     seed, offset).to(torch.float32)  # fmt: skip
+        conf = torch.where(conf == float("-inf"), conf, u)
+    return tok, conf
+
+
+# ---------------------------------------------------------------------------------------------
+# public functions
+# ---------------------------------------------------------------------------------------------
+def sample_tokens(
+    logits: Tensor,
+    *,
+    temperature: float | Tensor = 0.0,
+    top_k: int | Tensor | None = None,
+    top_p: float | Tensor | None = None,
+    min_p: float | Tensor | None = None,
+    confidence: str = "prob",
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    offset: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Draw one token per row of logits and score it (Dream's sample_tokens, fused).
+
+    Args:
+        logits: (N, V) float32, bfloat16 or float16 (float64 runs the reference).
+        temperature: float or (N,) tensor, >= 0 (default 0: argmax, ties to the lowest index).
+        top_k: int or (N,) int tensor: keep every token whose logit is >= the k-th largest (ties
+            at the boundary all kept). None, 0 or >= V: off.
+        top_p: float or (N,) tensor in (0, 1]: keep token j iff the mass (after top_k,
+            renormalised) of the tokens with a strictly larger logit is < top_p: the smallest
+            set with mass >= top_p, tied tokens kept together, the top token always. None or 1: off.
+        min_p: float or (N,) tensor in [0, 1]: drop tokens with p < min_p * p_max. None or 0: off.
+            Filters apply in the order top_k, top_p, min_p (MATH.md; Dream applies top_p first).
+        confidence: "prob" (p of the token under the filtered, tempered distribution, Dream's
+            maskgit_plus; at T = 0 the distribution is the filtered softmax at T = 1, as in
+            Dream), "raw_prob" (under the untempered, unfiltered softmax, LLaDA's
+            low_confidence), "margin" (p1 - p2 of the filtered, tempered distribution, Dream's
+            topk_margin), "neg_entropy" (sum p log p of it, 0 log 0 = 0, Dream's entropy without
+            its 1e-10), "random" (a Philox U(0, 1), LLaDA's random).
+        generator: CPU torch.Generator to draw the seed from when ``seed`` is None.
+        seed: int in [0, 2**63): the Philox key. None: drawn from ``generator`` / torch's RNG.
+        offset: int in [0, 2**32), default 0: the Philox counter's step word.
+
+    Returns:
+        (tokens int64 (N,), confidence float32 (N,)). NaN logits count as -inf; a row with no
+        finite logit gives token 0 and confidence -inf. Tokens are always in [0, V).
+
+    Example:
+        >>> logits = torch.randn(4, 1003)
+        >>> tok, conf = sample_tokens(logits, temperature=0.7, top_p=0.95, seed=0)
+        >>> tok0, _ = sample_tokens(logits)                      # greedy
+    """
+    name = "sample_tokens"
+    _check_logits(name, logits)
+    if logits.dim() != 2:
+        raise ValueError(f"{name}: logits must be (N, V), got shape {tuple(logits.shape)}")
+    N, V = logits.shape
+    dev = logits.device
+    temp, tk, tp, mp = _options(name, N, dev, temperature, top_k, top_p, min_p, confidence)
+    seed = _draw_seed(name, seed, generator)
+    offset = _check_offset(name, offset)
+    rows = torch.arange(N, dtype=torch.int64, device=dev)
+    valid = torch.ones(N, dtype=torch.bool, device=dev)
+    return _sample(logits, rows, valid, temp, tk, tp, mp, confidence, seed, offset)
+
+
+def unmask_step(
+    x: Tensor,
+    logits: Tensor,
+    *,
+    mask_id: int,
+    num_transfer: int | Tensor | None = None,
+    threshold: float | Tensor | None = None,
+    factor: float | None = None,
+    alg_temp: float | None = None,
+    candidates: Tensor | None = None,
+    ancestral: bool = False,
+    theta: float | Tensor | None = None,
+    temperature: float | Tensor = 0.0,
+    top_k: int | Tensor | None = None,
+    top_p: float | Tensor | None = None,
+    min_p: float | Tensor | None = None,
+    confidence: str = "prob",
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    offset: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One unmasking step: draw a token at every candidate masked position, commit some of them.
+
+    Args:
+        x: (B, L) int64, the current sequences; masked positions hold ``mask_id``.
+        logits: (B, L, V), or (M, V) for the M masked positions of x in row-major order (only
+            those rows are read). float32/bfloat16/float16; float64 runs the reference. Dream's
+            shift (position i predicted at i - 1) is the caller's job.
+        mask_id: the mask token id.
+        num_transfer: int or (B,) int tensor: commit this many per row (the most confident
+            candidates; clamped to the row's candidate count).
+        threshold: float or (B,) tensor (Fast-dLLM): commit every candidate with confidence >=
+            tau, and at least the most confident one per row.
+        factor: float (Fast-dLLM's factor rule): with c_1 >= c_2 >= ... the row's sorted
+            confidences, commit the longest prefix with c_i >= 1 - factor / (i + 1) (at least 1).
+        Exactly one of num_transfer / threshold / factor, or ancestral=True.
+        alg_temp: with num_transfer, draw the positions without replacement from
+            softmax(confidence / alg_temp) (Gumbel-top-k, Dream's alg_temp). None or 0: off.
+        candidates: (B, L) bool: only masked positions that are True here may commit (the current
+            semi-autoregressive block). None: every masked position.
+        ancestral, theta: commit each candidate independently with probability theta (float or
+            (B,) tensor in [0, 1]; the seed's algorithm, Dream's "origin"; theta = 1 commits all).
+        temperature, top_k, top_p, min_p, confidence: as in :func:`sample_tokens` (per-row
+            tensors are (B,)).
+        generator, seed, offset: as in :func:`sample_tokens`. Token draws use counter row
+            b * L + l for position (b, l) whatever the logits layout.
+
+    Returns:
+        (new x (B, L) int64, committed (B, L) bool). Ties in confidence commit the lowest
+        position first. A row with nothing masked is returned unchanged.
+
+    Example:
+        >>> x = torch.full((2, 37), 99); logits = torch.randn(2, 37, 100)
+        >>> x, done = unmask_step(x, logits, mask_id=99, num_transfer=4, temperature=0.7,
+        ...                       top_p=0.95, seed=0, offset=step)
+    """
+    name = "unmask_step"
+    if not isinstance(x, Tensor) or x.dtype != torch.int64 or x.dim() != 2:
+        got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+        raise TypeError(f"{name}: x must be a (B, L) int64 tensor, got {got}")
+    _check_logits(name, logits)
+    B, L = x.shape
+    dev = x.device
+    if logits.device != dev:
+        raise ValueError(f"{name}: logits is on {logits.device}, expected {dev}")
+    if isinstance(mask_id, bool) or not isinstance(mask_id, int):
+        raise TypeError(f"{name}: mask_id must be an int, got {type(mask_id).__name__}")
+    rules = [num_transfer is not None, threshold is not None, factor is not None, bool(ancestral)]
+    if sum(rules) != 1:
+        raise ValueError(
+            f"{name}: give exactly one of num_transfer, threshold, factor or ancestral=True"
+        )
+    if ancestral and theta is None:
+        raise ValueError(f"{name}: ancestral=True needs theta (the unmasking probability)")
+    if theta is not None and not ancestral:
+        raise ValueError(f"{name}: theta applies to ancestral=True only")
+    if alg_temp is not None:
+        if isinstance(alg_temp, bool) or not isinstance(alg_temp, (int, float)) or alg_temp < 0:
+            raise ValueError(f"{name}: alg_temp must be a float >= 0, got {alg_temp!r}")
+        if alg_temp > 0 and num_transfer is None:
+            raise ValueError(f"{name}: alg_temp applies to the num_transfer rule only")
+    if factor is not None and (
+        isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0
+    ):
+        raise ValueError(f"{name}: factor must be a float > 0, got {factor!r}")
+    masked = x == mask_id
+    cand = masked
+    if candidates is not None:
+        if not isinstance(candidates, Tensor) or candidates.dtype != torch.bool:
+            raise TypeError(f"{name}: candidates must be a (B, L) bool tensor")
+        if candidates.shape != x.shape or candidates.device != dev:
+            raise ValueError(f"{name}: candidates must be a ({B}, {L}) bool tensor on {dev}, "
+                             f"got {tuple(candidates.shape)} on {candidates.device}")  # fmt: skip
+        cand = masked & candidates
+
+    # Map logits rows to positions (b * L + l) without a host sync.
+    flat_cand = cand.reshape(-1)
+    if logits.dim() == 3:
+        if tuple(logits.shape[:2]) != (B, L):
+            raise ValueError(f"{name}: logits must be ({B}, {L}, V) or (masked count, V), got "
+                             f"{tuple(logits.shape)}")  # fmt: skip
+        V = logits.shape[-1]
+        logits2d = logits.reshape(B * L, V)
+        pos = torch.arange(B * L, dtype=torch.int64, device=dev)
+        valid = flat_cand
+    elif logits.dim() == 2:
+        M, V = logits.shape
+        flat_mask = masked.reshape(-1)
+        if _host_checkable(x) and int(flat_mask.sum()) != M:
+            raise ValueError(f"{name}: logits has {M} rows but x has {int(flat_mask.sum())} "
+                             "masked positions")  # fmt: skip
+        slot = torch.cumsum(flat_mask.to(torch.int64), 0) - 1
+        slot = torch.where(flat_mask, slot, torch.full_like(slot, M)).clamp_max(M)
+        pos = torch.zeros(M + 1, dtype=torch.int64, device=dev)
+        pos.scatter_(0, slot, torch.arange(B * L, dtype=torch.int64, device=dev))
+        pos = pos[:M]
+        logits2d = logits
+        valid = flat_cand[pos] if M else flat_cand[:0]
+    else:
+        raise ValueError(f"{name}: logits must be (B, L, V) or (M, V), got {logits.dim()} dims")
+
+    def per_pos(arg, value, dtype, **kw):
+        t = _per_row(name, arg, value, B, dtype, dev, **kw)
+        return t.repeat_interleave(L)[pos]
+
+    if confidence not in _CONF_MODES:
+        raise ValueError(f"{name}: confidence must be one of {tuple(_CONF_MODES)}, got "
+                         f"{confidence!r}")  # fmt: skip
+    temp = per_pos("temperature", temperature, torch.float64, lo=0.0)
+    tk = None if top_k is None else per_pos("top_k", top_k, torch.int64, lo=0)
+    tp = None
+    if top_p is not None:
+        tp = per_pos("top_p", top_p, torch.float64, lo=0.0, hi=1.0, lo_open=True)
+    mp = None if min_p is None else per_pos("min_p", min_p, torch.float64, lo=0.0, hi=1.0)
+    nt = th = tt = None
+    if num_transfer is not None:
+        nt = _per_row(name, "num_transfer", num_transfer, B, torch.int64, dev, lo=0)
+    if threshold is not None:
+        th = _per_row(name, "threshold", threshold, B, torch.float64, dev)
+    if ancestral:
+        tt = _per_row(name, "theta", theta, B, torch.float64, dev, lo=0.0, hi=1.0)
+    seed = _draw_seed(name, seed, generator)
+    offset = _check_offset(name, offset)
+
+    tok, conf = _sample(logits2d, pos, valid, temp, tk, tp, mp, confidence, seed, offset)
+    # Back to (B, L): -inf confidence and mask_id where no token was drawn.
+    conf_full = torch.full((B * L,), float("-inf"), dtype=torch.float32, device=dev)
+    tok_full = torch.full((B * L,), mask_id, dtype=torch.int64, device=dev)
+    conf_full = conf_full.scatter(0, pos, conf).reshape(B, L)
+    tok_full = tok_full.scatter(0, pos, tok).reshape(B, L)
+    commit = reference.select_commits(
+        conf_full, cand, num_transfer=nt, threshold=th, factor=factor, alg_temp=alg_temp,
+        theta=tt, seed=seed, offset=offset,
+    )  # fmt: skip
+    return torch.where(commit, tok_full, x), commit
