@@ -1,0 +1,288 @@
+"""masked_linear_cross_entropy vs the ways DLM trainers compute the LM head + masked loss.
+
+Providers (half of the rows carry loss, as in the diffusion loss; mean over them):
+  dlm_kernels          masked_linear_cross_entropy(hidden, W, target, mask)
+  eager                full (N, V) logits, then F.cross_entropy(logits[mask], target[mask])
+                       (LLaDA / Dream training code)
+  gather-eager         F.cross_entropy(F.linear(hidden[mask], W), target[mask])
+  torch-lce            F.linear_cross_entropy(hidden[mask], W, target[mask]) (options=None:
+                       torch's reference path)
+  torch-lce-chunked    the same with options=LinearCrossEntropyOptions() (torch's chunking)
+  torch-lce-chunked-all  chunked, all N rows, ignore_index at rows without loss (no gather)
+  liger                LigerFusedLinearCrossEntropyLoss on the gathered rows (GPU, if installed)
+  cce                  cut_cross_entropy.linear_cross_entropy on the gathered rows (GPU, if
+                       installed)
+
+Modes: "fwd" (forward with grad-requiring inputs), "bwd" (backward alone, after an untimed
+forward; CUDA events on the GPU) and "fwd+bwd". Providers that compute the gradients during the
+forward (ours on the CPU, Liger) show a cheap "bwd" and a costly "fwd": compare "fwd+bwd".
+
+Peak memory, "peak_mem_mb": the extra memory of one fwd+bwd above what the inputs hold, the
+parameter gradients included. GPU: torch.cuda.max_memory_allocated above the baseline. CPU:
+tracemalloc does not see torch's allocations and the profiler lost some frees, so each case runs
+in a fresh child process with MALLOC_MMAP_THRESHOLD_=65536 (every large tensor is mmapped and
+returned to the OS when freed, so the resident set follows the live tensors), and the figure is
+VmHWM - VmRSS around the call, with VmHWM reset through /proc/self/clear_refs after a warm-up.
+
+    python -m benchmarks.bench_linear_cross_entropy [--device cpu|cuda] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import dlm_kernels
+from benchmarks.common import peak_memory_mb, row, time_fn
+
+# (tokens N, hidden H, vocabulary V). CPU goal: 2048 x 512 x 32000 float32 (issue 4); GPU goal:
+# 16384 x 4096 x 151936 bf16.
+CPU_SHAPES = [(2048, 512, 32000)]
+GPU_SHAPES = [(16384, 4096, 151936), (8192, 4096, 32000)]
+QUICK_CPU_SHAPES = [(64, 40, 1003)]  # toy: tests/test_benchmarks.py runs it in CI
+QUICK_GPU_SHAPES = [(16384, 4096, 151936)]
+P_MASK = 0.5
+
+
+def _inputs(N, H, V, dtype, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    hidden = torch.randn(N, H, generator=g).to(device=device, dtype=dtype).requires_grad_(True)
+    W = (torch.randn(V, H, generator=g) * H**-0.5).to(device=device, dtype=dtype)
+    W.requires_grad_(True)
+    target = torch.randint(0, V, (N,), generator=g).to(device)
+    mask = (torch.rand(N, generator=g) < P_MASK).to(device)
+    return hidden, W, target, mask
+
+
+def _ours(hidden, W, target, mask):
+    return dlm_kernels.masked_linear_cross_entropy(hidden, W, target, mask)
+
+
+def _eager(hidden, W, target, mask):
+    logits = F.linear(hidden, W)
+    return F.cross_entropy(logits[mask].float(), target[mask])
+
+
+def _gather_eager(hidden, W, target, mask):
+    return F.cross_entropy(F.linear(hidden[mask], W).float(), target[mask])
+
+
+def _torch_lce(hidden, W, target, mask):
+    return F.linear_cross_entropy(hidden[mask], W, target[mask])
+
+
+def _torch_lce_chunked(hidden, W, target, mask):
+    opts = torch.nn.LinearCrossEntropyOptions()
+    return F.linear_cross_entropy(hidden[mask], W, target[mask], options=opts)
+
+
+def _torch_lce_chunked_all(hidden, W, target, mask):
+    opts = torch.nn.LinearCrossEntropyOptions()
+    t = torch.where(mask, target, torch.full_like(target, -100))
+    return F.linear_cross_entropy(hidden, W, t, ignore_index=-100, options=opts)
+
+
+def _liger():
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    loss_fn = LigerFusedLinearCrossEntropyLoss()
+    return lambda hidden, W, target, mask: loss_fn(W, hidden[mask], target[mask])
+
+
+def _cce():
+    from cut_cross_entropy import linear_cross_entropy
+
+    return lambda hidden, W, target, mask: linear_cross_entropy(hidden[mask], W, target[mask])
+
+
+def _providers(device):
+    out = [
+        ("dlm_kernels", _ours),
+        ("eager", _eager),
+        ("gather-eager", _gather_eager),
+        ("torch-lce", _torch_lce if hasattr(F, "linear_cross_entropy") else None),
+        ("torch-lce-chunked", _torch_lce_chunked if hasattr(F, "linear_cross_entropy") else None),
+        ("torch-lce-chunked-all",
+         _torch_lce_chunked_all if hasattr(F, "linear_cross_entropy") else None),
+    ]  # fmt: skip
+    for name, make in (("liger", _liger), ("cce", _cce)):
+        if not device.startswith("cuda"):
+            out.append((name, "missing: Triton/CUDA-only library, no CPU path"))
+            continue
+        try:
+            out.append((name, make()))
+        except Exception as e:  # not installed, or an import-time failure
+            out.append((name, f"missing: {type(e).__name__}: {e}"))
+    return out
+
+
+def _fwd_bwd(fn, hidden, W, target, mask):
+    def step():
+        hidden.grad = None
+        W.grad = None
+        fn(hidden, W, target, mask).backward()
+
+    return step
+
+
+def _fwd(fn, hidden, W, target, mask):
+    def step():
+        return fn(hidden, W, target, mask)
+
+    return step
+
+
+def _time_bwd(fn, hidden, W, target, mask, device, quick) -> dict:
+    """Median / p20 / p80 ms of loss.backward() alone, each after an untimed forward."""
+    import statistics
+    import time
+
+    on_gpu = device.startswith("cuda")
+    reps = (10 if quick else 30) if on_gpu else (2 if quick else 5)
+    times = []
+    for i in range(reps + 1):  # the first is a warm-up
+        hidden.grad = W.grad = None
+        loss = fn(hidden, W, target, mask)
+        if on_gpu:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            loss.backward()
+            end.record()
+            torch.cuda.synchronize()
+            ms = start.elapsed_time(end)
+        else:
+            t0 = time.perf_counter()
+            loss.backward()
+            ms = (time.perf_counter() - t0) * 1e3
+        if i:
+            times.append(ms)
+    q = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
+    return {"ms": statistics.median(times), "ms_p20": q[0], "ms_p80": q[3]}
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU peak memory: one case per child process (see the module docstring)
+# ---------------------------------------------------------------------------------------------
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def _child_peak(provider: str, N: int, H: int, V: int, dtype: str) -> None:
+    """Runs in the child: prints {"peak_mem_mb": ...} for one fwd+bwd of ``provider``."""
+    fn = dict(_providers("cpu"))[provider]
+    hidden, W, target, mask = _inputs(N, H, V, getattr(torch, dtype), "cpu")
+    step = _fwd_bwd(fn, hidden, W, target, mask)
+    step()  # warm-up: lazy initialisation, thread pools
+    hidden.grad = None
+    W.grad = None
+    base = _status_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    fn(hidden, W, target, mask).backward()
+    print(json.dumps({"peak_mem_mb": (_status_kb("VmHWM") - base) / 1024}))
+
+
+def _cpu_peak_mb(provider, N, H, V, dtype) -> float | None:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "benchmarks.bench_linear_cross_entropy", "--_peak-child",
+           provider, str(N), str(H), str(V), str(dtype).replace("torch.", "")]  # fmt: skip
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root, timeout=600)
+        return json.loads(res.stdout.strip().splitlines()[-1])["peak_mem_mb"]
+    except Exception:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+def run(quick: bool = False, device: str = "cpu") -> list[dict]:
+    on_gpu = device.startswith("cuda")
+    if on_gpu:
+        shapes = QUICK_GPU_SHAPES if quick else GPU_SHAPES
+    else:
+        shapes = QUICK_CPU_SHAPES if quick else CPU_SHAPES
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    rows = []
+    for N, H, V in shapes:
+        shape = f"N{N}-H{H}-V{V}-p{P_MASK}"
+        hidden, W, target, mask = _inputs(N, H, V, dtype, device)
+        full_logits_mb = N * V * hidden.element_size() / 2**20
+        for provider, fn in _providers(device):
+            if not callable(fn):
+                reason = fn or "missing: torch has no F.linear_cross_entropy"
+                for mode in ("fwd", "bwd", "fwd+bwd"):
+                    rows.append(row(mode, provider, shape, dtype, None, status=reason))
+                continue
+            try:
+                t_fb = time_fn(_fwd_bwd(fn, hidden, W, target, mask), device, quick=quick)
+                t_f = time_fn(_fwd(fn, hidden, W, target, mask), device, quick=quick)
+                t_b = _time_bwd(fn, hidden, W, target, mask, device, quick)
+                if on_gpu:
+                    peak = peak_memory_mb(_fwd_bwd(fn, hidden, W, target, mask), device)
+                elif quick:
+                    peak = None  # a child process per case costs seconds: full runs only
+                else:
+                    peak = _cpu_peak_mb(provider, N, H, V, dtype)
+            except Exception as e:  # a peer failing at this shape (e.g. out of memory)
+                for mode in ("fwd", "bwd", "fwd+bwd"):
+                    rows.append(row(mode, provider, shape, dtype, None,
+                                    status=f"error: {type(e).__name__}: {e}"[:200]))  # fmt: skip
+                if on_gpu:
+                    torch.cuda.empty_cache()
+                continue
+            extra = dict(peak_mem_mb=peak, full_logits_mb=full_logits_mb, device=device)
+            rows.append(row("fwd", provider, shape, dtype, t_f, **extra))
+            rows.append(row("bwd", provider, shape, dtype, t_b, **extra))
+            rows.append(row("fwd+bwd", provider, shape, dtype, t_fb, **extra))
+        hidden.grad = W.grad = None
+        if on_gpu:
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _table(rows):
+    lines = [f"{'mode':8} {'provider':24} {'shape':28} {'ms':>10} {'p20':>10} {'p80':>10} "
+             f"{'peak MB':>9}  status"]  # fmt: skip
+    for r in rows:
+        ms = [f"{r[k]:10.1f}" if r.get(k) is not None else f"{'-':>10}"
+              for k in ("ms", "ms_p20", "ms_p80")]  # fmt: skip
+        pk = r.get("peak_mem_mb")
+        pk = f"{pk:9.1f}" if pk is not None else f"{'-':>9}"
+        lines.append(f"{r['name']:8} {r['provider']:24} {r['shape']:28} {' '.join(ms)} {pk}  "
+                     f"{r['status']}")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--_peak-child":
+        _, _, provider, N, H, V, dtype = sys.argv
+        _child_peak(provider, int(N), int(H), int(V), dtype)
+        return
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json", help="also write the rows to this JSON file")
+    args = ap.parse_args()
+    rows = run(args.quick, args.device)
+    print(_table(rows))
+    if args.json:
+        from benchmarks.common import machine
+
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine(), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

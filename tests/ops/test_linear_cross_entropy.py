@@ -1,0 +1,373 @@
+"""masked_linear_cross_entropy: each implementation vs the float64 reference, loss and the three
+gradients (hidden, lm_head_weight, bias), every option, edge cases, errors, the nn module."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dlm_kernels
+from dlm_kernels import reference
+from dlm_kernels.nn import MaskedLinearCrossEntropy
+from dlm_kernels.ops import linear_cross_entropy as lce
+from tests.utils import IMPLS, assert_close, device, ids, impl, skip_unless_available
+
+DEV = device()
+KERNELS = ["cpp", "triton"]
+
+
+def _dev(name):
+    # The C++ path takes CPU tensors even when the tests run on a GPU machine.
+    return torch.device("cpu") if name == "cpp" else DEV
+
+
+def _inputs(shape, H, V, dtype, p_mask=0.5, bias=True, dev=DEV):
+    """hidden (*shape, H), W (V, H), bias (V,), target, mask, weight (B, 1) broadcast.
+
+    W is scaled so that the logits have a standard deviation of ~3, as a trained head's do."""
+    hidden = torch.randn(*shape, H, device=dev).to(dtype)
+    W = (torch.randn(V, H, device=dev) * (3.0 / H**0.5)).to(dtype)
+    b = (torch.randn(V, device=dev) * 0.5).to(dtype) if bias else None
+    target = torch.randint(0, V, shape, device=dev)
+    mask = torch.rand(shape, device=dev) < p_mask
+    weight = torch.rand(*shape[:-1], 1, device=dev) + 0.5
+    return hidden, W, b, target, mask, weight
+
+
+def _run(name, hidden, W, b, target, mask, weight, grad_out, **kw):
+    """Loss and the gradients of sum(loss * grad_out) for (hidden, W, bias), on fresh leaves."""
+    leaves = [
+        x.detach().clone().requires_grad_(True) if x is not None else None for x in (hidden, W, b)
+    ]
+    with impl(name):
+        loss = dlm_kernels.masked_linear_cross_entropy(
+            leaves[0], leaves[1], target, mask, weight, bias=leaves[2], **kw
+        )
+    (loss * grad_out.to(loss.dtype)).sum().backward()
+    return loss.detach(), [x.grad if x is not None else None for x in leaves]
+
+
+def _check(name, hidden, W, b, target, mask, weight, factor=2.0, **kw):
+    """The kernel against the float64 reference, with the reference run in the kernel's own
+    precision as the yardstick (tests/utils.assert_close's rule)."""
+    skip_unless_available(name)
+    g = torch.randn(target.shape, dtype=torch.float64, device=target.device)
+    if kw.get("reduction", "mean") != "none":
+        g = g.reshape(-1)[0]
+    dbl = [x.double() if x is not None else None for x in (hidden, W, b)]
+    ref_loss, ref_grads = _run("reference", *dbl, target, mask, weight, g, **kw)
+    low_loss, low_grads = _run("reference", hidden, W, b, target, mask, weight, g, **kw)
+    out_loss, out_grads = _run(name, hidden, W, b, target, mask, weight, g, **kw)
+    assert out_loss.dtype == torch.float32
+    assert_close(f"{name} loss", ref_loss, out_loss, low_loss, factor=factor)
+    for label, r, lo, o, x in zip(("d_hidden", "d_W", "d_bias"), ref_grads, low_grads, out_grads,
+                                  (hidden, W, b)):  # fmt: skip
+        if x is None:
+            assert o is None
+            continue
+        assert o.dtype == x.dtype, f"{label}: dtype {o.dtype}, expected {x.dtype}"
+        assert_close(f"{name} {label}", r, o, lo, factor=factor)
+    return out_loss, out_grads
+
+
+# ------------------------------------------------------------------ the reference itself
+def test_reference_is_linear_then_masked_cross_entropy():
+    hidden, W, b, target, mask, weight = _inputs((2, 37), 40, 1003, torch.float64)
+    ours = reference.masked_linear_cross_entropy(
+        hidden, W, target, mask, weight, bias=b, label_smoothing=0.1, z_loss=1e-3, softcap=5.0
+    )
+    logits = 5.0 * torch.tanh((hidden @ W.T + b) / 5.0)
+    theirs = reference.masked_cross_entropy(
+        logits, target, mask, weight, label_smoothing=0.1, z_loss=1e-3
+    )
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    plain = reference.masked_linear_cross_entropy(hidden, W, target, mask)
+    torch.testing.assert_close(plain, F.cross_entropy((hidden @ W.T)[mask], target[mask]))
+
+
+# ------------------------------------------------------------------ kernels vs reference
+@pytest.mark.parametrize("name", IMPLS)
+def test_matches_reference_fp32(name):
+    # Odd shapes: 74 rows (~37 masked), H 40, V 1003, with bias and per-sequence weights.
+    _check(name, *_inputs((2, 37), 40, 1003, torch.float32, dev=_dev(name)))
+
+
+@pytest.mark.parametrize("name", KERNELS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=lambda d: ids(d=d))
+def test_matches_reference_low_precision(name, dtype):
+    _check(name, *_inputs((1, 37), 40, 1003, dtype, dev=_dev(name)))
+
+
+# Every option alone, then all at once. ignore_index: a custom value present in the targets.
+OPTIONS = {
+    "plain": {},
+    "weight": {},
+    "bias": {},
+    "smoothing": dict(label_smoothing=0.1),
+    "zloss": dict(z_loss=1e-3),
+    "softcap": dict(softcap=2.5),
+    "normalizer": dict(normalizer=61.0),
+    "sum": dict(reduction="sum"),
+    "none": dict(reduction="none"),
+    "ignore_index": dict(ignore_index=7),
+    "all": dict(label_smoothing=0.2, z_loss=1e-2, softcap=2.5, normalizer=61.0, ignore_index=7),
+    "all-none": dict(label_smoothing=0.2, z_loss=1e-2, softcap=2.5, reduction="none"),
+}
+
+
+# The Triton interpreter is slow: on that path the options that are one line of host code or
+# one term of the kernel (weight, z_loss, normalizer, sum, ignore_index) run together in "all".
+_TRITON_OPTIONS = ("plain", "bias", "smoothing", "softcap", "none", "all", "all-none")
+OPTION_CASES = [("cpp", o) for o in OPTIONS] + [("triton", o) for o in _TRITON_OPTIONS]
+
+
+@pytest.mark.parametrize("name,option", OPTION_CASES, ids=[f"{n}-{o}" for n, o in OPTION_CASES])
+def test_each_option(name, option):
+    kw = dict(OPTIONS[option])
+    hidden, W, b, target, mask, weight = _inputs((1, 37), 40, 1003, torch.float32, dev=_dev(name))
+    if option not in ("bias", "all", "all-none"):
+        b = None
+    if option not in ("weight", "all", "all-none"):
+        weight = None
+    if "ignore_index" in kw:
+        target[0, :9] = kw["ignore_index"]  # masked positions among them must carry no loss
+        mask[0, :9] = True
+    _check(name, hidden, W, b, target, mask, weight, **kw)
+
+
+@pytest.mark.parametrize("name", IMPLS)
+@pytest.mark.parametrize("p_mask", [0.0, 1.0], ids=["none-masked", "all-masked"])
+def test_no_and_all_masked(name, p_mask):
+    hidden, W, b, target, mask, weight = _inputs(
+        (1, 37), 40, 1003, torch.float32, p_mask, dev=_dev(name)
+    )
+    loss, grads = _check(name, hidden, W, b, target, mask, weight)
+    if p_mask == 0.0:
+        assert loss.item() == 0.0  # "mean" over nothing is 0, not NaN
+        for gr in grads:
+            assert torch.count_nonzero(gr) == 0
+
+
+@pytest.mark.parametrize("name", KERNELS)
+def test_rows_without_loss_are_never_read(name):
+    # NaN / inf hidden states at positions that carry no loss (padding) must not leak.
+    skip_unless_available(name)
+    hidden, W, b, target, mask, weight = _inputs((1, 37), 40, 1003, torch.float32, dev=_dev(name))
+    hidden[~mask] = float("nan")
+    hidden[0, 0] = float("inf")
+    mask[0, 0] = False
+    g = torch.tensor(1.3, dtype=torch.float64)
+    loss, (dh, dW, db) = _run(name, hidden, W, b, target, mask, weight, g)
+    clean = torch.where(mask[..., None], hidden, torch.zeros_like(hidden))
+    ref_loss, (rdh, rdW, rdb) = _run("reference", clean.double(), W.double(), b.double(), target,
+                                     mask, weight, g)  # fmt: skip
+    assert_close("loss", ref_loss, loss)
+    assert_close("d_hidden", rdh, dh)
+    assert_close("d_W", rdW, dW)
+    assert_close("d_bias", rdb, db)
+
+
+@pytest.mark.parametrize("name", KERNELS)
+def test_triton_atomics_and_return_lse(name):
+    # deterministic=False (the atomic backward on Triton; the CPU path ignores it) and the lse.
+    skip_unless_available(name)
+    hidden, W, b, target, mask, weight = _inputs((1, 37), 40, 1003, torch.float32, dev=_dev(name))
+    _check(name, hidden, W, b, target, mask, weight, deterministic=False, label_smoothing=0.1)
+    with impl(name):
+        loss, lse = dlm_kernels.masked_linear_cross_entropy(
+            hidden, W, target, mask, bias=b, return_lse=True, softcap=3.0
+        )
+    valid = mask & (target != -100)
+    logits = 3.0 * torch.tanh((hidden.double() @ W.double().T + b.double()) / 3.0)
+    ref_lse = torch.where(valid, torch.logsumexp(logits, -1), torch.zeros((), dtype=torch.float64))
+    assert lse.shape == target.shape and lse.dtype == torch.float32 and not lse.requires_grad
+    assert_close("lse", ref_lse, lse)
+
+
+@pytest.mark.parametrize("name", KERNELS)
+@pytest.mark.parametrize("frozen", ["head", "hidden"])
+def test_frozen_inputs(name, frozen):
+    # A frozen LM head (LoRA) or frozen hidden states: only the other gradients are computed,
+    # and they still match the reference (both the reduced and the per-row paths).
+    skip_unless_available(name)
+    hidden, W, b, target, mask, weight = _inputs((1, 37), 40, 1003, torch.float32, dev=_dev(name))
+    for red in ("mean", "none"):
+        h = hidden.clone().requires_grad_(frozen != "hidden")
+        w = W.clone().requires_grad_(frozen != "head")
+        bb = b.clone().requires_grad_(frozen != "head")
+        with impl(name):
+            loss = dlm_kernels.masked_linear_cross_entropy(
+                h, w, target, mask, weight, bias=bb, reduction=red
+            )
+        rh, rw, rb = (x.detach().double().requires_grad_(x.requires_grad) for x in (h, w, bb))
+        ref = reference.masked_linear_cross_entropy(
+            rh, rw, target, mask, weight, bias=rb, reduction=red
+        )
+        loss.sum().backward()
+        ref.sum().backward()
+        for label, x, r in (("d_hidden", h, rh), ("d_W", w, rw), ("d_bias", bb, rb)):
+            if x.requires_grad:
+                assert_close(f"{red} {label}", r.grad, x.grad)
+            else:
+                assert x.grad is None
+
+
+@pytest.mark.slow
+def test_large_vocabulary_cpu():
+    # Qwen / Dream's vocabulary: V = 151936 with a few rows and a small H.
+    skip_unless_available("cpp")
+    _check("cpp", *_inputs((1, 5), 16, 151936, torch.float32, p_mask=0.8, dev=_dev("cpp")))
+
+
+def test_cpu_chunks_cover_every_row(monkeypatch):
+    # Force several chunks (and a ragged last one) at a small shape: 16-row chunks over ~45 rows.
+    skip_unless_available("cpp")
+    monkeypatch.setattr(lce, "_CPU_CHUNK_ELEMS", 16 * 1003)
+    for red in ("mean", "none"):
+        args = _inputs((2, 37), 40, 1003, torch.float32, p_mask=0.6, dev=_dev("cpp"))
+        _check("cpp", *args, reduction=red, softcap=4.0)
+
+
+def test_cpu_no_grad_and_retain_graph():
+    skip_unless_available("cpp")
+    hidden, W, b, target, mask, weight = _inputs((1, 37), 40, 1003, torch.float32, dev=_dev("cpp"))
+    ref = reference.masked_linear_cross_entropy(hidden, W, target, mask, weight, bias=b)
+    with impl("cpp"), torch.no_grad():
+        out = dlm_kernels.masked_linear_cross_entropy(hidden, W, target, mask, weight, bias=b)
+    assert_close("no_grad loss", ref.double(), out)
+    # Gradients computed in the forward can be consumed once: a second backward must fail
+    # loudly rather than return twice-scaled gradients.
+    W = W.clone().requires_grad_(True)
+    with impl("cpp"):
+        loss = dlm_kernels.masked_linear_cross_entropy(hidden, W, target, mask)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_graph"):
+        loss.backward()
+
+
+def test_gradcheck_float64():
+    # The public function in float64 (which runs the reference) with every option.
+    hidden, W, b, target, mask, weight = _inputs((1, 6), 5, 19, torch.float64, p_mask=0.7)
+    kw = dict(label_smoothing=0.1, z_loss=1e-2, softcap=2.0)
+
+    def f(h, w, bb):
+        return dlm_kernels.masked_linear_cross_entropy(h, w, target, mask, weight, bias=bb, **kw)
+
+    args = [x.clone().requires_grad_(True) for x in (hidden, W, b)]
+    assert torch.autograd.gradcheck(f, args)
+
+
+@pytest.mark.parametrize("name", KERNELS)
+def test_gradcheck_kernels(name):
+    # The kernels accumulate in float32 by design, so float64 finite differences cannot resolve
+    # them; instead their backward is checked against their own forward by central differences
+    # in float32 (eps 1e-3: rounding noise ~1e-4 relative), per-row output, every option.
+    skip_unless_available(name)
+    hidden, W, b, target, mask, weight = _inputs(
+        (1, 6), 5, 19, torch.float32, p_mask=0.7, dev=_dev(name)
+    )
+    kw = dict(label_smoothing=0.1, z_loss=1e-2, softcap=2.0, reduction="none")
+
+    def f(h, w, bb):
+        with impl(name):
+            return dlm_kernels.masked_linear_cross_entropy(
+                h, w, target, mask, weight, bias=bb, **kw
+            )
+
+    args = [x.clone().requires_grad_(True) for x in (hidden, W, b)]
+    with pytest.warns(UserWarning, match="double precision"):
+        assert torch.autograd.gradcheck(f, args, eps=1e-3, atol=2e-3, rtol=2e-2)
+
+
+def test_autocast_casts_like_linear():
+    # A bf16-autocast model with float32 master weights: the op runs the head in bf16, as
+    # F.linear would, and the gradients come back in float32.
+    hidden, W, b, target, mask, weight = _inputs((1, 37), 40, 1003, torch.float32, dev=_dev("cpp"))
+    h, w = hidden.clone().requires_grad_(True), W.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = dlm_kernels.masked_linear_cross_entropy(h, w, target, mask)
+    loss.backward()
+    assert loss.dtype == torch.float32 and w.grad.dtype == torch.float32
+    ref = reference.masked_linear_cross_entropy(
+        hidden.bfloat16().double(), W.bfloat16().double(), target, mask
+    )
+    low = reference.masked_linear_cross_entropy(hidden.bfloat16(), W.bfloat16(), target, mask)
+    assert_close("autocast loss", ref, loss, low)
+
+
+# ------------------------------------------------------------------ nn module
+def test_module_matches_function():
+    hidden, W, b, target, mask, weight = _inputs((2, 37), 40, 1003, torch.float32)
+    mod = MaskedLinearCrossEntropy(label_smoothing=0.1, z_loss=1e-3, softcap=5.0)
+    assert "label_smoothing=0.1" in repr(mod)
+    out = mod(hidden, W, target, mask, weight, bias=b, normalizer=74)
+    ref = dlm_kernels.masked_linear_cross_entropy(
+        hidden, W, target, mask, weight, bias=b, label_smoothing=0.1, z_loss=1e-3, softcap=5.0,
+        normalizer=74,
+    )  # fmt: skip
+    torch.testing.assert_close(out, ref)
+    with pytest.raises(ValueError, match="reduction"):
+        MaskedLinearCrossEntropy(reduction="avg")
+
+
+def test_module_trains_a_head():
+    # A few SGD steps on a tied head must lower the loss (the module is usable in a model).
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 101, bias=True)
+    hidden = torch.randn(4, 9, 16)
+    target = torch.randint(0, 101, (4, 9))
+    mask = torch.rand(4, 9) < 0.5
+    loss_fn = MaskedLinearCrossEntropy()
+    opt = torch.optim.SGD(head.parameters(), lr=0.5)
+    losses = []
+    for _ in range(5):
+        opt.zero_grad()
+        loss = loss_fn(hidden, head.weight, target, mask, bias=head.bias)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+# ------------------------------------------------------------------ bad input
+def test_bad_inputs():
+    hidden, W, b, target, mask, weight = _inputs((2, 37), 40, 1003, torch.float32)
+    f = dlm_kernels.masked_linear_cross_entropy
+    with pytest.raises(TypeError, match="hidden"):
+        f(hidden.long(), W, target)
+    with pytest.raises(ValueError, match="lm_head_weight"):
+        f(hidden, W[:, :39], target)
+    with pytest.raises(ValueError, match="lm_head_weight"):
+        f(hidden, W[0], target)
+    with pytest.raises(TypeError, match="lm_head_weight"):
+        f(hidden, W.double(), target)
+    with pytest.raises(ValueError, match="bias"):
+        f(hidden, W, target, bias=b[:-1])
+    with pytest.raises(TypeError, match="bias"):
+        f(hidden, W, target, bias=b.half())
+    with pytest.raises(ValueError, match="hidden"):
+        f(hidden[:, :-1], W, target)
+    with pytest.raises(TypeError, match="target"):
+        f(hidden, W, target.float())
+    with pytest.raises(TypeError, match="mask"):
+        f(hidden, W, target, mask.int())
+    with pytest.raises(ValueError, match="weight"):
+        f(hidden, W, target, mask, torch.ones(3, 1))
+    with pytest.raises(ValueError, match="softcap"):
+        f(hidden, W, target, softcap=-1.0)
+    with pytest.raises(TypeError, match="softcap"):
+        f(hidden, W, target, softcap="5")
+    with pytest.raises(ValueError, match="reduction"):
+        f(hidden, W, target, reduction="avg")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        f(hidden, W, target, label_smoothing=1.5)
+    with pytest.raises(ValueError, match="normalizer"):
+        f(hidden, W, target, reduction="sum", normalizer=3.0)
+    with pytest.raises(TypeError, match="deterministic"):
+        f(hidden, W, target, deterministic=None)
+    bad = target.clone()
+    bad[0, 0] = 1003
+    m = torch.zeros_like(mask)
+    m[0, 0] = True
+    with pytest.raises(ValueError, match=r"target must lie in \[0, 1003\)"):
+        f(hidden, W, bad, m)
+    f(hidden, W, bad, ~m)  # an out-of-range target where no loss is carried is fine
