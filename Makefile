@@ -17,7 +17,7 @@ $(BIN)/python:
 # torch first (from the local wheel cache where there is one), then the build and test tools,
 # then the package itself built against that torch.
 $(VENV)/.deps: $(BIN)/python pyproject.toml
-	$(BIN)/pip install -q "$(TORCH)" "$(TRITON)"
+	$(BIN)/pip install -q "$(TORCH)" "$(TRITON)" "setuptools>=77" wheel
 	# numpy<2.3: triton 3.6's interpreter converts 1-element arrays with int(), an error in
 	# numpy 2.3+ ("only 0-dimensional arrays can be converted"), which breaks every loop bound.
 	$(BIN)/pip install -q "numpy<2.3" scipy pytest pytest-benchmark ruff ninja "pybind11>=2.12" \
@@ -58,4 +58,4 @@ demo: build
 	$(BIN)/dlm train --preset shakespeare-tiny --out runs/demo
 
 clean:
-	rm -rf build dist *.egg-info dlm_kernels/*.so .pytest_cache
+	rm -rf build dist *.egg-info dlm_kernels/*.so .pytest_cache $(BUILT)

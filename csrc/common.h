@@ -15,7 +15,8 @@ namespace dlm {
 // exp(x) in float32 with ~2 ulp error, branch-free so that gcc vectorises loops that call it
 // (std::exp does not vectorise without -ffast-math, which we avoid because it breaks NaN/inf
 // handling). Cody-Waite range reduction x = n ln2 + r, degree-6 polynomial for exp(r), then a
-// scale by 2^n through the exponent bits. exp(-inf) = 0, exp(x > 88.7) = inf, NaN stays NaN.
+// scale by 2^n through the exponent bits. exp(-inf) = 0 and NaN stays NaN; arguments above
+// ~88.38 saturate to inf (float's own limit is 88.72; every caller passes x <= 0).
 static inline float fast_exp(float x) {
   const float log2e = 1.44269504088896341f;
   const float ln2_hi = 0.693359375f;

@@ -174,6 +174,16 @@ at::Tensor masked_ce_bwd(const at::Tensor& grad, const at::Tensor& logits,
               grad.sizes());
   TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 1 && lse.size(0) == N,
               "lse: expected float32 of shape (", N, ")");
+  {
+    // The gradient write g[y] must stay inside the row: same check as the forward.
+    const int64_t V = logits.size(1);
+    const int64_t* t = target.data_ptr<int64_t>();
+    const bool* m = valid.data_ptr<bool>();
+    for (int64_t i = 0; i < N; ++i) {
+      TORCH_CHECK(!m[i] || (t[i] >= 0 && t[i] < V), "target: expected values in [0, ", V,
+                  ") at masked positions, got ", t[i], " at flat position ", i);
+    }
+  }
   at::Tensor g = grad.contiguous(), l = lse.contiguous();
   at::Tensor out = at::empty(logits.sizes(), logits.options());  // contiguous (N, V)
   const float eps = static_cast<float>(label_smoothing), z = static_cast<float>(z_loss);

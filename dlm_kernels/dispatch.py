@@ -58,21 +58,19 @@ def _load_cpp():
         return None
 
 
-# Decided once, at import: module globals (not functools.cache) so that torch.compile can trace
-# select() and guard on them. The C++ module is loaded lazily on first use so that importing
-# dlm_kernels stays cheap, and its failure is reported once.
+# Decided once, at import: module globals (not functools.cache, not a lazy import) so that
+# torch.compile can trace select() and guard on them even when the first call is compiled.
 _IMPL = _env_impl()
 _TRITON_OK = _load_triton()
-_UNSET = object()
-_CPP = _UNSET
+_CPP = _load_cpp()
 _override: list[str] = []
 
 
 def refresh() -> None:
-    """Re-read DLM_KERNELS_IMPL and retry loading the C++ module (for tests)."""
+    """Re-read DLM_KERNELS_IMPL and reload the C++ module (for tests)."""
     global _IMPL, _CPP
     _IMPL = _env_impl()
-    _CPP = _UNSET
+    _CPP = _load_cpp()
 
 
 def requested_impl() -> str:
@@ -91,9 +89,6 @@ def triton_available() -> bool:
 
 def cpp_ops():
     """The compiled module ``dlm_kernels._C``, or None (with one warning) if it cannot load."""
-    global _CPP
-    if _CPP is _UNSET:
-        _CPP = _load_cpp()
     return _CPP
 
 

@@ -38,9 +38,13 @@ def masked_cross_entropy_rows(
     # Invalid rows are replaced by zeros (not dropped: no host sync), so that a NaN or -inf in a
     # row that carries no loss cannot leak into the result or the gradient.
     x = torch.where(valid[:, None], logits.to(dt), torch.zeros((), dtype=dt, device=logits.device))
-    tgt = torch.where(valid, target, torch.zeros_like(target)).clamp(0, V - 1)
+    in_range = (target >= 0) & (target < V)
+    tgt = torch.where(valid & in_range, target, torch.zeros_like(target))
     lse = torch.logsumexp(x, dim=-1)
     nll = lse - x.gather(-1, tgt[:, None]).squeeze(-1)
+    # An out-of-range target at a position that carries loss gives NaN (as the kernels do when
+    # the eager check is off), never a finite loss against some other token.
+    nll = torch.where(in_range, nll, torch.full_like(nll, float("nan")))
     loss = nll
     if label_smoothing:
         loss = (1.0 - label_smoothing) * nll + label_smoothing * (lse - x.mean(dim=-1))

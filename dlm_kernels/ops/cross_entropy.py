@@ -17,7 +17,7 @@ from dlm_kernels import dispatch, reference
 try:
     import triton
     import triton.language as tl
-except ImportError:  # CPU-only installs without triton: the Triton path is never selected
+except Exception:  # no triton (or a broken one): dispatch never selects the Triton path
     triton = None
 
 
@@ -56,15 +56,18 @@ if triton is not None:
             for start in range(0, V, BLOCK_V):
                 offs = start + tl.arange(0, BLOCK_V)
                 x = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-                m_new = tl.maximum(m, x)
-                # A lane that has seen only -inf keeps shift 0, so exp(-inf - 0) = 0, not NaN.
-                shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+                # propagate_nan: the GPU's default max (maxnumf) drops NaN, which would hide a
+                # NaN logit; the interpreter's np.maximum keeps it, so only the GPU would differ.
+                m_new = tl.maximum(m, x, propagate_nan=tl.PropagateNan.ALL)
+                # A lane that has seen only -inf (or a +inf) shifts by 0: exp(-inf - 0) = 0 and
+                # exp(+inf) = inf give the right sums where inf - inf would give NaN.
+                shift = tl.where((m_new == float("-inf")) | (m_new == float("inf")), 0.0, m_new)
                 s = s * tl.exp(m - shift) + tl.exp(x - shift)
                 m = m_new
                 if HAS_SMOOTHING:
                     total += tl.where(offs < V, x, 0.0)
-            m_row = tl.max(m, 0)
-            shift_row = tl.where(m_row == float("-inf"), 0.0, m_row)
+            m_row = tl.max(m, 0)  # a NaN lane poisons its own s below, so the sum is NaN
+            shift_row = tl.where((m_row == float("-inf")) | (m_row == float("inf")), 0.0, m_row)
             lanes = tl.where(m == float("-inf"), 0.0, s * tl.exp(m - shift_row))
             lse = shift_row + tl.log(tl.sum(lanes, 0))
             in_range = (target >= 0) & (target < V)
@@ -251,23 +254,43 @@ def _backward(ctx, grad_loss, grad_lse):
 _masked_ce_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("dlm_kernels::masked_ce_fwd_grad_", mutates_args=("logits",))
+def _masked_ce_fwd_grad_(
+    logits: Tensor,
+    target: Tensor,
+    valid: Tensor,
+    weight: Tensor,
+    label_smoothing: float,
+    z_loss: float,
+    impl: str,
+) -> Tensor:
+    """Per-row losses; overwrites ``logits`` with d(loss_i)/d(logits_i) (declared mutation, so
+    autograd's version counter is bumped and torch.compile functionalises it)."""
+    if impl == "cpp":
+        loss, _ = dispatch.cpp_ops().masked_ce_fwd(
+            logits, target, valid, weight, label_smoothing, z_loss, True
+        )
+        return loss
+    loss, _ = _triton_fwd(logits, target, valid, weight, label_smoothing, z_loss, True)
+    return loss
+
+
+@_masked_ce_fwd_grad_.register_fake
+def _(logits, target, valid, weight, label_smoothing, z_loss, impl):
+    return logits.new_empty(logits.shape[0], dtype=torch.float32)
+
+
 class _GradInForward(torch.autograd.Function):
     """The gradient computed in the forward pass and written over the logits' own storage.
 
     Saves the (N, V) buffer that the backward would allocate; the logits values are destroyed.
-    autograd's version counter of ``logits`` is bumped, so any other op that saved the logits
-    for its own backward fails loudly instead of reading gradients as logits.
+    The mutation bumps autograd's version counter of ``logits``, so any other op that saved
+    the logits for its own backward fails loudly instead of reading gradients as logits.
     """
 
     @staticmethod
     def forward(ctx, logits, target, valid, weight, label_smoothing, z_loss, impl):
-        if impl == "cpp":
-            loss, _ = dispatch.cpp_ops().masked_ce_fwd(
-                logits, target, valid, weight, label_smoothing, z_loss, True
-            )
-        else:
-            loss, _ = _triton_fwd(logits, target, valid, weight, label_smoothing, z_loss, True)
-        torch.autograd.graph.increment_version(logits)
+        loss = _masked_ce_fwd_grad_(logits, target, valid, weight, label_smoothing, z_loss, impl)
         ctx.save_for_backward(logits)  # now holds d(loss_i)/d(logits_i)
         return loss
 
@@ -276,7 +299,7 @@ class _GradInForward(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         # Scaled in place by the per-row upstream gradient: one read and write, no host check
         # for grad_loss == 1 (Liger skips it that way, at the cost of a device sync).
-        grad.mul_(grad_loss.to(grad.dtype)[:, None])
+        grad.mul_(grad_loss[:, None])  # computed in float32, rounded once into grad's dtype
         return grad, None, None, None, None, None, None
 
 
@@ -352,7 +375,7 @@ def prepare_rows(
             ) from None
         if weight.device != device:
             raise ValueError(f"{name}: weight is on {weight.device}, expected {device}")
-        w = w.to(torch.float32)
+        w = w.detach().to(torch.float32)  # data, like target and mask: no gradient flows to it
     target = target.reshape(-1).to(torch.int64).contiguous()
     valid = valid.reshape(-1).contiguous()
     if _check_targets_on_host(target, valid, V):
@@ -450,6 +473,8 @@ def masked_cross_entropy(
         raise TypeError(f"{name}: logits must be a float32/bfloat16/float16 tensor, got {got}")
     if logits.dim() < 1 or logits.shape[-1] < 1:
         raise ValueError(f"{name}: logits must have shape (..., V) with V >= 1")
+    if not isinstance(target, Tensor):
+        raise TypeError(f"{name}: target must be an integer tensor (int64), got {type(target)}")
     if tuple(logits.shape[:-1]) != tuple(target.shape):
         raise ValueError(
             f"{name}: logits {tuple(logits.shape)} must be target's shape {tuple(target.shape)} "
@@ -467,6 +492,12 @@ def masked_cross_entropy(
     elif grad_in_forward and logits.requires_grad and torch.is_grad_enabled():
         if not logits.is_contiguous():
             raise ValueError(f"{name}: grad_in_forward=True needs contiguous logits")
+        if logits.is_leaf:
+            # Its .grad would be its own storage: the next optimizer step would read garbage.
+            raise ValueError(
+                f"{name}: grad_in_forward=True needs logits computed by an op (an LM head), not "
+                "a leaf tensor: the gradient is written over the logits' own storage"
+            )
         x = logits.view(-1, V)
         loss = _GradInForward.apply(x, t, valid, w, float(label_smoothing), float(z_loss), impl)
     else:
