@@ -1,0 +1,556 @@
+"""Training: AdamW with warm-up + cosine, accumulation, clipping, EMA, validation ELBO,
+checkpoints that resume exactly, and DDP / FSDP2 under torchrun.
+
+    trainer = Trainer(get_preset("shakespeare-tiny"))
+    summary = trainer.fit()         # writes checkpoint.safetensors, metrics.jsonl, loss.png
+
+Exact resume: the checkpoint (one safetensors file, written to a temp file then renamed) holds
+the weights, EMA, AdamW state, the step (the learning rate is a pure function of it), the noise
+generator's state and the data stream's position. On CPU a run stopped at step k and resumed
+gives bit-identical weights to one that never stopped (tests/dlm/test_trainer.py).
+
+Multi-process: every process walks the same data stream and noise generator and keeps its own
+rows of each global batch, so N processes compute the loss of the same global batch as one
+process (up to the order of the gradient all-reduce).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import time
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from dlm.ancestral import ancestral_sample
+from dlm.config import Config
+from dlm.data import TokenStream, build_tokenizer, load_documents, tokenizer_from_json
+from dlm.loss import DiffusionObjective
+from dlm.model import DiffusionLM
+
+CHECKPOINT = "checkpoint.safetensors"
+
+
+def lr_at(step: int, cfg) -> float:
+    """Linear warm-up to lr over warmup_steps, then cosine down to lr * min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    ratio = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return cfg.lr * ratio
+
+
+def _init_distributed(device: str) -> tuple[int, int, int]:
+    """(rank, world_size, local_rank); starts the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, 0
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+class Trainer:
+    """Builds data, tokenizer, model and optimizer from a Config; ``fit`` trains.
+
+    resume: continue from ``<out>/checkpoint.safetensors`` when it exists.
+    log: where rank 0 prints progress lines (print by default).
+    """
+
+    def __init__(self, cfg: Config, *, resume: bool = False, log=print):
+        self.cfg = cfg = dataclasses.replace(cfg)
+        tc = cfg.train
+        dev = tc.device if tc.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        self.rank, self.world, local_rank = _init_distributed(dev)
+        self.device = torch.device(f"cuda:{local_rank}" if dev == "cuda" else dev)
+        if dev == "cuda":
+            torch.cuda.set_device(self.device)
+        if tc.threads > 0 and self.device.type == "cpu":
+            torch.set_num_threads(tc.threads)
+        self.log = log if self.rank == 0 else (lambda *a, **k: None)
+        self.out = tc.out
+        if self.rank == 0:
+            os.makedirs(self.out, exist_ok=True)
+        ckpt_path = os.path.join(self.out, CHECKPOINT)
+        ckpt = _read_checkpoint(ckpt_path) if resume and os.path.exists(ckpt_path) else None
+
+        # Data and tokenizer (a resumed run keeps the tokenizer it was trained with).
+        train_docs, val_docs = load_documents(cfg.data.data, cfg.data.val_fraction)
+        if ckpt is not None:
+            self.tokenizer = tokenizer_from_json(ckpt[1]["tokenizer"])
+        else:
+            self.tokenizer = build_tokenizer(cfg.data.tokenizer, train_docs, val_docs)
+        mc = dataclasses.replace(cfg.model)
+        if mc.vocab_size <= 0:
+            mc.vocab_size = self.tokenizer.vocab_size
+        if mc.mask_token_id < 0:
+            mc.mask_token_id = self.tokenizer.mask_token_id
+        if mc.vocab_size < self.tokenizer.vocab_size or mc.mask_token_id >= mc.vocab_size:
+            raise ValueError(
+                f"model vocab_size {mc.vocab_size} / mask_token_id {mc.mask_token_id} do not fit "
+                f"the tokenizer ({self.tokenizer.vocab_size} ids); use vocab_size 0 to take it "
+                "from the tokenizer"
+            )
+        cfg.model = mc
+        self.train_stream = TokenStream(train_docs, self.tokenizer, cfg.data.seq_len, tc.seed)
+        self.val_stream = TokenStream(val_docs, self.tokenizer, cfg.data.seq_len, tc.seed)
+
+        # Batch geometry: batch_size sequences per step = world * grad_accum * micro.
+        per = self.world * tc.grad_accum
+        if tc.batch_size % per:
+            raise ValueError(
+                f"batch_size {tc.batch_size} must be divisible by world_size x grad_accum = {per}"
+            )
+        self.micro = tc.batch_size // per
+
+        torch.manual_seed(tc.seed)
+        model = DiffusionLM(mc).to(self.device)
+        self.raw_model = model
+        self.objective = DiffusionObjective(
+            mc.mask_token_id,
+            tc.schedule,
+            tc.weighting,
+            tc.objective,
+            tc.sampling_eps,
+            tc.t_sampling,
+            tc.random_length_prob,
+        )
+        self.autocast_dtype = None
+        if tc.dtype == "bfloat16" or (tc.dtype == "auto" and self.device.type == "cuda"):
+            self.autocast_dtype = torch.bfloat16
+        self.model = self._wrap(model)
+        decay = [p for p in model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in model.parameters() if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": tc.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=tc.lr,
+            betas=(tc.beta1, tc.beta2),
+            fused=self.device.type == "cuda",
+        )
+        self.ema = None
+        if tc.ema_decay > 0:
+            if tc.distributed == "fsdp" and self.world > 1:
+                raise ValueError("ema_decay > 0 is not supported with FSDP")
+            self.ema = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+        # The noise generator: t and the masks. Same seed on every process (see module doc).
+        self.gen = torch.Generator().manual_seed(tc.seed + 1)
+        self.step = 0
+        self.tokens_seen = 0
+        self.history: list[dict] = []
+        if ckpt is not None:
+            self._load(ckpt)
+            self.log(f"resumed from {ckpt_path} at step {self.step}")
+
+    # -----------------------------------------------------------------------------------------
+    def _wrap(self, model):
+        tc = self.cfg.train
+        if tc.compile:
+            model = torch.compile(model)
+        if self.world == 1:
+            return model
+        if tc.distributed == "fsdp":
+            from torch.distributed.fsdp import fully_shard
+
+            for block in self.raw_model.blocks:
+                fully_shard(block)
+            return fully_shard(model)
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DDP(model, device_ids=ids)
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _rows(self) -> slice:
+        return slice(self.rank * self.micro, (self.rank + 1) * self.micro)
+
+    def _micro_loss(self, batch, rows: slice, global_batch: int):
+        """Loss of this process's rows of a global micro-batch (see DiffusionObjective.noise)."""
+        to = lambda x: None if x is None else x.to(self.device)  # noqa: E731
+        with self._autocast():
+            loss, _ = self.objective.loss(
+                self.model,
+                to(batch.input_ids),
+                self.gen,
+                rows=rows,
+                global_batch=global_batch,
+                position_ids=to(batch.position_ids),
+                cu_seqlens=to(batch.cu_seqlens),
+                max_seqlen=batch.max_seqlen,
+            )
+        return loss
+
+    def train_step(self) -> dict:
+        """One optimizer step over batch_size sequences; returns loss, lr, grad_norm."""
+        tc = self.cfg.train
+        self.model.train()
+        lr = lr_at(self.step, tc)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        total = torch.zeros((), device=self.device)
+        global_micro = self.micro * self.world
+        for i in range(tc.grad_accum):
+            batch = self.train_stream.next_batch(global_micro, self.cfg.data.packing, self._rows())
+            sync = i == tc.grad_accum - 1 or self.world == 1
+            ctx = contextlib.nullcontext()
+            if not sync and hasattr(self.model, "no_sync"):
+                ctx = self.model.no_sync()
+            with ctx:
+                loss = self._micro_loss(batch, self._rows(), global_micro)
+                (loss / tc.grad_accum).backward()
+            total += loss.detach() / tc.grad_accum
+        if tc.grad_clip > 0:
+            gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+        else:
+            gnorm = torch.zeros(())
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            with torch.no_grad():
+                for n, p in self.raw_model.named_parameters():
+                    self.ema[n].lerp_(p.detach().float(), 1.0 - tc.ema_decay)
+        if self.world > 1:
+            dist.all_reduce(total, op=dist.ReduceOp.AVG)
+        self.step += 1
+        self.tokens_seen += tc.batch_size * self.cfg.data.seq_len
+        return {"loss": float(total), "lr": lr, "grad_norm": float(gnorm)}
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """Swap the EMA weights in (no-op without EMA)."""
+        if self.ema is None:
+            yield
+            return
+        saved = {n: p.detach().clone() for n, p in self.raw_model.named_parameters()}
+        with torch.no_grad():
+            for n, p in self.raw_model.named_parameters():
+                p.copy_(self.ema[n])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in self.raw_model.named_parameters():
+                    p.copy_(saved[n])
+
+    @torch.no_grad()
+    def evaluate(self, n_batches: int | None = None) -> dict:
+        """Validation ELBO: nats and bits per token, nats per character.
+
+        Fixed windows spread over the validation text and a fixed noise seed, so evaluations at
+        different steps are comparable; ``eval_t_samples`` antithetic draws of t per window with
+        the ELBO weight of the training schedule (an upper bound on the NLL).
+        """
+        tc = self.cfg.train
+        n_batches = n_batches or tc.eval_batches
+        starts = self.val_stream.eval_windows(n_batches * tc.batch_size)
+        self.model.eval()
+        objective = DiffusionObjective(
+            self.objective.mask_token_id, self.objective.schedule, "elbo", "mdlm", tc.sampling_eps
+        )
+        gen = torch.Generator().manual_seed(tc.seed + 2)
+        nats = torch.zeros((), dtype=torch.float64)
+        tokens = 0
+        chunk = max(1, self.micro * tc.grad_accum)
+        mine = starts[self.rank :: self.world]
+        with self.ema_weights():
+            for rep in range(tc.eval_t_samples):
+                t_all = _eval_times(len(starts), rep, tc.eval_t_samples, gen, tc.sampling_eps)
+                t_mine = t_all[self.rank :: self.world]
+                for i in range(0, len(mine), chunk):
+                    batch = self.val_stream.batch_at(mine[i : i + chunk], self.cfg.data.packing)
+                    x0 = batch.input_ids.to(self.device)
+                    nz = objective.noise(x0, gen, t=t_mine[i : i + chunk])
+                    to = lambda x: None if x is None else x.to(self.device)
+                    with self._autocast():
+                        s = self.model(
+                            nz.x_t,
+                            None,
+                            to(batch.position_ids),
+                            targets=x0,
+                            loss_mask=nz.mask,
+                            loss_weight=nz.weight,
+                            normalizer=1.0,
+                            t=nz.t,
+                            cu_seqlens=to(batch.cu_seqlens),
+                            max_seqlen=batch.max_seqlen,
+                        )
+                    nats += s.double().cpu()
+                    tokens += x0.numel()
+        stats = torch.tensor([float(nats), float(tokens)], dtype=torch.float64)
+        if self.world > 1:
+            dist.all_reduce(stats)
+        nats_per_token = float(stats[0] / stats[1])
+        chars_per_token = self.val_stream.n_chars / len(self.val_stream.tokens)
+        return {
+            "val_nats_per_token": nats_per_token,
+            "val_bits_per_token": nats_per_token / math.log(2),
+            "val_nats_per_char": nats_per_token / chars_per_token,
+        }
+
+    def sample(
+        self, n: int, length: int, steps: int, seed: int = 0, temperature: float = 1.0
+    ) -> list[str]:
+        """n passages from the ancestral sampler (EMA weights if any), decoded. Under FSDP
+        every process must call it (the sharded model's forward is collective)."""
+        fsdp = self.world > 1 and self.cfg.train.distributed == "fsdp"
+        model = self.model if fsdp else self.raw_model
+        model.eval()
+        gen = torch.Generator().manual_seed(seed)
+        with self.ema_weights(), self._autocast():
+            ids = ancestral_sample(
+                model,
+                batch=n,
+                length=length,
+                steps=steps,
+                mask_token_id=self.cfg.model.mask_token_id,
+                schedule=self.objective.schedule,
+                temperature=temperature,
+                banned_ids=self.tokenizer.special_ids,
+                generator=gen,
+                device=self.device,
+            )
+        return [self.tokenizer.decode(row.tolist()) for row in ids.cpu()]
+
+    # -----------------------------------------------------------------------------------------
+    def fit(self, stop_at: int | None = None) -> dict:
+        """Train to cfg.train.steps (or stop early at ``stop_at``, saving a checkpoint there).
+
+        Returns a summary: final validation metrics, wall time, tokens/s, samples.
+        """
+        from tqdm.auto import tqdm
+
+        tc = self.cfg.train
+        end = tc.steps if stop_at is None else min(stop_at, tc.steps)
+        metrics_path = os.path.join(self.out, "metrics.jsonl")
+        if self.rank == 0:
+            self._trim_metrics(metrics_path)
+        n_params = self.raw_model.num_params()
+        self.log(
+            f"model: {n_params / 1e6:.2f}M parameters, vocab {self.cfg.model.vocab_size}, "
+            f"{self.world} process(es) on {self.device}; train {len(self.train_stream.tokens):,} "
+            f"tokens, validation {len(self.val_stream.tokens):,} tokens"
+        )
+        bar = tqdm(
+            total=tc.steps,
+            initial=self.step,
+            disable=self.rank != 0 or not tc.progress,
+            desc="train",
+            dynamic_ncols=True,
+        )
+        t0, tok0 = time.perf_counter(), self.tokens_seen
+        last_eval = None
+        while self.step < end:
+            m = self.train_step()
+            tps = (self.tokens_seen - tok0) / max(1e-9, time.perf_counter() - t0)
+            bar.update(1)
+            bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{tps:,.0f}")
+            if self.step % tc.log_every == 0 or self.step == end:
+                self._record(metrics_path, {"step": self.step, **m, "tokens_per_s": tps})
+            if tc.eval_every and self.step % tc.eval_every == 0 and self.step < tc.steps:
+                last_eval = self.evaluate()
+                self._record(metrics_path, {"step": self.step, **last_eval})
+                bar.write(f"step {self.step}: val {last_eval['val_nats_per_char']:.3f} nats/char")
+            if tc.save_every and self.step % tc.save_every == 0:
+                self.save()
+        bar.close()
+        elapsed = time.perf_counter() - t0
+        summary = {
+            "step": self.step,
+            "train_time_s": elapsed,
+            "tokens_per_s": (self.tokens_seen - tok0) / max(elapsed, 1e-9),
+        }
+        self.save()
+        if self.step >= tc.steps:
+            last_eval = self.evaluate()
+            self._record(metrics_path, {"step": self.step, **last_eval})
+            summary.update(last_eval)
+            self.log(
+                f"validation ELBO at step {self.step}: {last_eval['val_nats_per_char']:.4f} "
+                f"nats/char, {last_eval['val_bits_per_token']:.4f} bits/token"
+            )
+            if self.rank == 0:
+                self.plot(os.path.join(self.out, "loss.png"))
+            fsdp = self.world > 1 and tc.distributed == "fsdp"
+            if tc.samples and (self.rank == 0 or fsdp):
+                texts = self.sample(
+                    tc.samples, tc.sample_len, tc.sample_steps, tc.seed, tc.sample_temperature
+                )
+            if tc.samples and self.rank == 0:
+                summary["samples"] = texts
+                with open(os.path.join(self.out, "samples.txt"), "w") as f:
+                    for i, s in enumerate(texts):
+                        f.write(f"--- sample {i} ---\n{s}\n")
+                for i, s in enumerate(texts):
+                    self.log(f"--- sample {i} ---\n{s}")
+        return summary
+
+    def _record(self, path: str, row: dict) -> None:
+        self.history.append(row)
+        if self.rank == 0:
+            with open(path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def _trim_metrics(self, path: str) -> None:
+        """Drop metric lines past the current step (a resumed run rewrites them)."""
+        if not os.path.exists(path):
+            return
+        with open(path) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        rows = [r for r in rows if r["step"] <= self.step]
+        self.history = rows
+        with open(path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+
+    def plot(self, path: str) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        train = [(r["step"], r["loss"]) for r in self.history if "loss" in r]
+        val = [
+            (r["step"], r["val_nats_per_token"]) for r in self.history if "val_nats_per_token" in r
+        ]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        if train:
+            ax.plot(*zip(*train), label="train loss (nats/token)")
+        if val:
+            ax.plot(*zip(*val), "o-", label="validation ELBO (nats/token)")
+        ax.set_xlabel("step")
+        ax.set_ylabel("nats per token")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        tmp = path + ".tmp.png"
+        fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+        os.replace(tmp, path)
+
+    # -----------------------------------------------------------------------------------------
+    def save(self, path: str | None = None) -> None:
+        """Write the checkpoint atomically (temp file + rename); collective under FSDP."""
+        from safetensors.torch import save_file
+
+        path = path or os.path.join(self.out, CHECKPOINT)
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        msd = get_model_state_dict(self.model, options=opts)
+        osd = get_optimizer_state_dict(self.model, self.optimizer, options=opts)
+        if self.rank != 0:
+            return
+        tensors = {}
+        seen = set()
+        for k, v in msd.items():
+            # Tied weights share storage; safetensors refuses aliases, so store them once.
+            if self.cfg.model.tie_embeddings and k == "lm_head.weight":
+                continue
+            tensors[f"model.{k}"] = v.detach().cpu().contiguous()
+            seen.add(k)
+        if self.ema is not None:
+            for k, v in self.ema.items():
+                if self.cfg.model.tie_embeddings and k == "lm_head.weight":
+                    continue
+                tensors[f"ema.{k}"] = v.cpu().contiguous()
+        for pname, st in osd["state"].items():
+            for k, v in st.items():
+                tensors[f"optim.{pname}.{k}"] = torch.as_tensor(v).cpu().contiguous()
+        tensors["rng.noise"] = self.gen.get_state()
+        tensors["rng.torch"] = torch.get_rng_state()
+        groups = [
+            {k: v for k, v in g.items() if k != "params"} | {"params": list(g["params"])}
+            for g in osd["param_groups"]
+        ]
+        meta = {
+            "config": self.cfg.to_json(),
+            "tokenizer": self.tokenizer.to_json(),
+            "state": json.dumps(
+                {
+                    "step": self.step,
+                    "tokens_seen": self.tokens_seen,
+                    "train_stream": self.train_stream.state_dict(),
+                    "param_groups": groups,
+                }
+            ),
+        }
+        tmp = f"{path}.tmp-{os.getpid()}"
+        save_file(tensors, tmp, metadata=meta)
+        os.chmod(tmp, 0o644)  # safetensors creates 0600 files
+        os.replace(tmp, path)
+
+    def _load(self, ckpt) -> None:
+        tensors, meta = ckpt
+        state = json.loads(meta["state"])
+        msd = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+        if self.cfg.model.tie_embeddings:
+            msd["lm_head.weight"] = msd["tok_emb.weight"]
+        opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
+        set_model_state_dict(self.model, msd, options=opts)
+        ostate: dict = {}
+        for k, v in tensors.items():
+            if k.startswith("optim."):
+                pname, key = k[len("optim.") :].rsplit(".", 1)
+                ostate.setdefault(pname, {})[key] = v
+        groups = state["param_groups"]
+        for g in groups:
+            if "betas" in g:
+                g["betas"] = tuple(g["betas"])
+        set_optimizer_state_dict(
+            self.model, self.optimizer, {"state": ostate, "param_groups": groups}, options=opts
+        )
+        if self.ema is not None:
+            for k in self.ema:
+                src = tensors.get(f"ema.{k}")
+                if src is None and k == "lm_head.weight":
+                    src = tensors["ema.tok_emb.weight"]
+                self.ema[k].copy_(src)
+        self.gen.set_state(tensors["rng.noise"])
+        torch.set_rng_state(tensors["rng.torch"])
+        self.step = state["step"]
+        self.tokens_seen = state["tokens_seen"]
+        self.train_stream.load_state_dict(state["train_stream"])
+
+
+def _eval_times(n: int, rep: int, reps: int, gen: torch.Generator, eps: float) -> torch.Tensor:
+    """Antithetic times for n windows on evaluation pass ``rep`` of ``reps``: all passes together
+    stratify [eps, 1] into n * reps evenly spaced strata."""
+    u = torch.rand(1, generator=gen, dtype=torch.float64)
+    t = (u + (torch.arange(n, dtype=torch.float64) * reps + rep) / (n * reps)) % 1.0
+    return eps + (1.0 - eps) * t
+
+
+def _read_checkpoint(path: str):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    return load_file(path), meta
+
+
+def load_model(path: str, *, ema: bool = True, device: str = "cpu"):
+    """(model, tokenizer, config) from a checkpoint; the EMA weights when present and ``ema``."""
+    tensors, meta = _read_checkpoint(path)
+    cfg = Config.from_dict(json.loads(meta["config"]))
+    model = DiffusionLM(cfg.model)
+    prefix = "ema." if ema and any(k.startswith("ema.") for k in tensors) else "model."
+    sd = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    if cfg.model.tie_embeddings:
+        sd["lm_head.weight"] = sd["tok_emb.weight"]
+    model.load_state_dict(sd)
+    return model.to(device).eval(), tokenizer_from_json(meta["tokenizer"]), cfg
