@@ -207,6 +207,9 @@ def _cpu_peak_mb(provider, N, H, V, dtype) -> float | None:
 
 
 # ---------------------------------------------------------------------------------------------
+OP = "masked_linear_cross_entropy"
+
+
 def run(quick: bool = False, device: str = "cpu") -> list[dict]:
     on_gpu = device.startswith("cuda")
     if on_gpu:
@@ -223,7 +226,7 @@ def run(quick: bool = False, device: str = "cpu") -> list[dict]:
             if not callable(fn):
                 reason = fn or "missing: torch has no F.linear_cross_entropy"
                 for mode in ("fwd", "bwd", "fwd+bwd"):
-                    rows.append(row(mode, provider, shape, dtype, None, status=reason))
+                    rows.append(row(f"{OP} {mode}", provider, shape, dtype, None, status=reason))
                 continue
             try:
                 t_fb = time_fn(_fwd_bwd(fn, hidden, W, target, mask), device, quick=quick)
@@ -237,15 +240,15 @@ def run(quick: bool = False, device: str = "cpu") -> list[dict]:
                     peak = _cpu_peak_mb(provider, N, H, V, dtype)
             except Exception as e:  # a peer failing at this shape (e.g. out of memory)
                 for mode in ("fwd", "bwd", "fwd+bwd"):
-                    rows.append(row(mode, provider, shape, dtype, None,
+                    rows.append(row(f"{OP} {mode}", provider, shape, dtype, None,
                                     status=f"error: {type(e).__name__}: {e}"[:200]))  # fmt: skip
                 if on_gpu:
                     torch.cuda.empty_cache()
                 continue
             extra = dict(peak_mem_mb=peak, full_logits_mb=full_logits_mb, device=device)
-            rows.append(row("fwd", provider, shape, dtype, t_f, **extra))
-            rows.append(row("bwd", provider, shape, dtype, t_b, **extra))
-            rows.append(row("fwd+bwd", provider, shape, dtype, t_fb, **extra))
+            rows.append(row(f"{OP} fwd", provider, shape, dtype, t_f, **extra))
+            rows.append(row(f"{OP} bwd", provider, shape, dtype, t_b, **extra))
+            rows.append(row(f"{OP} fwd+bwd", provider, shape, dtype, t_fb, **extra))
         hidden.grad = W.grad = None
         if on_gpu:
             torch.cuda.empty_cache()
