@@ -4,8 +4,9 @@
 //   1. one pass: sanitise (NaN -> -inf, +inf -> FLT_MAX) into a float buffer, max, argmax.
 //   2. weights w_j = exp(x_j / T - max / T) in float64 (only when a filter or the confidence
 //      needs the distribution).
-//   3. top_k: std::nth_element on a copy (O(V)); top_p: a weighted quickselect over the
-//      (value, weight) pairs that survive top_k: expected O(V), exact, ties kept together.
+//   3. top_k: std::nth_element on a copy (O(V)); top_p: a 2048-bin mass histogram over the
+//      values that survive top_k picks the bin holding the threshold, then a weighted
+//      quickselect over that bin's (value, weight) pairs: exact, ties kept together.
 //   4. one pass over the kept tokens: normaliser, entropy / second value, and the Gumbel-max
 //      draw. A token whose uniform u <= 1 - c (c = exp(z_j - best), so u <= exp(-c)) cannot beat
 //      the running best: most tokens skip the two float64 logs and only pay the Philox rounds.
@@ -16,6 +17,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <functional>
 #include <limits>
 #include <utility>
@@ -51,8 +53,44 @@ inline double philox_uniform(uint32_t col, uint32_t row, uint32_t off, uint32_t 
                              uint32_t k0, uint32_t k1) {
   uint32_t c[4] = {col, row, off, stream};
   philox10(c, k0, k1);
-  const double k = static_cast<double>(c[0] >> 6) * 67108864.0 + static_cast<double>(c[1] >> 6);
+  // (int32 casts: the values fit in 26 bits, and AVX2 converts signed int32 to double)
+  const double k = static_cast<double>(static_cast<int32_t>(c[0] >> 6)) * 67108864.0 +
+                   static_cast<double>(static_cast<int32_t>(c[1] >> 6));
   return (k + 0.5) * 0x1p-52;
+}
+
+// exp(x) in float64, branch-free so that gcc vectorises the loops that call it (std::exp does
+// not): n = round(x / ln2) by the 1.5 * 2^52 trick (its low bits then hold n, so 2^n is built
+// with integer ops AVX2 has), r = x - n ln2 (two-word ln2), a degree-13 Taylor polynomial on
+// |r| <= ln2 / 2 (truncation < 1e-17 relative), times 2^n. Within a few ulp of std::exp;
+// exp(x < -708) = 0 (and exp(-inf) = 0); the inputs here are always <= 0 (x - max).
+inline double exp_d(double x) {
+  const double magic = 6755399441055744.0;  // 1.5 * 2^52
+  const double xc = x < -708.0 ? -708.0 : x;
+  const double t = xc * 1.4426950408889634 + magic;
+  const double n = t - magic;
+  const double r = (xc - n * 0.6931471803691238) - n * 1.9082149292705877e-10;
+  double p = 1.6059043836821613e-10;  // 1/13!
+  p = p * r + 2.08767569878681e-09;
+  p = p * r + 2.505210838544172e-08;
+  p = p * r + 2.755731922398589e-07;
+  p = p * r + 2.755731922398589e-06;
+  p = p * r + 2.48015873015873e-05;
+  p = p * r + 1.984126984126984e-04;
+  p = p * r + 1.388888888888889e-03;
+  p = p * r + 8.333333333333333e-03;
+  p = p * r + 4.166666666666666e-02;
+  p = p * r + 1.666666666666667e-01;
+  p = p * r + 0.5;
+  p = p * r + 1.0;
+  p = p * r + 1.0;
+  uint64_t tb;
+  std::memcpy(&tb, &t, sizeof(tb));
+  const uint64_t bits = (tb + 1023u) << 52;  // low bits of tb: n (two's complement)
+  double scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  const double out = p * scale;
+  return x < -708.0 ? 0.0 : out;
 }
 
 struct Params {
@@ -66,12 +104,14 @@ struct Scratch {
   std::vector<double> w;                    // exp(z - max z)
   std::vector<float> sel;                   // nth_element copy
   std::vector<std::pair<float, double>> c;  // (value, weight) for the top-p quickselect
+  std::vector<double> hist;                 // mass per value bin (top-p)
 };
 
 // The smallest value v among the pairs with mass(values > v) < target (always <= top).
-float top_p_threshold(std::vector<std::pair<float, double>>& c, double target, float top) {
+// `above` is the mass of the values above every pair (those all kept).
+float top_p_threshold(std::vector<std::pair<float, double>>& c, double target, float top,
+                      double above) {
   float best = top;
-  double above = 0.0;
   size_t lo = 0, hi = c.size();
   while (lo < hi) {
     const float piv = c[lo + (hi - lo) / 2].first;
@@ -128,11 +168,28 @@ void sample_row(const T* src, int64_t V, uint32_t row, double temp, int64_t topk
   const double m = static_cast<double>(mx) / Te;
   int64_t tok = amax;
   double conf = 0.0;
+  const bool any_filter = (P.has_topk && topk > 0 && topk < V) || (P.has_topp && topp < 1.0) ||
+                          (P.has_minp && minp > 0.0);
+  if (greedy && !any_filter && (P.mode == 0 || P.mode == 3)) {
+    // The common greedy step: the softmax at T = 1 of the whole row, one vectorised pass.
+    double Z = 0.0, ent = 0.0;
+#pragma omp simd reduction(+ : Z, ent)
+    for (int64_t j = 0; j < V; ++j) {
+      const double d = static_cast<double>(x[j]) - m;
+      const double wj = exp_d(d);
+      Z += wj;
+      ent += wj * (wj > 0.0 ? d : 0.0);  // 0 log 0 = 0
+    }
+    *tok_out = amax;
+    *conf_out = static_cast<float>(P.mode == 0 ? 1.0 / Z : ent / Z - std::log(Z));
+    return;
+  }
   const bool need_dist = !greedy || P.mode == 0 || P.mode == 2 || P.mode == 3;
   if (need_dist) {
     s.w.resize(V);
     double* w = s.w.data();
-    for (int64_t j = 0; j < V; ++j) w[j] = std::exp(static_cast<double>(x[j]) / Te - m);
+#pragma omp simd
+    for (int64_t j = 0; j < V; ++j) w[j] = exp_d(static_cast<double>(x[j]) / Te - m);
     float thr = -std::numeric_limits<float>::infinity();  // keep x >= thr
     if (P.has_topk && topk > 0 && topk < V) {
       s.sel.assign(x, x + V);
@@ -141,22 +198,59 @@ void sample_row(const T* src, int64_t V, uint32_t row, double temp, int64_t topk
       thr = s.sel[topk - 1];
     }
     if (P.has_topp && topp < 1.0) {
-      s.c.clear();
+      // A histogram of the mass over kBins value bins (one pass, no data-dependent branches)
+      // finds the bin that holds the threshold: every bin above it is kept, every bin below it
+      // dropped. The exact quickselect then runs on that one bin's tokens.
+      constexpr int kBins = 2048;
       double zk = 0.0;
+      float lo = mx;
       for (int64_t j = 0; j < V; ++j) {
         if (x[j] >= thr) {
-          s.c.emplace_back(x[j], w[j]);
           zk += w[j];
+          if (x[j] > -std::numeric_limits<float>::infinity() && x[j] < lo) lo = x[j];
         }
       }
-      thr = top_p_threshold(s.c, topp * zk, mx);
+      const double target = topp * zk;
+      const double scale = (kBins - 1) / (static_cast<double>(mx) - static_cast<double>(lo));
+      auto bin_of = [&](float v) -> int {  // monotone in v; -inf (and lo) in bin 0
+        if (!(v > lo)) return 0;
+        const double b = (static_cast<double>(v) - static_cast<double>(lo)) * scale;
+        return b >= kBins - 1 ? kBins - 1 : static_cast<int>(b);
+      };
+      int bs = kBins - 1;
+      double above = 0.0;
+      if (lo < mx) {
+        s.hist.assign(kBins, 0.0);
+        for (int64_t j = 0; j < V; ++j)
+          if (x[j] >= thr) s.hist[bin_of(x[j])] += w[j];
+        double A = 0.0;  // mass of the bins above b
+        for (int b = kBins - 1; b >= 0; --b) {
+          if (!(A < target)) break;
+          bs = b;
+          above = A;
+          A += s.hist[b];
+        }
+      }
+      s.c.clear();
+      for (int64_t j = 0; j < V; ++j)
+        if (x[j] >= thr && (lo == mx || bin_of(x[j]) == bs)) s.c.emplace_back(x[j], w[j]);
+      thr = top_p_threshold(s.c, target, mx, above);
     }
     const double lz = (P.has_minp && minp > 0.0) ? std::log(minp) : -kInf;
     double Z = 0.0, ent = 0.0, sec = -kInf;
     int64_t ntop = 0;
     double best = -kInf, ebest = 0.0;  // running best score and exp(m - best)
     int64_t bidx = amax;
+    constexpr int64_t kBlk = 256;
+    double ub[kBlk];
     for (int64_t j = 0; j < V; ++j) {
+      if (!greedy && j % kBlk == 0) {
+        // The uniforms of the next block in one branch-free loop (vectorised Philox rounds).
+        const int64_t n = std::min<int64_t>(kBlk, V - j);
+#pragma omp simd
+        for (int64_t q = 0; q < n; ++q)
+          ub[q] = philox_uniform(static_cast<uint32_t>(j + q), row, P.off, 0, P.k0, P.k1);
+      }
       if (!(x[j] >= thr)) continue;
       const double z = static_cast<double>(x[j]) / Te;
       if (!(z - m >= lz)) continue;
@@ -171,7 +265,7 @@ void sample_row(const T* src, int64_t V, uint32_t row, double temp, int64_t topk
         }
       }
       if (!greedy) {
-        const double u = philox_uniform(static_cast<uint32_t>(j), row, P.off, 0, P.k0, P.k1);
+        const double u = ub[j % kBlk];
         if (best > -kInf) {
           // Beats best only if -log u < c = exp(z - best); since exp(-c) >= 1 - c, u <= 1 - c
           // rules it out. The 1e-9 relative and 1e-12 absolute slack cover rounding.
@@ -200,7 +294,8 @@ void sample_row(const T* src, int64_t V, uint32_t row, double temp, int64_t topk
   if (P.mode == 1) {  // untempered, unfiltered softmax (LLaDA low_confidence)
     double zr = 0.0;
     const double dm = static_cast<double>(mx);
-    for (int64_t j = 0; j < V; ++j) zr += std::exp(static_cast<double>(x[j]) - dm);
+#pragma omp simd reduction(+ : zr)
+    for (int64_t j = 0; j < V; ++j) zr += exp_d(static_cast<double>(x[j]) - dm);
     conf = std::exp(static_cast<double>(x[tok]) - dm) / zr;
   }
   *tok_out = tok;

@@ -341,7 +341,7 @@ def philox4x32(c0: Tensor, c1, c2, c3, seed: int) -> tuple[Tensor, Tensor, Tenso
         *[torch.as_tensor(v, dtype=torch.int64, device=dev) for v in (c0, c1, c2, c3)]
     )
     k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
-    for r in range(10):
+    for _ in range(10):
         p0 = c[0] * PHILOX_M0
         p1 = c[2] * PHILOX_M1
         hi0, lo0 = (p0 >> 32) & _MASK32, p0 & _MASK32

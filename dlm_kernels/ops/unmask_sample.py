@@ -172,6 +172,10 @@ if triton is not None:
                         if mp > 0.0:
                             lz = tl.log(mp)
                     # Final pass: normaliser, entropy / second value, and the Gumbel-max draw.
+                    # Philox counter words 1-3: the row, the offset, stream 0 (tokens).
+                    c1 = (tl.zeros([BLOCK_V], tl.int64) + tl.load(rows_ptr + r)).to(tl.uint32)
+                    c2 = (tl.zeros([BLOCK_V], tl.int32) + offset).to(tl.uint32, bitcast=True)
+                    c3 = tl.zeros([BLOCK_V], tl.uint32)
                     zf = tl.zeros([BLOCK_V], tl.float64)
                     ent = tl.zeros([BLOCK_V], tl.float64)
                     ntop = tl.zeros([BLOCK_V], tl.int32)
@@ -192,9 +196,6 @@ if triton is not None:
                             sec = tl.maximum(sec, tl.where(keep & (x != mx), z, ninf))
                         if T > 0.0:
                             c0 = offs.to(tl.uint32)
-                            c1 = (tl.zeros([BLOCK_V], tl.int64) + tl.load(rows_ptr + r)).to(tl.uint32)
-                            c2 = (tl.zeros([BLOCK_V], tl.int32) + offset).to(tl.uint32, bitcast=True)
-                            c3 = tl.zeros([BLOCK_V], tl.uint32)
                             w0, w1, _, _ = tl.philox(seed, c0, c1, c2, c3)
                             kb = (w0 >> 6).to(tl.float64) * 67108864.0 + (w1 >> 6).to(tl.float64)
                             u = (kb + 0.5) * 2.220446049250313e-16
@@ -365,8 +366,10 @@ def _per_row(name, arg, value, n, dtype, device, lo=None, hi=None, lo_open=False
         raise TypeError(f"{name}: {arg} must be a number or a tensor, got {type(value).__name__}")
     if dtype == torch.int64 and not isinstance(value, int):
         raise TypeError(f"{name}: {arg} must be an int, got {value!r}")
-    if value != value or (lo is not None and (value <= lo if lo_open else value < lo)) or (
-        hi is not None and value > hi
+    if (
+        value != value
+        or (lo is not None and (value <= lo if lo_open else value < lo))
+        or (hi is not None and value > hi)
     ):
         raise ValueError(f"{name}: {arg} must lie in {what}, got {value}")
     return torch.full((n,), value, dtype=dtype, device=device)

@@ -1,0 +1,185 @@
+"""unmask_step vs the sampling chains of Dream and LLaDA (one step over masked rows).
+
+Providers (every position masked, logits given for the masked rows only, k = 8 commits/row):
+  reference      Dream's chain: logits / T, top_p by a full sort + cumsum + scatter, softmax,
+                 torch.distributions.Categorical draw (argmax at T = 0), gather the confidence,
+                 torch.topk over (B, L). The baseline every speed-up is measured against.
+  llada          LLaDA's chain: float64 Gumbel noise (exp(l) / (-log u)^T), argmax, float64
+                 softmax for low_confidence, a Python loop of per-row torch.topk (no top_p).
+  dlm_kernels    dlm_kernels.unmask_step (Triton on CUDA, C++ on CPU), confidence "prob".
+  flashinfer     flashinfer.sampling.top_k_top_p_sampling_from_logits (the draw only), CUDA
+                 and installed only; otherwise a "missing" row.
+
+gbps: bytes of logits read once (M * V * itemsize) / time: the floor of any one-pass sampler.
+
+    python -m benchmarks.bench_unmask_sample [--device cpu|cuda] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+
+import torch
+import torch.nn.functional as F
+
+import dlm_kernels
+from benchmarks.common import machine, peak_memory_mb, row, time_fn
+
+MASK_ID = 151_935
+K = 8
+# (B, L, V): B * L masked rows. GPU goal (issue 3): 8 x 512 rows, V 151936, bf16.
+GPU_SHAPES = [(8, 512, 151936)]
+CPU_SHAPES = [(2, 128, 32000), (2, 128, 151936)]  # 256 rows, the CPU goal
+QUICK_CPU_SHAPES = [(2, 128, 32000)]
+CASES = {"T0.7-top_p0.95": dict(temperature=0.7, top_p=0.95), "greedy": dict(temperature=0.0)}
+
+
+def _dream_top_p(logits, top_p):
+    s, idx = torch.sort(logits, descending=True)
+    cum = torch.cumsum(F.softmax(s, dim=-1), dim=-1)
+    drop = cum > top_p
+    drop[..., 1:] = drop[..., :-1].clone()
+    drop[..., 0] = False
+    mask = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, idx, drop)
+    return logits.masked_fill(mask, torch.finfo(logits.dtype).min)
+
+
+def dream_step(x, logits, temperature, top_p=None):
+    """Dream's maskgit_plus step (generation_utils.sample_tokens + topk), as Dream writes it."""
+    mask_index = x == MASK_ID
+    lg = logits.float()
+    if temperature > 0:
+        lg = lg / temperature
+    if top_p is not None and top_p < 1:
+        lg = _dream_top_p(lg, top_p)
+    probs = torch.softmax(lg, dim=-1)
+    if temperature > 0:
+        x0 = torch.distributions.Categorical(probs=probs).sample()
+        conf = torch.gather(probs, -1, x0[:, None]).squeeze(-1)
+    else:
+        conf, x0 = probs.max(dim=-1)
+    full = torch.full(x.shape, float("-inf"), device=x.device, dtype=conf.dtype)
+    full[mask_index] = conf
+    _, idx = torch.topk(full, K)
+    x_ = torch.full_like(x, MASK_ID)
+    x_[mask_index] = x0
+    rows = torch.arange(x.shape[0], device=x.device)[:, None]
+    out = x.clone()
+    out[rows, idx] = x_[rows, idx]
+    return out
+
+
+def llada_step(x, logits, temperature, top_p=None):
+    """LLaDA's low_confidence step (generate.py), logits viewed as (B, L, V)."""
+    B, L = x.shape
+    lg = logits.view(B, L, -1)
+    if temperature == 0:
+        noisy = lg
+    else:
+        l64 = lg.to(torch.float64)
+        noise = torch.rand_like(l64)
+        noisy = l64.exp() / (-torch.log(noise)) ** temperature
+    x0 = torch.argmax(noisy, dim=-1)
+    p = F.softmax(lg.to(torch.float64), dim=-1)
+    x0_p = torch.gather(p, -1, x0[..., None]).squeeze(-1)
+    mask_index = x == MASK_ID
+    x0 = torch.where(mask_index, x0, x)
+    conf = torch.where(mask_index, x0_p, torch.tensor(float("-inf"), dtype=x0_p.dtype,
+                                                       device=x.device))  # fmt: skip
+    transfer = torch.zeros_like(x0, dtype=torch.bool)
+    for j in range(B):
+        _, sel = torch.topk(conf[j], k=K)
+        transfer[j, sel] = True
+    out = x.clone()
+    out[transfer] = x0[transfer]
+    return out
+
+
+def ours_step(x, logits, temperature, top_p=None):
+    return dlm_kernels.unmask_step(x, logits, mask_id=MASK_ID, num_transfer=K,
+                                   temperature=temperature, top_p=top_p, seed=0)  # fmt: skip
+
+
+def _flashinfer():
+    try:
+        import flashinfer.sampling as fs  # noqa: F401
+
+        return fs
+    except Exception:
+        return None
+
+
+def run(quick: bool = False, device: str = "cpu") -> list[dict]:
+    """Rows (name, provider, shape, dtype, ms median/p20/p80, gbps, peak_mem_mb, status)."""
+    cuda = device.startswith("cuda")
+    shapes = GPU_SHAPES if cuda else (QUICK_CPU_SHAPES if quick else CPU_SHAPES)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    fs = _flashinfer() if cuda else None
+    out = []
+    for B, L, V in shapes:
+        g = torch.Generator().manual_seed(0)
+        logits = (torch.randn(B * L, V, generator=g) * 2).to(device=device, dtype=dtype)
+        x = torch.full((B, L), MASK_ID, dtype=torch.int64, device=device)
+        shape = f"{B}x{L}x{V}"
+        nbytes = logits.numel() * logits.element_size()
+        for case, kw in CASES.items():
+            name = f"unmask_step {case}"
+            providers = [("reference", dream_step), ("llada", llada_step),
+                         ("dlm_kernels", ours_step)]  # fmt: skip
+            if case != "greedy" and "top_p" in kw:
+                providers[1] = ("llada", None)  # LLaDA has no top_p: not the same work
+            for prov, fn in providers:
+                if fn is None:
+                    out.append(row(name, prov, shape, dtype, None, status="n/a (no top_p)"))
+                    continue
+                call = functools.partial(fn, x, logits, **kw)
+                try:
+                    t = time_fn(call, device, quick=quick)
+                    mem = peak_memory_mb(call, device)
+                    out.append(row(name, prov, shape, dtype, t, gbps=nbytes / t["ms"] / 1e6,
+                                   peak_mem_mb=mem))  # fmt: skip
+                except Exception as e:  # recorded, never dropped
+                    out.append(row(name, prov, shape, dtype, None, status=f"error: {e!r}"[:200]))
+            if fs is None:
+                why = "missing (CUDA only)" if not cuda else "missing (not installed)"
+                out.append(row(name, "flashinfer", shape, dtype, None, status=why))
+            elif kw["temperature"] > 0:
+                T, p = kw["temperature"], kw.get("top_p", 1.0)
+
+                def fi(lg=logits, T=T, V=V, p=p):
+                    return fs.top_k_top_p_sampling_from_logits(lg / T, V, p)
+
+                try:
+                    t = time_fn(fi, device, quick=quick)
+                    out.append(row(name, "flashinfer", shape, dtype, t,
+                                   gbps=nbytes / t["ms"] / 1e6,
+                                   peak_mem_mb=peak_memory_mb(fi, device)))  # fmt: skip
+                except Exception as e:
+                    out.append(row(name, "flashinfer", shape, dtype, None,
+                                   status=f"error: {e!r}"[:200]))  # fmt: skip
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--json", default=None, help="write {machine, rows} here")
+    a = p.parse_args()
+    rows = run(a.quick, a.device)
+    base = {(r["name"], r["shape"]): r["ms"] for r in rows
+            if r["provider"] == "reference" and r["status"] == "ok"}  # fmt: skip
+    for r in rows:
+        b = base.get((r["name"], r["shape"]))
+        sp = f"{b / r['ms']:.1f}x" if b and r["status"] == "ok" else ""
+        ms = f"{r['ms']:.2f} ms" if r["status"] == "ok" else r["status"]
+        print(f"{r['name']:28s} {r['provider']:12s} {r['shape']:16s} {ms:>14s} {sp}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"machine": machine(), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

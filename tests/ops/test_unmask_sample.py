@@ -1,0 +1,450 @@
+"""sample_tokens / unmask_step: every path against the float64 reference.
+
+Deterministic where it can be (T = 0, and T > 0 with a fixed seed: the Philox draws are the same
+on every path, so tokens must be equal), statistical where it cannot (chi-square of many draws
+against the exact filtered distribution, computed here independently of the package).
+The Triton interpreter is slow, so its shapes are small (V 203, a few rows).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from dlm_kernels import dispatch, reference, sample_tokens, unmask_step
+from dlm_kernels.ops import unmask_sample as us
+from tests.utils import assert_close, ids, impl, skip_unless_available
+
+KERNELS = ["cpp", "triton"]
+CONFS = ["prob", "raw_prob", "margin", "neg_entropy", "random"]
+FILTERS = {
+    "none": {},
+    "topk": {"top_k": 17},
+    "topp": {"top_p": 0.8},
+    "minp": {"min_p": 0.05},
+    "all": {"top_k": 40, "top_p": 0.9, "min_p": 0.02},
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # The reference's Philox is ~60 small int64 ops per call; on a loaded 2-core machine each
+    # parallel region waits ~16 ms for the second thread, so run these tests single-threaded
+    # (test_cpp_thread_count_invariant checks the C++ path with more threads).
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+def _logits(n, v, scale=2.0, dtype=torch.float32):
+    return (torch.randn(n, v, dtype=torch.float64) * scale).to(dtype)
+
+
+def _run(name, fn, *args, **kw):
+    with impl(name):
+        return fn(*args, **kw)
+
+
+def _check_same(out, ref, name):
+    tok, conf = out
+    rtok, rconf = ref
+    assert torch.equal(tok, rtok), f"{name}: tokens differ at {(tok != rtok).nonzero().flatten()}"
+    assert_close(f"{name} confidence", rconf, conf, atol=1e-6, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# the generator
+# ---------------------------------------------------------------------------------------------
+def test_philox_known_answers():
+    # Random123's known-answer vectors for philox4x32_10.
+    cases = [
+        ((0, 0, 0, 0), 0, (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+        ((0xFFFFFFFF,) * 4, 2**64 - 1, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+        (
+            (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+            0x299F31D0A4093822,
+            (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+        ),
+    ]
+    for (c0, c1, c2, c3), key, want in cases:
+        got = reference.philox4x32(torch.tensor([c0]), c1, c2, c3, key)
+        assert [int(w) for w in got] == list(want)
+
+
+def test_philox_cpp_matches_reference():
+    skip_unless_available("cpp")
+    c0 = torch.randint(0, 2**32, (4099,), dtype=torch.int64)
+    seed = 0x1234_5678_9ABC_DEF0
+    want = torch.stack(reference.philox4x32(c0, 77, 5, 3, seed), dim=1)
+    got = dispatch.cpp_ops().philox4x32(c0, 77, 5, 3, seed)
+    assert torch.equal(got, want)
+    u = reference.philox_uniform(c0, 77, 0, seed, 5)
+    assert bool(((u > 0) & (u < 1)).all())
+
+
+# ---------------------------------------------------------------------------------------------
+# T = 0: exact tokens, confidence to float32 precision
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("filt", list(FILTERS))
+@pytest.mark.parametrize("conf", CONFS)
+def test_greedy_cpp(conf, filt):
+    skip_unless_available("cpp")
+    x = _logits(33, 1003)
+    kw = dict(confidence=conf, seed=5, **FILTERS[filt])
+    ref = _run("reference", sample_tokens, x, **kw)
+    _check_same(_run("cpp", sample_tokens, x, **kw), ref, f"cpp-{conf}-{filt}")
+    assert torch.equal(ref[0], x.argmax(-1))
+
+
+TRITON_GREEDY = [(c, "all") for c in CONFS] + [
+    ("prob", f) for f in ("none", "topk", "topp", "minp")
+]
+
+
+@pytest.mark.parametrize("conf,filt", TRITON_GREEDY)
+def test_greedy_triton(conf, filt):
+    skip_unless_available("triton")
+    x = _logits(3, 203)
+    kw = dict(confidence=conf, seed=5, **FILTERS[filt])
+    ref = _run("reference", sample_tokens, x, **kw)
+    _check_same(_run("triton", sample_tokens, x, **kw), ref, f"triton-{conf}-{filt}")
+
+
+def test_greedy_ties_lowest_index():
+    x = torch.zeros(3, 50)
+    x[0, [7, 3, 40]] = 2.0
+    x[1] = 1.0
+    x[2, [49, 48]] = 5.0
+    for name in ["reference", "cpp", "triton"]:
+        skip_unless_available(name)
+        tok, conf = _run(name, sample_tokens, x, confidence="margin")
+        assert tok.tolist() == [3, 0, 48], name
+        assert conf.tolist() == [0.0, 0.0, 0.0], name  # a tie at the top: margin 0
+
+
+# ---------------------------------------------------------------------------------------------
+# T > 0: the same seed gives the same tokens on every path
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: ids(d=d))
+@pytest.mark.parametrize("filt", list(FILTERS))
+@pytest.mark.parametrize("name", KERNELS)
+def test_seeded_same_tokens(name, filt, dtype):
+    skip_unless_available(name)
+    n, v = (4, 203) if name == "triton" else (64, 1003)
+    x = _logits(n, v, scale=1.0, dtype=dtype)
+    temp = torch.rand(n, dtype=torch.float64) + 0.3
+    temp[1] = 0.0  # an argmax row among sampled ones
+    conf = "prob" if filt != "all" else "margin"
+    kw = dict(temperature=temp, confidence=conf, seed=2**40 + 17, offset=3, **FILTERS[filt])
+    ref = _run("reference", sample_tokens, x, **kw)
+    _check_same(_run(name, sample_tokens, x, **kw), ref, f"{name}-{filt}")
+    # the draw is random: another offset moves some tokens, the same one reproduces them
+    kw2 = dict(kw, offset=4)
+    assert not torch.equal(_run(name, sample_tokens, x, **kw2)[0], ref[0])
+    assert torch.equal(_run(name, sample_tokens, x, **kw)[0], ref[0])
+
+
+def test_cpp_thread_count_invariant():
+    skip_unless_available("cpp")
+    x = _logits(16, 1003, scale=1.0)
+    kw = dict(temperature=0.9, top_p=0.9, top_k=100, seed=8)
+    one = _run("cpp", sample_tokens, x, **kw)
+    torch.set_num_threads(2)
+    try:
+        two = _run("cpp", sample_tokens, x, **kw)
+    finally:
+        torch.set_num_threads(1)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+
+
+def test_per_row_options_match_scalar_calls():
+    skip_unless_available("cpp")
+    x = _logits(5, 301, scale=1.0)
+    temp = torch.tensor([0.5, 1.0, 0.0, 2.0, 0.8], dtype=torch.float64)
+    top_k = torch.tensor([0, 5, 30, 301, 2])
+    top_p = torch.tensor([0.3, 1.0, 0.9, 0.5, 0.99], dtype=torch.float64)
+    with impl("cpp"):
+        tok, conf = sample_tokens(x, temperature=temp, top_k=top_k, top_p=top_p, seed=9)
+        for i in range(5):
+            # the counter row of a single-row call is 0: compare with the reference of row i
+            t1, c1 = reference.sample_tokens_rows(
+                x[i : i + 1], torch.tensor([i]), temp[i : i + 1], top_k[i : i + 1],
+                top_p[i : i + 1], None, "prob", 9, 0,
+            )  # fmt: skip
+            assert int(t1) == int(tok[i])
+            assert_close(f"row {i}", c1, conf[i : i + 1], atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# chi-square of many draws against the exact filtered distribution
+# ---------------------------------------------------------------------------------------------
+def _exact_probs(logits, T, top_k=None, top_p=None, min_p=None):
+    """The filtered distribution, from the definitions (numpy float64, a plain sort)."""
+    z = np.asarray(logits, dtype=np.float64) / T
+    keep = np.ones(z.shape, dtype=bool)
+    if top_k:
+        keep &= z >= np.sort(z)[::-1][top_k - 1]
+    if top_p is not None:
+        q = np.where(keep, np.exp(z - z.max()), 0.0)
+        q /= q.sum()
+        above = np.array([q[z > zj].sum() for zj in z])
+        keep &= above < top_p
+    if min_p is not None:
+        keep &= np.exp(z - z.max()) >= min_p
+    p = np.where(keep, np.exp(z - z.max()), 0.0)
+    return p / p.sum()
+
+
+CHI_CASES = {
+    "plain": dict(temperature=0.7),
+    "topk": dict(temperature=1.0, top_k=4),
+    "topp": dict(temperature=0.8, top_p=0.7),
+    "minp": dict(temperature=1.2, min_p=0.15),
+    "all": dict(temperature=0.9, top_k=8, top_p=0.85, min_p=0.04),
+    "all7": dict(temperature=0.9, top_k=5, top_p=0.9, min_p=0.04),  # for V = 7
+}
+
+
+def _chi_square(name, case, n, v):
+    opts = CHI_CASES[case]
+    base = torch.tensor(np.random.default_rng(v).normal(size=v) * 1.5, dtype=torch.float32)
+    x = base.expand(n, v).contiguous()  # one distribution, n independent counter rows
+    tok, _ = _run(name, sample_tokens, x, seed=1234, **opts)
+    counts = np.bincount(tok.numpy(), minlength=v)
+    p = _exact_probs(base.numpy(), opts["temperature"], opts.get("top_k"), opts.get("top_p"),
+                     opts.get("min_p"))  # fmt: skip
+    assert counts[p == 0].sum() == 0, f"drew filtered tokens: {counts} vs {p}"
+    kept = p > 0
+    assert kept.sum() >= 2, "test distribution degenerate"
+    res = stats.chisquare(counts[kept], p[kept] * n)
+    print(f"{name}-{case}: chi2 {res.statistic:.2f}, p-value {res.pvalue:.4f}, kept {kept.sum()}")
+    assert res.pvalue > 1e-4, f"{case}: counts {counts} vs expected {np.round(p * n, 1)}"
+
+
+@pytest.mark.parametrize("case", [c for c in CHI_CASES if c != "all7"])
+def test_chi_square_cpp(case):
+    skip_unless_available("cpp")
+    _chi_square("cpp", case, 40000, 11)
+
+
+def test_chi_square_triton():
+    skip_unless_available("triton")
+    _chi_square("triton", "all7", 160, 7)
+
+
+# ---------------------------------------------------------------------------------------------
+# edge rows
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["reference"] + KERNELS)
+def test_edge_rows(name):
+    skip_unless_available(name)
+    v = 97
+    x = _logits(5, v)
+    x[0] = float("-inf")
+    x[0, 41] = -3.0  # all -inf but one
+    x[1] = float("nan")  # no finite logit: token 0, confidence -inf
+    x[2, ::2] = float("nan")  # NaN counts as -inf: never drawn
+    x[3] = float("-inf")
+    x[4, 10] = float("inf")  # +inf: the point mass
+    for kw in [dict(), dict(temperature=1.5, top_p=0.9, top_k=5, min_p=0.1)]:
+        for conf in CONFS:
+            tok, c = _run(name, sample_tokens, x, confidence=conf, seed=3, **kw)
+            assert bool(((tok >= 0) & (tok < v)).all())
+            assert tok[0] == 41 and tok[1] == 0 and tok[3] == 0 and tok[4] == 10
+            assert tok[2] % 2 == 1
+            assert c[1] == float("-inf") and c[3] == float("-inf")
+            assert not bool(c.isnan().any())
+            if conf in ("prob", "raw_prob"):
+                assert c[0] == 1.0
+
+
+@pytest.mark.parametrize("name", KERNELS)
+def test_large_vocab(name):
+    skip_unless_available(name)
+    x = _logits(2, 151936, scale=3.0)
+    kw = dict(temperature=0.7, top_p=0.95, seed=11, confidence="prob")
+    if name == "cpp":
+        kw["top_k"] = 1000
+    ref = _run("reference", sample_tokens, x, **kw)
+    _check_same(_run(name, sample_tokens, x, **kw), ref, f"{name}-V151936")
+
+
+# ---------------------------------------------------------------------------------------------
+# unmask_step
+# ---------------------------------------------------------------------------------------------
+RULES = {
+    "k4": dict(num_transfer=4),
+    "k-per-row": dict(num_transfer=torch.tensor([1, 60, 3])),
+    "threshold": dict(threshold=0.2),
+    "factor": dict(factor=1.0),
+    "alg_temp": dict(num_transfer=5, alg_temp=0.3),
+    "ancestral": dict(ancestral=True, theta=0.4),
+}
+MASK_ID = 999
+
+
+def _masked_batch(b=3, l=37, v=203):
+    x = torch.randint(0, v, (b, l))
+    mask = torch.rand(b, l) < 0.6
+    if b > 2:
+        mask[2] = False  # a row with nothing masked
+    x[mask] = MASK_ID
+    return x, mask, _logits(b * l, v).reshape(b, l, v)
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+@pytest.mark.parametrize("name", KERNELS)
+def test_unmask_step_paths(name, rule):
+    skip_unless_available(name)
+    x, mask, logits = _masked_batch(l=11 if name == "triton" else 37)
+    kws = [dict(confidence="prob"), dict(temperature=0.8, top_p=0.9, confidence="margin")]
+    if name == "triton":  # the interpreter is slow: one sampled configuration
+        kws = kws[1:]
+    for kw in kws:
+        kw = dict(kw, seed=7, offset=2, mask_id=MASK_ID, **RULES[rule])
+        ref = _run("reference", unmask_step, x, logits, **kw)
+        for layout in (logits, logits[mask]):  # full (B, L, V) and masked-only (M, V)
+            out = _run(name, unmask_step, x, layout, **kw)
+            assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1]), rule
+        assert torch.equal(ref[0][2], x[2]) and not bool(ref[1][2].any())
+        assert not bool((ref[1] & ~mask).any())
+        assert bool((ref[0][ref[1]] != MASK_ID).all())
+
+
+def test_unmask_step_rules():
+    x, mask, logits = _masked_batch(b=4, l=41, v=50)
+    n = mask.sum(1)
+    conf_kw = dict(mask_id=MASK_ID, seed=1)
+    # num_transfer larger than the masked count: everything commits
+    _, done = unmask_step(x, logits, num_transfer=1000, **conf_kw)
+    assert torch.equal(done, mask)
+    _, done = unmask_step(x, logits, num_transfer=3, **conf_kw)
+    assert done.sum(1).tolist() == torch.minimum(n, torch.tensor(3)).tolist()
+    # the committed ones are the most confident
+    tok, conf = sample_tokens(logits.reshape(-1, 50), seed=1)
+    conf = conf.reshape(4, 41)
+    for b in (0, 1, 3):  # row 2 has nothing masked
+        c = conf[b][mask[b]]
+        assert conf[b][done[b]].min() >= c.sort(descending=True).values[2]
+    # threshold: all >= tau and at least one
+    _, done = unmask_step(x, logits, threshold=0.99, **conf_kw)
+    assert done.sum(1).tolist() == [1, 1, 0, 1]
+    _, done = unmask_step(x, logits, threshold=0.3, **conf_kw)
+    assert torch.equal(done, mask & ((conf >= 0.3) | done))
+    # factor: the longest prefix of sorted confidences with c_i >= 1 - f / (i + 1), at least one
+    _, done = unmask_step(x, logits, factor=2.0, **conf_kw)
+    for b in range(4):
+        c = sorted(conf[b][mask[b]].tolist(), reverse=True)
+        k = 0
+        while k < len(c) and (k == 0 or c[k] >= 1 - 2.0 / (k + 2)):
+            k += 1
+        assert int(done[b].sum()) == k
+    # ancestral: theta 0 commits nothing, theta 1 commits all
+    assert not bool(unmask_step(x, logits, ancestral=True, theta=0.0, **conf_kw)[1].any())
+    assert torch.equal(unmask_step(x, logits, ancestral=True, theta=1.0, **conf_kw)[1], mask)
+    # candidates restrict the commits to the block
+    block = torch.zeros_like(mask)
+    block[:, 10:20] = True
+    _, done = unmask_step(x, logits, num_transfer=100, candidates=block, **conf_kw)
+    assert torch.equal(done, mask & block)
+
+
+@pytest.mark.parametrize("name", ["reference"] + KERNELS)
+def test_unmask_step_ties_lowest_position(name):
+    skip_unless_available(name)
+    b, l, v = 2, 19, 31
+    x = torch.full((b, l), MASK_ID)
+    x[0, :4] = 1
+    logits = _logits(1, v).expand(b * l, v).reshape(b, l, v).contiguous()  # equal confidences
+    new, done = _run(name, unmask_step, x, logits, mask_id=MASK_ID, num_transfer=3)
+    assert done[0].nonzero().flatten().tolist() == [4, 5, 6]
+    assert done[1].nonzero().flatten().tolist() == [0, 1, 2]
+
+
+def test_unmask_step_alg_temp_draws_without_replacement():
+    # position 0 has confidence ~1, the others ~0: with alg_temp small it is always drawn first
+    b, l, v = 64, 9, 13
+    x = torch.full((b, l), MASK_ID)
+    logits = torch.zeros(b, l, v)
+    logits[:, 0, 3] = 30.0
+    counts = torch.zeros(l)
+    for off in range(4):
+        _, done = unmask_step(x, logits, mask_id=MASK_ID, num_transfer=2, alg_temp=0.05,
+                              seed=5, offset=off)  # fmt: skip
+        assert done.sum(1).eq(2).all() and done[:, 0].all()
+        counts += done.sum(0)
+    # the second pick is uniform over the 8 equal positions
+    res = stats.chisquare(counts[1:].numpy(), np.full(8, 4 * 64 / 8))
+    assert res.pvalue > 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input
+# ---------------------------------------------------------------------------------------------
+def test_bad_inputs():
+    x = torch.randn(3, 20)
+    bad = [
+        (dict(temperature=-1.0), ValueError, "temperature"),
+        (dict(temperature=torch.tensor([0.5, -1.0, 1.0])), ValueError, "temperature"),
+        (dict(temperature=torch.ones(4)), ValueError, "temperature"),
+        (dict(top_p=0.0), ValueError, "top_p"),
+        (dict(top_p=1.5), ValueError, "top_p"),
+        (dict(top_k=-2), ValueError, "top_k"),
+        (dict(top_k=2.5), TypeError, "top_k"),
+        (dict(min_p=2.0), ValueError, "min_p"),
+        (dict(confidence="entropy"), ValueError, "confidence"),
+        (dict(seed=-1), ValueError, "seed"),
+        (dict(offset=2**40), ValueError, "offset"),
+        (dict(generator=3), TypeError, "generator"),
+    ]
+    for kw, err, word in bad:
+        with pytest.raises(err, match=word):
+            sample_tokens(x, **kw)
+    with pytest.raises(TypeError, match="logits"):
+        sample_tokens(torch.ones(3, 20, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"\(N, V\)"):
+        sample_tokens(torch.randn(2, 3, 20))
+    xs, mask, logits = _masked_batch(b=2, l=5, v=20)
+    with pytest.raises(ValueError, match="exactly one"):
+        unmask_step(xs, logits, mask_id=MASK_ID)
+    with pytest.raises(ValueError, match="exactly one"):
+        unmask_step(xs, logits, mask_id=MASK_ID, num_transfer=1, threshold=0.5)
+    with pytest.raises(ValueError, match="theta"):
+        unmask_step(xs, logits, mask_id=MASK_ID, ancestral=True)
+    with pytest.raises(ValueError, match="alg_temp"):
+        unmask_step(xs, logits, mask_id=MASK_ID, threshold=0.5, alg_temp=0.5)
+    with pytest.raises(TypeError, match="x must be"):
+        unmask_step(xs.float(), logits, mask_id=MASK_ID, num_transfer=1)
+    with pytest.raises(ValueError, match="candidates"):
+        unmask_step(xs, logits, mask_id=MASK_ID, num_transfer=1, candidates=mask[:, :3])
+    with pytest.raises(ValueError, match="masked positions"):
+        unmask_step(xs, logits.reshape(10, 20)[:1], mask_id=MASK_ID, num_transfer=1)
+    with pytest.raises(ValueError, match="num_transfer"):
+        unmask_step(xs, logits, mask_id=MASK_ID, num_transfer=torch.tensor([1, 2, 3]))
+
+
+def test_seed_from_generator():
+    x = _logits(8, 50, scale=0.5)
+    g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    a = sample_tokens(x, temperature=1.0, generator=g1)[0]
+    b = sample_tokens(x, temperature=1.0, generator=g2)[0]
+    c = sample_tokens(x, temperature=1.0, generator=g2)[0]  # the generator moved on
+    assert torch.equal(a, b) and not torch.equal(b, c)
+
+
+def test_custom_op_opcheck():
+    skip_unless_available("cpp")
+    n, v = 4, 33
+    args = (
+        _logits(n, v), torch.arange(n), torch.ones(n, dtype=torch.bool),
+        torch.full((n,), 0.7, dtype=torch.float64), torch.full((n,), 5),
+        torch.full((n,), 0.9, dtype=torch.float64), torch.zeros(n, dtype=torch.float64),
+        0, 1, 2, True, True, False, "cpp",
+    )  # fmt: skip
+    torch.library.opcheck(us._sample_rows_op, args, test_utils=("test_schema", "test_faketensor"))
+    assert math.isfinite(float(us._sample_rows_op(*args)[1].sum()))
