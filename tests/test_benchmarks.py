@@ -18,7 +18,8 @@ def test_benchmark_runs_at_toy_size(name, tmp_path):
     assert rows, "a benchmark must produce rows"
     for r in rows:
         assert {"name", "provider", "shape", "dtype", "status"} <= set(r)
-        assert r["status"] == "ok" or r["status"].startswith(("missing", "skipped")), r
+        # A peer may be missing or not support a case; only an error of our own code fails.
+        assert not r["status"].startswith("error"), r
         if r["status"] == "ok":
             assert r["ms"] > 0
 
