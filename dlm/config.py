@@ -27,6 +27,9 @@ class ModelConfig:
     tie_embeddings: bool = False  # share the token embedding with the LM head
     time_conditioning: bool = False  # add an embedding of t to the input (off: MDLM/Dream/LLaDA)
     mask_token_id: int = -1  # -1: set from the tokenizer
+    pad_token_id: int = -1  # -1: none known (set by dlm.hf.from_pretrained from the config)
+    eos_token_id: int = -1  # -1: none known
+    logits_shift: bool = False  # Dream: position i is predicted by the output at i - 1
     kernels: bool = True  # True: dlm_kernels ops; False: plain PyTorch (SDPA + full logits)
     gradient_checkpointing: bool = False  # recompute each block in backward to save memory
     init_std: float = 0.02

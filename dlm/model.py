@@ -71,6 +71,10 @@ class Attention(nn.Module):
         k = self.wk(x).view(B, S, cfg.n_kv_heads, cfg.head_dim)
         v = self.wv(x).view(B, S, cfg.n_kv_heads, cfg.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if attn.get("kv_cache") is not None:
+            # Sampling with a KV cache (dlm.sampler.KVCache): store this slice's keys/values and
+            # attend to the whole cached sequence (the attention op's Sq < Sk mode).
+            k, v = attn["kv_cache"].update(attn["layer"], k, v)
         if cfg.kernels:
             y = _kernel_attention(q, k, v, attn)
         else:
@@ -105,7 +109,7 @@ def _sdpa_attention(q: Tensor, k: Tensor, v: Tensor, attn: dict) -> Tensor:
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     mask = attn.get("sdpa_mask")  # (B, 1, S, S) bool, True = may attend
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    if attn.get("attention_mask") is not None:
+    if attn.get("attention_mask") is not None and q.shape[2] == k.shape[2]:
         # Padded query rows attend to padded keys only; zero them as the kernel does.
         y = y * attn["attention_mask"][:, None, :, None].to(y.dtype)
     return y.transpose(1, 2)
@@ -193,6 +197,19 @@ class DiffusionLM(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    @classmethod
+    def from_pretrained(cls, path: str, dtype=None, device="cpu") -> DiffusionLM:
+        """A Dream, LLaDA or dlm checkpoint directory (config.json + safetensors); see dlm.hf."""
+        from dlm.hf import from_pretrained
+
+        return from_pretrained(path, dtype=dtype, device=device)
+
+    def save_pretrained(self, path: str, **kwargs) -> None:
+        """config.json + safetensors that ``from_pretrained`` reloads; see dlm.hf."""
+        from dlm.hf import save_pretrained
+
+        save_pretrained(self, path, **kwargs)
+
     def forward(
         self,
         input_ids: Tensor,
@@ -206,6 +223,7 @@ class DiffusionLM(nn.Module):
         t: Tensor | None = None,
         cu_seqlens: Tensor | None = None,
         max_seqlen: int | None = None,
+        kv_cache=None,
     ) -> Tensor:
         """Logits, or the weighted masked cross-entropy when ``targets`` is given.
 
@@ -221,6 +239,9 @@ class DiffusionLM(nn.Module):
             t: (B,) float diffusion time, used only with time_conditioning.
             cu_seqlens: (n_docs + 1,) int32 offsets of packed documents in the flattened B*S
                 tokens (varlen attention); max_seqlen: the longest document.
+            kv_cache: a dlm.sampler.KVCache (sampling only): input_ids are the positions
+                [kv_cache.start, kv_cache.start + S) of a longer sequence whose keys/values the
+                cache holds; attention_mask then covers the whole sequence (B, S_total).
 
         Returns:
             (B, S, V) float logits, or a float32 scalar loss.
@@ -232,16 +253,22 @@ class DiffusionLM(nn.Module):
                 raise ValueError("time_conditioning=True needs t (B,) in forward")
             x = x + self.time_emb(t).to(x.dtype)
         if position_ids is None:
-            position_ids = torch.arange(S, device=input_ids.device).expand(B, S)
+            start = kv_cache.start if kv_cache is not None else 0
+            position_ids = torch.arange(start, start + S, device=input_ids.device).expand(B, S)
         cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta)
         attn = {
             "attention_mask": attention_mask,
             "cu_seqlens": cu_seqlens,
             "max_seqlen": max_seqlen,
+            "kv_cache": kv_cache,
         }
         if not self.cfg.kernels:
-            attn["sdpa_mask"] = _sdpa_mask(attention_mask, cu_seqlens, B, S)
-        for block in self.blocks:
+            if kv_cache is not None and attention_mask is not None:
+                attn["sdpa_mask"] = attention_mask[:, None, None, :]  # keys only: (B, 1, 1, Sk)
+            else:
+                attn["sdpa_mask"] = _sdpa_mask(attention_mask, cu_seqlens, B, S)
+        for i, block in enumerate(self.blocks):
+            attn["layer"] = i
             if self.cfg.gradient_checkpointing and self.training:
                 x = checkpoint(block, x, cos, sin, attn, use_reentrant=False)
             else:
