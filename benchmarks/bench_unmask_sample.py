@@ -12,6 +12,11 @@ Providers (every position masked, logits given for the masked rows only, k = 8 c
 
 gbps: bytes of logits read once (M * V * itemsize) / time: the floor of any one-pass sampler.
 
+"fused_head" rows (half the positions masked, the step from hidden states (B, L, H) and the LM
+head (V, H)): matmul (F.linear on the masked rows only: the floor, the issue's 1.15x goal is
+against it), matmul+unmask_step (that, then unmask_step on the (M, V) logits) and dlm_kernels
+(fused_head_unmask_step, chunked head, never all M x V logits). x_matmul = time / matmul's.
+
     python -m benchmarks.bench_unmask_sample [--device cpu|cuda] [--quick]
 """
 
@@ -159,6 +164,51 @@ def run(quick: bool = False, device: str = "cpu") -> list[dict]:
                 except Exception as e:
                     out.append(row(name, "flashinfer", shape, dtype, None,
                                    status=f"error: {e!r}"[:200]))  # fmt: skip
+    return out + _fused_head_rows(quick, device)
+
+
+# (B, L, H, V) of the fused-head rows: Dream-7B's hidden size and Qwen2's vocabulary on a GPU.
+FH_GPU_SHAPES = [(8, 512, 3584, 151936)]
+FH_CPU_SHAPES = [(2, 128, 512, 32000)]
+
+
+def _fused_head_rows(quick: bool, device: str) -> list[dict]:
+    cuda = device.startswith("cuda")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    out = []
+    for B, L, H, V in FH_GPU_SHAPES if cuda else FH_CPU_SHAPES:
+        g = torch.Generator().manual_seed(1)
+        hidden = torch.randn(B, L, H, generator=g).to(device=device, dtype=dtype)
+        W = (torch.randn(V, H, generator=g) / H**0.5).to(device=device, dtype=dtype)
+        x = torch.randint(0, V - 1, (B, L), generator=g)
+        x[torch.rand(B, L, generator=g) < 0.5] = MASK_ID
+        x = x.to(device)
+        mask = x == MASK_ID
+        shape = f"{B}x{L}x{H}x{V}-m{int(mask.sum())}"
+        for case, kw in CASES.items():
+            name = f"fused_head {case}"
+            step = dict(mask_id=MASK_ID, num_transfer=K, seed=0, **kw)
+
+            def matmul(hidden=hidden, W=W, mask=mask):
+                return F.linear(hidden[mask], W)
+
+            def matmul_step(hidden=hidden, W=W, mask=mask, x=x, step=step):
+                return dlm_kernels.unmask_step(x, F.linear(hidden[mask], W), **step)
+
+            def fused(hidden=hidden, W=W, x=x, step=step):
+                return dlm_kernels.fused_head_unmask_step(x, hidden, W, **step)
+
+            base = None
+            for prov, fn in [("matmul", matmul), ("matmul+unmask_step", matmul_step),
+                             ("dlm_kernels", fused)]:  # fmt: skip
+                try:
+                    t = time_fn(fn, device, quick=quick)
+                    base = t["ms"] if prov == "matmul" else base
+                    extra = {"x_matmul": t["ms"] / base} if base else {}
+                    out.append(row(name, prov, shape, dtype, t,
+                                   peak_mem_mb=peak_memory_mb(fn, device), **extra))  # fmt: skip
+                except Exception as e:  # recorded, never dropped
+                    out.append(row(name, prov, shape, dtype, None, status=f"error: {e!r}"[:200]))
     return out
 
 
