@@ -1,0 +1,149 @@
+"""Generation throughput: dlm.sampler.generate against a plain PyTorch loop written the way
+LLaDA's generate.py is (full float64 softmax and Gumbel noise over the whole (B, L, V) logits,
+a Python top-k per row), on the same model, checked to give the same tokens (temperature 0,
+low_confidence remasking).
+
+    python -m benchmarks.bench_sample [--device cpu|cuda] [--quick]
+
+CPU: a tiny character-level model (the demo's shape). GPU: a 1B-shaped random model (the "1b"
+preset: d_model 2048, 16 layers, vocabulary 126464) in bfloat16, prompt 64, gen_length 256,
+64 steps, block_length 32, batch 1 and 8, without and with Fast-dLLM's prefix / dual KV cache
+(when the model supports kv_cache=; otherwise those rows say "missing").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import machine, row, time_fn
+from dlm.config import ModelConfig, get_preset
+from dlm.model import DiffusionLM
+from dlm.sampler import _accepts, generate
+
+
+@torch.no_grad()
+def llada_style_loop(model, prompt, steps, gen_length, block_length, mask_id):
+    """The baseline: LLaDA's generate.py loop at temperature 0 with low_confidence remasking."""
+    B, P = prompt.shape
+    x = torch.full((B, P + gen_length), mask_id, dtype=torch.long, device=prompt.device)
+    x[:, :P] = prompt
+    n_blocks = gen_length // block_length
+    spb = steps // n_blocks
+    for blk in range(n_blocks):
+        lo, hi = P + blk * block_length, P + (blk + 1) * block_length
+        n = (x[:, lo:hi] == mask_id).sum(1, keepdim=True)
+        plan = (n // spb).repeat(1, spb)
+        for b in range(B):
+            plan[b, : int(n[b] % spb)] += 1
+        for i in range(spb):
+            masked = x == mask_id
+            logits = model(x)
+            # A trained model never predicts the mask; a random one may: forbid it, as our
+            # sampler does, so that both give the same tokens.
+            logits[..., mask_id] = float("-inf")
+            logits64 = logits.to(torch.float64)
+            noise = torch.rand_like(logits64)  # LLaDA draws it even at temperature 0
+            x0 = torch.argmax(logits64.exp() / (-torch.log(noise)) ** 0.0, dim=-1)
+            p = F.softmax(logits64, dim=-1)
+            conf = torch.gather(p, -1, x0[..., None]).squeeze(-1)
+            conf[:, hi:] = float("-inf")
+            x0 = torch.where(masked, x0, x)
+            conf = torch.where(masked, conf, torch.full_like(conf, float("-inf")))
+            take = torch.zeros_like(x0, dtype=torch.bool)
+            for b in range(B):
+                take[b, torch.topk(conf[b], int(plan[b, i])).indices] = True
+            x[take] = x0[take]
+    return x
+
+
+def _models(device: str, quick: bool):
+    """(name, model, mask_id, dtype, cases) with cases (B, P, G, steps, block_length)."""
+    torch.manual_seed(0)
+    if device.startswith("cuda"):
+        cfg = get_preset("1b").model
+        m = DiffusionLM(cfg).to(device=device, dtype=torch.bfloat16).eval()
+        yield (
+            "1b",
+            m,
+            cfg.mask_token_id,
+            torch.bfloat16,
+            [(1, 64, 256, 64, 32), (8, 64, 256, 64, 32)],
+        )
+        return
+    # The demo's character model, then the same body with a BPE-sized vocabulary (32k), where
+    # the loop's float64 passes over (B, L, V) start to cost as much as the model.
+    for vocab in (67, 32768):
+        cfg = ModelConfig(vocab_size=vocab, d_model=192, n_layers=4, n_heads=6, n_kv_heads=2,
+                          max_seq_len=256, mask_token_id=vocab - 1, init_std=0.3)  # fmt: skip
+        cases = [(1, 16, 64, 32, 32), (4, 16, 64, 32, 32)]
+        if not quick:
+            cases += [(8, 16, 64, 32, 32)]
+        yield f"tiny-V{vocab}", DiffusionLM(cfg).eval(), vocab - 1, torch.float32, cases
+
+
+def _case(name, model, mask_id, dtype, device, quick, B, P, G, steps, bl) -> list[dict]:
+    shape = f"{name}-B{B}-P{P}-G{G}-S{steps}-BL{bl}"
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, mask_id - 1, (B, P), generator=g).to(device)
+    ref = llada_style_loop(model, prompt, steps, G, bl, mask_id)
+
+    def ours(kv=None):
+        return generate(model, prompt, gen_length=G, steps=steps, block_length=bl,
+                        mask_id=mask_id, kv_cache=kv)  # fmt: skip
+
+    def tps(t):
+        return B * G / (t["ms"] / 1e3)
+
+    rows = []
+    t = time_fn(lambda: llada_style_loop(model, prompt, steps, G, bl, mask_id), device,
+                quick=quick)  # fmt: skip
+    rows.append(row("sample", "torch", shape, dtype, t, tokens_per_s=tps(t)))
+    out = ours()
+    t = time_fn(ours, device, quick=quick)
+    rows.append(row("sample", "dlm", shape, dtype, t, tokens_per_s=tps(t),
+                    same_tokens_as_baseline=bool((out == ref).all())))  # fmt: skip
+    for kv in ("prefix", "dual"):
+        if not _accepts(model, "kv_cache"):
+            rows.append(row("sample", f"dlm+{kv}-cache", shape, dtype, None,
+                            status="missing: DiffusionLM.forward takes no kv_cache"))  # fmt: skip
+            continue
+        agree = float((ours(kv) == out).float().mean())
+        t = time_fn(lambda kv=kv: ours(kv), device, quick=quick)
+        rows.append(row("sample", f"dlm+{kv}-cache", shape, dtype, t, tokens_per_s=tps(t),
+                        token_agreement_vs_no_cache=agree))  # fmt: skip
+    return rows
+
+
+def run(quick: bool, device: str) -> list[dict]:
+    rows = []
+    for name, model, mask_id, dtype, cases in _models(device, quick):
+        for B, P, G, steps, bl in cases:
+            rows += _case(name, model, mask_id, dtype, device, quick, B, P, G, steps, bl)
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--json", default=None, help="write the rows here")
+    a = p.parse_args(argv)
+    rows = run(a.quick, a.device)
+    base = {r["shape"]: r["ms"] for r in rows if r["provider"] == "torch" and r["status"] == "ok"}
+    for r in rows:
+        ok = r["status"] == "ok"
+        sp = f"{base[r['shape']] / r['ms']:.2f}x" if ok else r["status"]
+        tok = f"{r.get('tokens_per_s', 0):10.1f} tok/s" if r["status"] == "ok" else ""
+        print(f"{r['shape']:36s} {r['provider']:18s} {tok:>18s}  {sp}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"machine": machine(), "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,232 @@
+"""Likelihood of text under a masked diffusion LM: Monte-Carlo ELBO, LLaDA's conditional
+estimate, perplexity bound. Batched; any ``model(input_ids, attention_mask=None)`` callable.
+
+The estimator (one for all three). For the linear schedule (MDLM, LLaDA, Dream) the continuous-
+time ELBO of n maskable tokens is
+
+    -log p(x) <= integral_0^1 (1/t) E[ sum over masked i of -log p(x_i | x_t) ] dt
+              =  E_{m ~ U{1..n}} (n / m) E_{|S| = m} [ sum over i in S of -log p(x_i | x_S masked) ]
+
+(the Beta integral of t^(m-1) (1-t)^(n-m) times the number of size-m subsets is 1/m). The right
+side is LLaDA's estimator: mask exactly m tokens, weight n/m. It is unbiased for the ELBO with a
+bounded variance, whereas masking each token with probability t and weighting 1/t has an
+infinite variance near t = 0 (which is why MDLM clips t at eps and biases the bound). The m of the
+``mc_num`` draws of a sequence come from antithetic (stratified) times t_j = (u + j / mc_num) mod 1,
+m_j = floor(t_j n) + 1: every stratum of t is visited once, which removes most of the variance
+that comes from m. The masked set is uniform among the maskable positions given m.
+
+Randomness: with ``seed`` each sequence b draws from its own generator seeded with seed + b, so
+a row's estimate does not depend on the batch it is in or on ``batch_size``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dlm.sampler import _accepts, call_model, guide
+
+
+def _row_generators(B: int, seed: int | None, generator: torch.Generator | None):
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (), generator=generator, dtype=torch.int64))
+    return [torch.Generator().manual_seed(seed + b) for b in range(B)]
+
+
+def _draws(n: int, mc_num: int, S: int, maskable: Tensor, gen: torch.Generator):
+    """(mc_num, S) bool masks, each with exactly m_j of the maskable positions, and m (mc_num,)."""
+    u = torch.rand((), generator=gen, dtype=torch.float64)
+    t = (u + torch.arange(mc_num, dtype=torch.float64) / mc_num) % 1.0
+    m = (t * n).floor().to(torch.int64).clamp_max(n - 1) + 1
+    # Keys for the n maskable positions only (in order), so that a row draws the same sets
+    # whatever padding or prompt surrounds it.
+    keys = torch.full((mc_num, S), 2.0, dtype=torch.float64)
+    keys[:, maskable] = torch.rand(mc_num, n, generator=gen, dtype=torch.float64)
+    rank = keys.argsort(dim=1).argsort(dim=1)
+    return rank < m[:, None], m
+
+
+@torch.no_grad()
+def masked_nll_estimate(
+    model,
+    x: Tensor,
+    maskable: Tensor,
+    *,
+    mask_id: int,
+    attention_mask: Tensor | None = None,
+    mc_num: int = 128,
+    batch_size: int = 32,
+    cfg_scale: float = 0.0,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    return_stderr: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Estimate of -log p(x[maskable] | x[~maskable]) per row (an upper bound in expectation).
+
+    Args:
+        x: (B, S) int64 sequences. maskable: (B, S) bool, the tokens whose likelihood is wanted
+            (the answer; every real token for the unconditional ELBO). A row without any gives 0.
+        mask_id: the mask token. attention_mask: (B, S) bool, False at padding (passed on).
+        mc_num: draws per row (antithetic in t). batch_size: sequences per model call.
+        cfg_scale: LLaDA's guidance for the conditional estimate (prompt = ~maskable & real).
+        seed, generator: randomness (see the module docstring).
+        return_stderr: also return the standard error of each row's mean over its draws.
+
+    Returns:
+        (B,) float64 nats, and (B,) float64 standard errors when asked.
+    """
+    if x.dim() != 2 or maskable.shape != x.shape:
+        raise ValueError(f"x and maskable must both be (B, S), got {tuple(x.shape)} and "
+                         f"{tuple(maskable.shape)}")  # fmt: skip
+    if mc_num < 1 or batch_size < 1:
+        raise ValueError("mc_num and batch_size must be >= 1")
+    B, S = x.shape
+    dev = x.device
+    gens = _row_generators(B, seed, generator)
+    maskable = maskable.bool()
+    if attention_mask is not None:
+        maskable = maskable & attention_mask.to(dev).bool()
+    n_all = maskable.sum(1).tolist()
+    # All (row, draw) pairs, generated per row, then evaluated in chunks of batch_size.
+    seqs, masks, weights, owners = [], [], [], []
+    for b in range(B):
+        n = n_all[b]
+        if n == 0:
+            continue
+        mk, m = _draws(n, mc_num, S, maskable[b].cpu(), gens[b])
+        masks.append(mk.to(dev))
+        weights.append(n / m.to(torch.float64))
+        seqs.append(x[b].expand(mc_num, S))
+        owners += [b] * mc_num
+    est = torch.zeros(B, dtype=torch.float64)
+    sq = torch.zeros(B, dtype=torch.float64)
+    if not seqs:
+        return (est, sq) if return_stderr else est
+    seqs_t, masks_t = torch.cat(seqs), torch.cat(masks)
+    w_t, own = torch.cat(weights), torch.tensor(owners)
+    am_t = None if attention_mask is None else attention_mask.to(dev).bool()[own.to(dev)]
+    pos_t = None
+    if am_t is not None and _accepts(model, "position_ids"):
+        # As in generate: positions restart at each row's first real token.
+        pos_t = (am_t.to(torch.int64).cumsum(1) - 1).clamp_min(0)
+    prompt_t = None
+    if cfg_scale > 0:
+        real = am_t if am_t is not None else torch.ones_like(masks_t)
+        prompt_t = (~maskable[own.to(dev)]) & real
+    terms = torch.empty(len(owners), dtype=torch.float64)
+    for lo in range(0, len(owners), batch_size):
+        hi = min(lo + batch_size, len(owners))
+        x0, mk = seqs_t[lo:hi], masks_t[lo:hi]
+        xt = torch.where(mk, torch.full_like(x0, mask_id), x0)
+        am = None if am_t is None else am_t[lo:hi]
+        kw = {} if pos_t is None else {"position_ids": pos_t[lo:hi]}
+        if prompt_t is not None:
+            un = torch.where(prompt_t[lo:hi], torch.full_like(xt, mask_id), xt)
+            kw = {k: torch.cat([v, v]) for k, v in kw.items()}
+            both = call_model(model, torch.cat([xt, un]), attention_mask=None if am is None
+                              else torch.cat([am, am]), **kw)  # fmt: skip
+            c, u = both.chunk(2)
+            logits = guide(c, u, cfg_scale)
+        else:
+            logits = call_model(model, xt, attention_mask=am, **kw)
+        ce = F.cross_entropy(logits[mk].float(), x0[mk], reduction="none").double()
+        row = torch.zeros(hi - lo, dtype=torch.float64, device=dev)
+        row.index_add_(0, mk.nonzero()[:, 0], ce)
+        terms[lo:hi] = row.cpu() * w_t[lo:hi]
+    est.index_add_(0, own, terms)
+    sq.index_add_(0, own, terms**2)
+    cnt = torch.bincount(own, minlength=B).to(torch.float64).clamp_min(1)
+    mean = est / cnt
+    if not return_stderr:
+        return mean
+    var = (sq / cnt - mean**2).clamp_min(0) * cnt / (cnt - 1).clamp_min(1)
+    return mean, (var / cnt).sqrt()
+
+
+def elbo(
+    model,
+    x: Tensor,
+    attention_mask: Tensor | None = None,
+    *,
+    mask_id: int,
+    mc_num: int = 128,
+    batch_size: int = 32,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    return_stderr: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Monte-Carlo ELBO of each sequence: (B,) float64 nats, an upper bound on -log p(x).
+
+    Example:
+        >>> nats = elbo(model, ids, am, mask_id=mask, mc_num=64, seed=0)      # (B,)
+        >>> bits_per_token = nats.sum() / am.sum() / math.log(2)
+    """
+    maskable = torch.ones_like(x, dtype=torch.bool)
+    return masked_nll_estimate(model, x, maskable, mask_id=mask_id, attention_mask=attention_mask,
+                               mc_num=mc_num, batch_size=batch_size, seed=seed,
+                               generator=generator, return_stderr=return_stderr)  # fmt: skip
+
+
+def conditional_nll(
+    model,
+    prompt: Tensor,
+    answer: Tensor,
+    prompt_mask: Tensor | None = None,
+    answer_mask: Tensor | None = None,
+    *,
+    mask_id: int,
+    mc_num: int = 128,
+    batch_size: int = 32,
+    cfg_scale: float = 0.0,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    return_stderr: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """LLaDA's conditional likelihood: estimate of -log p(answer | prompt), (B,) float64 nats.
+
+    Args:
+        prompt: (B, P) int64, left-padded (prompt_mask False at padding).
+        answer: (B, A) int64, right-padded (answer_mask False at padding).
+        The rest as :func:`masked_nll_estimate`. LLaDA's get_log_likelihood returns the
+        negative of this (a lower bound on log p).
+
+    Example:
+        >>> nll = conditional_nll(model, q, a, mask_id=126336, mc_num=128, seed=0)
+        >>> best = nll.argmin()    # multiple choice: the most likely answer
+    """
+    pm = torch.ones_like(prompt, dtype=torch.bool) if prompt_mask is None else prompt_mask.bool()
+    amask = torch.ones_like(answer, dtype=torch.bool) if answer_mask is None else answer_mask.bool()
+    x = torch.cat([prompt, answer], 1)
+    real = torch.cat([pm, amask], 1)
+    maskable = torch.cat([torch.zeros_like(pm), amask], 1)
+    am = None if bool(real.all()) else real
+    return masked_nll_estimate(model, x, maskable, mask_id=mask_id, attention_mask=am,
+                               mc_num=mc_num, batch_size=batch_size, cfg_scale=cfg_scale,
+                               seed=seed, generator=generator,
+                               return_stderr=return_stderr)  # fmt: skip
+
+
+def perplexity_bound(
+    model,
+    x: Tensor,
+    attention_mask: Tensor | None = None,
+    *,
+    mask_id: int,
+    mc_num: int = 32,
+    batch_size: int = 32,
+    seed: int | None = 0,
+) -> dict:
+    """Corpus-level bound: nats and bits per token and exp(nats per token) over the real tokens.
+
+    Example:
+        >>> perplexity_bound(model, windows, mask_id=mask)["perplexity"]
+    """
+    nats = elbo(model, x, attention_mask, mask_id=mask_id, mc_num=mc_num, batch_size=batch_size,
+                seed=seed)  # fmt: skip
+    tokens = int(x.numel() if attention_mask is None else attention_mask.bool().sum())
+    per_tok = float(nats.sum()) / max(tokens, 1)
+    return {"nats_per_token": per_tok, "bits_per_token": per_tok / math.log(2),
+            "perplexity": math.exp(per_tok), "tokens": tokens}  # fmt: skip

@@ -1,0 +1,529 @@
+"""Generation for masked diffusion LMs: LLaDA's and Dream's samplers in one loop, batched.
+
+    x = generate(model, prompt, attention_mask, gen_length=128, steps=64, block_length=32,
+                 alg="low_confidence", mask_id=126336)
+
+The loop is built from small pure functions (the model call, Dream's logit shift, guidance, the
+per-step commit counts of each schedule, the stopping rule); every commit goes through the fused
+op ``dlm_kernels.unmask_step`` (filter, draw, score, select, commit in one call).
+
+Batches. Prompts of different lengths are left-padded and described by ``attention_mask``. Each
+row's output equals generating that prompt alone with the same seed:
+  * the model sees each row's real tokens at the positions it would see alone (position ids
+    restart at the first real token when the model takes ``position_ids``) and never a pad key;
+  * every random draw is keyed by (seed, the row's own step count, the position counted from the
+    row's first real token) - see ``_commit``;
+  * schedules count each row's own masked tokens (Dream counts the batch mean).
+This holds exactly up to floating-point differences of batched versus single matmuls, which only
+matter at ties.
+
+KV caching (Fast-dLLM). ``kv_cache="prefix"``: at the start of each block one full forward fills
+a cache of every layer's keys and values; the block's later steps recompute only the block and
+what follows it, attending to the cached prefix. ``"dual"`` recomputes only the block and reads
+both the prefix and the suffix from the cache. Both are approximations (the cached keys of a
+bidirectional model depend on tokens committed since the block started); with one layer they
+are exact. The model must accept ``kv_cache=`` (see ``KVCache`` for the protocol; DiffusionLM does).
+On a random 4-layer model about 30% of the tokens match the uncached output (its predictions
+flip with any change of context); Fast-dLLM reports near-identical accuracy on trained models.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+import dlm_kernels
+
+# alg -> the op's confidence mode (None: ancestral, no confidence).
+ALGS: dict[str, str | None] = {
+    "ancestral": None,
+    "origin": None,  # Dream's name for the ancestral algorithm
+    "maskgit_plus": "prob",
+    "topk_margin": "margin",
+    "entropy": "neg_entropy",
+    "low_confidence": "raw_prob",
+    "random": "random",
+}
+SCHEDULES = ("even", "dream")
+KV_CACHES = (None, "prefix", "dual")
+
+
+# ---------------------------------------------------------------------------------------------
+# The model call
+# ---------------------------------------------------------------------------------------------
+class KVCache:
+    """Every layer's keys and values for the whole sequence (Fast-dLLM's prefix / dual cache).
+
+    Protocol with the model: the sampler sets ``start`` and calls
+    ``model(input_ids, attention_mask=keys_mask, position_ids=ids_positions, kv_cache=cache)``
+    where input_ids (B, n) are the tokens at positions [start, start + n). In each attention
+    layer the model calls ``k_all, v_all = cache.update(layer_index, k, v)`` with its new keys
+    and values (B, n, Hkv, D) and attends with its n queries to all of k_all, v_all
+    (B, S, Hkv, D), masked by attention_mask (B, S) when given. The first call (start = 0, the
+    whole sequence) allocates; later calls overwrite positions [start, start + n) in place.
+    """
+
+    def __init__(self) -> None:
+        self.keys: dict[int, Tensor] = {}
+        self.values: dict[int, Tensor] = {}
+        self.start = 0
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        n = k.shape[1]
+        if layer not in self.keys or (self.start == 0 and n >= self.keys[layer].shape[1]):
+            if self.start != 0:
+                raise RuntimeError("KVCache: the first forward must cover the whole sequence")
+            self.keys[layer], self.values[layer] = k, v
+            return k, v
+        kc, vc = self.keys[layer], self.values[layer]
+        kc[:, self.start : self.start + n] = k
+        vc[:, self.start : self.start + n] = v
+        return kc, vc
+
+
+def _accepts(model, name: str) -> bool:
+    fn = model.forward if isinstance(model, torch.nn.Module) else model
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def call_model(model, input_ids: Tensor, **kwargs) -> Tensor:
+    """model(input_ids, **kwargs) as float logits (B, n, V): plain tensors or ``.logits``."""
+    out = model(input_ids, **kwargs)
+    logits = out.logits if hasattr(out, "logits") else out
+    if isinstance(logits, (tuple, list)):
+        logits = logits[0]
+    return logits
+
+
+def shift_logits(logits: Tensor) -> Tensor:
+    """Dream's shift: position i is predicted by the output at i - 1 (position 0 keeps its own)."""
+    return torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+
+
+def guide(cond: Tensor, uncond: Tensor, scale: float) -> Tensor:
+    """Classifier-free guidance as LLaDA: u + (w + 1) (c - u)."""
+    return uncond + (scale + 1.0) * (cond - uncond)
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedules: how many positions each row commits at each step
+# ---------------------------------------------------------------------------------------------
+def even_counts(n: Tensor, steps: int) -> Tensor:
+    """LLaDA: n (B,) masked tokens split over ``steps``, the remainder to the first steps.
+
+    Returns (B, steps) int64 summing to n per row.
+    """
+    n = n.to(torch.int64)[:, None]
+    i = torch.arange(steps, device=n.device)[None, :]
+    return n // steps + (i < n % steps).to(torch.int64)
+
+
+def dream_timesteps(steps: int, eps: float, device) -> Tensor:
+    """Dream's timesteps linspace(1, eps, steps + 1), float32 on ``device`` as Dream makes them."""
+    return torch.linspace(1, eps, steps + 1, device=device)
+
+
+def dream_count(n: Tensor, t: Tensor, s: Tensor, last: bool) -> Tensor:
+    """Dream: k = floor(n (1 - s / t)) (all n at the last step), per row, float32 as Dream."""
+    if last:
+        return n.to(torch.int64)
+    return (n.to(torch.float32) * (1 - s / t)).to(torch.int64)
+
+
+def ancestral_theta(steps: int, i: int, schedule: str, eps: float) -> float:
+    """P(a masked token commits at step i): 1 - s/t on the schedule's grid, 1 at the last step."""
+    if i == steps - 1:
+        return 1.0
+    if schedule == "dream":
+        ts = dream_timesteps(steps, eps, "cpu")
+        return float(1 - ts[i + 1] / ts[i])
+    return 1.0 / (steps - i)  # t = 1 - i/steps, s = 1 - (i+1)/steps
+
+
+def eos_finished(x: Tensor, masked: Tensor, gen_start: int, eos_id: int) -> Tensor:
+    """Rows whose first generated EOS has no mask before it: (B,) bool."""
+    L = x.shape[1]
+    pos = torch.arange(L, device=x.device)[None, :]
+    is_eos = (x == eos_id) & (pos >= gen_start)
+    before = is_eos.to(torch.int64).cumsum(1) == 0
+    return is_eos.any(1) & ~(masked & before).any(1)
+
+
+def fill_after_eos(x: Tensor, masked: Tensor, rows: Tensor, gen_start: int, eos_id: int) -> Tensor:
+    """In ``rows`` (B,) bool, every mask after the first generated EOS becomes EOS."""
+    pos = torch.arange(x.shape[1], device=x.device)[None, :]
+    is_eos = (x == eos_id) & (pos >= gen_start)
+    after = is_eos.to(torch.int64).cumsum(1) > 0
+    return torch.where(rows[:, None] & masked & after, torch.full_like(x, eos_id), x)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class _Step:
+    """What one step asks of the op, per row (B,) tensors or scalars."""
+
+    num_transfer: Tensor | None = None
+    theta: float | None = None
+
+
+CommitFn = Callable[..., tuple[Tensor, Tensor]]
+
+
+def _check_args(prompt, attention_mask, gen_length, steps, block_length, alg, schedule, kv_cache,
+                mask_id, threshold, factor, stop_at_eos, eos_id, cfg_scale):  # fmt: skip
+    if not isinstance(prompt, Tensor) or prompt.dim() != 2 or prompt.dtype != torch.int64:
+        got = f"{prompt.dtype} {tuple(prompt.shape)}" if isinstance(prompt, Tensor) else prompt
+        raise TypeError(f"generate: prompt must be a (B, P) int64 tensor, got {got}")
+    if attention_mask is not None and (
+        not isinstance(attention_mask, Tensor) or attention_mask.shape != prompt.shape
+    ):
+        raise ValueError(f"generate: attention_mask must be a {tuple(prompt.shape)} tensor")
+    if isinstance(mask_id, bool) or not isinstance(mask_id, int):
+        raise TypeError(f"generate: mask_id must be an int, got {mask_id!r}")
+    for name, v, lo in (("gen_length", gen_length, 0), ("steps", steps, 1)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"generate: {name} must be an int >= {lo}, got {v!r}")
+    if block_length is not None and (not isinstance(block_length, int) or block_length < 1):
+        raise ValueError(f"generate: block_length must be an int >= 1, got {block_length!r}")
+    if block_length is not None and gen_length % block_length:
+        raise ValueError(f"generate: gen_length {gen_length} must be a multiple of block_length "
+                         f"{block_length}")  # fmt: skip
+    if alg not in ALGS:
+        raise ValueError(f"generate: alg must be one of {tuple(ALGS)}, got {alg!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"generate: schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if kv_cache not in KV_CACHES:
+        raise ValueError(f"generate: kv_cache must be one of {KV_CACHES}, got {kv_cache!r}")
+    if threshold is not None and factor is not None:
+        raise ValueError("generate: give threshold or factor, not both")
+    if (threshold is not None or factor is not None) and ALGS[alg] is None:
+        raise ValueError(f"generate: threshold / factor need a confidence alg, not {alg!r}")
+    if stop_at_eos and eos_id is None:
+        raise ValueError("generate: stop_at_eos=True needs eos_id")
+    if cfg_scale < 0:
+        raise ValueError(f"generate: cfg_scale must be >= 0, got {cfg_scale}")
+
+
+@torch.no_grad()
+def generate(
+    model,
+    prompt: Tensor,
+    attention_mask: Tensor | None = None,
+    *,
+    gen_length: int = 128,
+    steps: int = 128,
+    block_length: int | None = None,
+    alg: str = "low_confidence",
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    alg_temp: float | None = None,
+    threshold: float | None = None,
+    factor: float | None = None,
+    cfg_scale: float = 0.0,
+    mask_id: int,
+    eos_id: int | None = None,
+    stop_at_eos: bool = False,
+    logits_shift: bool = False,
+    schedule: str = "even",
+    eps: float = 1e-3,
+    kv_cache: str | None = None,
+    output_history: bool = False,
+    generator: torch.Generator | None = None,
+    seed: int | list[int] | None = None,
+) -> Tensor | tuple[Tensor, list[Tensor]]:
+    """Fill ``gen_length`` masks after each prompt (and any mask inside it) with the model.
+
+    Args:
+        model: ``model(input_ids (B, S) int64, attention_mask=None)`` returning logits (B, S, V)
+            or an object with ``.logits`` (DiffusionLM, a Hugging Face model, any callable).
+            When its forward names ``position_ids`` it gets them for padded batches.
+        prompt: (B, P) int64, left-padded when rows differ in length. Mask tokens inside it
+            are generated too (infilling).
+        attention_mask: (B, P) bool/int, True/1 at real tokens (left padding only). None: all real.
+        gen_length: masks appended to each prompt (>= 0).
+        steps: denoising steps in total, split evenly over the blocks (a multiple of their
+            number). Ignored by threshold / factor, which run each block until it is filled.
+        block_length: semi-autoregressive block size dividing gen_length (None: one block).
+        alg: "low_confidence" / "random" (LLaDA), "maskgit_plus" / "topk_margin" / "entropy"
+            (Dream), "ancestral" or its Dream name "origin" (each mask commits with prob theta).
+        temperature, top_k, top_p, min_p: token filters and temperature (0: argmax).
+        alg_temp: > 0 draws the committed positions from softmax(confidence / alg_temp).
+        threshold: Fast-dLLM: commit every candidate with confidence >= threshold (>= 1/step).
+        factor: Fast-dLLM's factor rule (see dlm_kernels.unmask_step).
+        cfg_scale: classifier-free guidance weight w (0: off); the unconditional pass masks the
+            prompt; logits u + (w + 1)(c - u).
+        mask_id: the mask token id. eos_id: the end token (for stop_at_eos).
+        stop_at_eos: a row whose first generated EOS has no mask before it is finished: the
+            masks after it become EOS and the row stops costing forwards.
+        logits_shift: Dream's shifted logits (position i predicted by the output at i - 1).
+        schedule: "even" (LLaDA: each block's masked count split evenly over its steps) or
+            "dream" (timesteps linspace(1, eps, steps + 1), k = floor(n (1 - s/t))).
+        eps: Dream's final time.
+        kv_cache: None, "prefix" or "dual" (Fast-dLLM); needs a model taking ``kv_cache=``
+            (DiffusionLM does); not with masks inside the prompt.
+        output_history: also return the list of x after every step.
+        generator, seed: randomness; one Philox seed for the whole call, drawn from
+            ``generator`` (CPU) or torch's global RNG when ``seed`` is None, or a list of B
+            seeds, one per row. Rows with the same prompt and seed give the same output (that
+            is what makes a row independent of its batch): give per-row seeds for distinct
+            samples of one prompt.
+
+    Returns:
+        (B, P + gen_length) int64 sequences; with output_history, (sequences, [x after each step]).
+
+    Example:
+        >>> x = generate(model, prompt, mask_id=mask, gen_length=64, steps=32, block_length=16)
+        >>> x = generate(model, ids, am, mask_id=mask, alg="entropy", logits_shift=True,
+        ...              schedule="dream", temperature=0.2, top_p=0.95, seed=0)
+    """
+    return _generate(**locals())
+
+
+def _generate(
+    model, prompt, attention_mask=None, *, gen_length=128, steps=128, block_length=None,
+    alg="low_confidence", temperature=0.0, top_k=None, top_p=None, min_p=None, alg_temp=None,
+    threshold=None, factor=None, cfg_scale=0.0, mask_id, eos_id=None, stop_at_eos=False,
+    logits_shift=False, schedule="even", eps=1e-3, kv_cache=None, output_history=False,
+    generator=None, seed=None, forward_fn=None, logits_hook=None, tokens_hook=None,
+    commit_fn=None, position_ids=True, counter=None, ban_mask=True, block_counts_only=False,
+):  # fmt: skip
+    """The loop behind ``generate``, with the hooks the compat wrappers need:
+    forward_fn(x, attention_mask (B, S) bool | None, position_ids | None) -> logits replaces
+    the model call; logits_hook(step, x, logits) / tokens_hook(step, x) edit the logits / x
+    (Dream's generation_*_hook_func); commit_fn(x, logits, cand, step, rows) replaces the
+    commit rule; position_ids=False never passes position ids; counter (a list) gets one entry
+    per model forward (the number of rows run); ban_mask=False lets the mask token be drawn
+    (LLaDA and Dream do not forbid it); block_counts_only=True counts only the block's own
+    masks for the even schedule, as LLaDA does (ours counts every candidate, so masks left
+    before the block - prompt masks, a drawn mask token - are filled too)."""
+    _check_args(prompt, attention_mask, gen_length, steps, block_length, alg, schedule, kv_cache,
+                mask_id, threshold, factor, stop_at_eos, eos_id, cfg_scale)  # fmt: skip
+    dev = prompt.device
+    B, P = prompt.shape
+    L = P + gen_length
+    conf_mode = ALGS[alg]
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (), generator=generator, dtype=torch.int64))
+    seeds = [int(v) for v in seed] if isinstance(seed, (list, tuple, Tensor)) else [seed] * B
+    if len(seeds) != B:
+        raise ValueError(f"generate: seed must be an int or a list of {B} ints, got {len(seeds)}")
+
+    # Padding, positions and the per-row start of real tokens (one host read, before the loop).
+    am = am_fwd = None
+    pad = [0] * B
+    if attention_mask is not None:
+        real = attention_mask.to(dev).bool()
+        n_pad = (~real).sum(1)
+        if bool((real != (torch.arange(P, device=dev)[None, :] >= n_pad[:, None])).any()):
+            raise ValueError("generate: attention_mask must be left padding (zeros, then ones)")
+        pad = n_pad.tolist()
+        if any(pad) or forward_fn is not None:
+            # A mask with no padding is dropped for the model (the unmasked attention path is
+            # faster); a forward_fn (the compat wrappers) sees it as its original caller would.
+            am = torch.cat([real, torch.ones(B, gen_length, dtype=torch.bool, device=dev)], 1)
+            if forward_fn is not None:
+                src = attention_mask.to(dev)
+                am_fwd = torch.cat([src, torch.ones(B, gen_length, dtype=src.dtype, device=dev)], 1)
+    pos_ids = None
+    if am is not None and position_ids and forward_fn is None and _accepts(model, "position_ids"):
+        pos_ids = (am.to(torch.int64).cumsum(1) - 1).clamp_min(0)
+    if pos_ids is None and kv_cache is not None and _accepts(model, "position_ids"):
+        # A cached forward runs a slice of the sequence: tell the model where it sits.
+        pos_ids = torch.arange(L, device=dev).expand(B, L)
+    real_pos = am if am is not None else torch.ones(B, L, dtype=torch.bool, device=dev)
+
+    x = torch.cat([prompt, torch.full((B, gen_length), mask_id, dtype=torch.int64, device=dev)], 1)
+    if kv_cache is not None:
+        if forward_fn is not None or not _accepts(model, "kv_cache"):
+            raise ValueError("generate: kv_cache needs a model whose forward takes kv_cache= "
+                             "(see dlm.sampler.KVCache)")  # fmt: skip
+        if bool(((prompt == mask_id) & real_pos[:, :P]).any()):
+            raise ValueError("generate: kv_cache cannot infill masks inside the prompt")
+    uncond_src = None
+    if cfg_scale > 0:
+        # LLaDA: the unconditional pass sees every prompt token (all that is not a mask at the
+        # start) replaced by the mask.
+        uncond_src = (x != mask_id) & (torch.arange(L, device=dev)[None, :] < P)
+    if tokens_hook is not None:
+        x = tokens_hook(None, x, None)
+
+    def forward(rows: list[int] | None, q0: int = 0, q1: int = L, cache=None) -> Tensor:
+        """Logits (n_rows, q1 - q0, V) of x[rows] at positions [q0, q1), guided and shifted."""
+        xs = x if rows is None else x[rows]
+        am_ = am_fwd if forward_fn is not None else am
+        ams = am_ if (am_ is None or rows is None) else am_[rows]
+        ps = pos_ids if (pos_ids is None or rows is None) else pos_ids[rows]
+        if uncond_src is not None:
+            us = uncond_src if rows is None else uncond_src[rows]
+            xs = torch.cat([xs, torch.where(us, torch.full_like(xs, mask_id), xs)], 0)
+            ams = None if ams is None else torch.cat([ams, ams], 0)
+            ps = None if ps is None else torch.cat([ps, ps], 0)
+        if counter is not None:
+            counter.append(xs.shape[0])
+        if forward_fn is not None:
+            logits = forward_fn(xs, ams, ps)
+        else:
+            kw = {"attention_mask": ams}
+            if ps is not None:
+                kw["position_ids"] = ps[:, q0:q1]
+            if cache is not None:
+                cache.start = q0
+                kw["kv_cache"] = cache
+            logits = call_model(model, xs[:, q0:q1], **kw)
+        if uncond_src is not None:
+            c, u = logits.chunk(2, dim=0)
+            logits = guide(c, u, cfg_scale)
+        if logits_shift:
+            logits = shift_logits(logits)
+        if ban_mask and 0 <= mask_id < logits.shape[-1]:
+            # Never draw the mask itself: a committed mask would stay masked forever.
+            logits[..., mask_id] = float("-inf")
+        return logits
+
+    # Blocks in padded coordinates. gen_length = 0: one block that only infills the prompt.
+    bl = gen_length if block_length is None else block_length
+    n_blocks = max(1, gen_length // bl) if bl else 1
+    parallel = threshold is not None or factor is not None
+    if not parallel and steps % n_blocks:
+        raise ValueError(f"generate: steps {steps} must be a multiple of the number of blocks "
+                         f"{n_blocks}")  # fmt: skip
+    spb = steps // n_blocks
+    random_draws = (
+        (isinstance(temperature, Tensor) or temperature > 0)
+        or conf_mode in (None, "random")
+        or bool(alg_temp)
+    )
+    pos = torch.arange(L, device=dev)[None, :]
+    history: list[Tensor] = []
+    row_steps = [0] * B  # each row's own step count: the Philox offset of its draws
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    logits_all: Tensor | None = None  # (B, L, V) last prediction (no cache), for reuse
+    stale = [True] * B
+    step = 0
+    op_kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+
+    for blk in range(n_blocks):
+        s_blk, e_blk = P + blk * bl, P + (blk + 1) * bl
+        in_reach = (pos < e_blk) & real_pos
+        cand0 = (x == mask_id) & in_reach
+        if block_counts_only:
+            cand0 = cand0 & (pos >= s_blk)
+        n0 = cand0.sum(1)
+        counts = even_counts(n0, spb) if (schedule == "even" and not parallel) else None
+        ts = dream_timesteps(spb, eps, dev) if schedule == "dream" else None
+        cache = KVCache() if kv_cache is not None else None
+        i = 0
+        while True:
+            masked = x == mask_id
+            cand = masked & in_reach & ~done[:, None]
+            has = cand.any(1).tolist()
+            if (parallel and not any(has)) or (not parallel and i >= spb) or bool(done.all()):
+                break
+            if not any(has):
+                i += 1
+                continue
+            # --- logits ---------------------------------------------------------------------
+            if kv_cache is None:
+                need = [b for b in range(B) if has[b] and stale[b]]
+                if logits_all is None or len(need) == B:
+                    logits_all = forward(None)
+                elif need:
+                    logits_all[need] = forward(need).to(logits_all.dtype)
+                for b in need:
+                    stale[b] = False
+                w0, w1, logits = 0, L, logits_all
+            else:
+                first = i == 0
+                q0 = 0 if first else (s_blk - 1 if logits_shift else s_blk)
+                q1 = L if (first or kv_cache == "prefix") else e_blk
+                if first or any(stale[b] and has[b] for b in range(B)):
+                    out = forward(None, q0, q1, cache)
+                    logits_all = out[:, s_blk - q0 : e_blk - q0]
+                    stale = [False] * B
+                w0, w1, logits = s_blk, e_blk, logits_all
+            if logits_hook is not None:
+                logits = logits_hook(step, x, logits)
+            # --- what this step commits -----------------------------------------------------
+            rule = _Step()
+            if conf_mode is None:
+                rule.theta = ancestral_theta(spb, i, schedule, eps)
+            elif not parallel:
+                if schedule == "even":
+                    rule.num_transfer = counts[:, i]
+                else:
+                    rule.num_transfer = dream_count(cand.sum(1), ts[i], ts[i + 1], i == spb - 1)
+            xw, cw, lw = x[:, w0:w1], cand[:, w0:w1], logits
+            if commit_fn is not None:
+                xw_new, committed = commit_fn(xw, lw, cw, step, rule)
+            elif not random_draws:
+                xw_new, committed = _commit(xw, lw, cw, rule, conf_mode, threshold, factor,
+                                            alg_temp, mask_id, seeds[0], 0, op_kw)  # fmt: skip
+            else:
+                # One call per row on the row's unpadded window: the draws are then keyed by
+                # the position from the row's first real token and the row's own step count,
+                # exactly as when the row is generated alone.
+                xw_new, committed = xw.clone(), torch.zeros_like(cw)
+                for b in range(B):
+                    if not has[b]:
+                        continue
+                    o = max(pad[b] - w0, 0)
+                    nt = None if rule.num_transfer is None else rule.num_transfer[b : b + 1]
+                    rb = _Step(nt, rule.theta)
+                    xb, cb = _commit(xw[b : b + 1, o:], lw[b : b + 1, o:], cw[b : b + 1, o:], rb,
+                                     conf_mode, threshold, factor, alg_temp, mask_id, seeds[b],
+                                     row_steps[b], _row_options(op_kw, b))  # fmt: skip
+                    xw_new[b, o:], committed[b, o:] = xb[0], cb[0]
+            x = torch.cat([x[:, :w0], xw_new, x[:, w1:]], 1) if (w0, w1) != (0, L) else xw_new
+            changed = committed.any(1).tolist()
+            for b in range(B):
+                if has[b]:
+                    row_steps[b] += 1
+                if changed[b]:
+                    stale[b] = True
+            if stop_at_eos:
+                masked = x == mask_id
+                fin = eos_finished(x, masked, P, eos_id) & ~done
+                if bool(fin.any()):
+                    x = fill_after_eos(x, masked, fin, P, eos_id)
+                    done |= fin
+            if tokens_hook is not None:
+                x = tokens_hook(step, x, logits)
+                stale = [True] * B  # the hook may have changed anything
+            if output_history:
+                history.append(x.clone())
+            step += 1
+            i += 1
+        if stop_at_eos and bool(done.all()):
+            break
+    return (x, history) if output_history else x
+
+
+def _row_options(op_kw: dict, b: int) -> dict:
+    # Per-row (B,) tensor options (temperature, top_k, ...) sliced for a one-row call.
+    return {k: v[b : b + 1] if isinstance(v, Tensor) and v.dim() == 1 else v
+            for k, v in op_kw.items()}  # fmt: skip
+
+
+def _commit(xw, lw, cw, rule: _Step, conf_mode, threshold, factor, alg_temp, mask_id, seed, offset,
+            op_kw):  # fmt: skip
+    """One call of the fused op on a window: (new x window, committed)."""
+    kw = dict(op_kw, mask_id=mask_id, candidates=cw, seed=seed, offset=offset & 0xFFFFFFFF)
+    if rule.theta is not None:
+        return dlm_kernels.unmask_step(xw, lw, ancestral=True, theta=rule.theta, **kw)
+    kw["confidence"] = conf_mode
+    if threshold is not None:
+        return dlm_kernels.unmask_step(xw, lw, threshold=threshold, **kw)
+    if factor is not None:
+        return dlm_kernels.unmask_step(xw, lw, factor=factor, **kw)
+    return dlm_kernels.unmask_step(xw, lw, num_transfer=rule.num_transfer, alg_temp=alg_temp, **kw)

@@ -1,0 +1,315 @@
+"""dlm.compat against plain-PyTorch re-implementations of the documented originals.
+
+The two reference loops below restate, in our own words, what LLaDA's generate.py ``generate``
+and Dream's ``diffusion_generate`` do (the published algorithms, step by step). At temperature 0
+the compat functions must give the same tokens, including the random position choices of LLaDA's
+"random" and Dream's "origin", which both draw from torch's global RNG.
+"""
+
+import pytest
+import torch
+
+from dlm.compat import LLADA_EOS, LLADA_EOT, dream_generate, llada_generate
+from dlm.config import ModelConfig
+from dlm.model import DiffusionLM
+
+V, MASK = 67, 66
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    # A wide init spreads the logits, so confidences never tie at float32 resolution.
+    cfg = ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=2, max_seq_len=128,
+                      init_std=0.4, mask_token_id=MASK)  # fmt: skip
+    return DiffusionLM(cfg).eval()
+
+
+class _NoMaskPrediction(torch.nn.Module):
+    """Never predicts the mask token, as trained models do not: Dream's batch-mean count and our
+    per-row count then agree (a drawn mask would leave rows with different counts)."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base = base
+        self.cfg = base.cfg
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        out = self.base(input_ids, attention_mask, position_ids)
+        out[..., MASK] = -1e4
+        return out
+
+
+@pytest.fixture(scope="module")
+def dream_model(model):
+    return _NoMaskPrediction(model)
+
+
+def _prompts(B, P, padded=False, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, MASK - 1, (B, P), generator=g)
+    am = torch.ones(B, P, dtype=torch.bool)  # DiffusionLM takes bool masks
+    if padded:
+        for b in range(1, B):
+            am[b, : 2 * b] = False
+        ids = torch.where(am, ids, torch.full_like(ids, 0))
+    return ids, am
+
+
+# ---------------------------------------------------------------------------------------------
+# LLaDA's generate, restated
+# ---------------------------------------------------------------------------------------------
+def llada_reference(model, prompt, attention_mask=None, steps=128, gen_length=128,
+                    block_length=128, temperature=0.0, cfg_scale=0.0,
+                    remasking="low_confidence", mask_id=126336, logits_eos_inf=False,
+                    confidence_eos_eot_inf=False):  # fmt: skip
+    assert temperature == 0  # the test compares deterministic token choices
+    B, P = prompt.shape
+    L = P + gen_length
+    x = torch.full((B, L), mask_id, dtype=torch.long)
+    x[:, :P] = prompt
+    am = None
+    if attention_mask is not None:
+        am = torch.cat([attention_mask, torch.ones(B, gen_length, dtype=attention_mask.dtype)], 1)
+    given = x != mask_id  # the prompt, masked out in the unconditional pass
+    n_blocks = gen_length // block_length
+    per_block = steps // n_blocks
+    for blk in range(n_blocks):
+        lo, hi = P + blk * block_length, P + (blk + 1) * block_length
+        n = (x[:, lo:hi] == mask_id).sum(1)
+        plan = n[:, None] // per_block + (
+            torch.arange(per_block)[None, :] < (n % per_block)[:, None]
+        )
+        for i in range(per_block):
+            masked = x == mask_id
+            if cfg_scale > 0:
+                un = torch.where(given, torch.full_like(x, mask_id), x)
+                both = model(torch.cat([x, un]), attention_mask=None if am is None else
+                             torch.cat([am, am]))  # fmt: skip
+                cond, uncond = both.chunk(2)
+                logits = uncond + (cfg_scale + 1) * (cond - uncond)
+            else:
+                logits = model(x, attention_mask=am)
+            if logits_eos_inf:
+                logits[:, :, LLADA_EOS] = float("-inf")
+            x0 = logits.argmax(-1)
+            if confidence_eos_eot_inf:
+                logits[:, :, LLADA_EOT] = float("-inf")  # after the draw, as LLaDA does
+            if remasking == "low_confidence":
+                score = torch.softmax(logits, -1).gather(-1, x0[..., None]).squeeze(-1)
+            else:
+                score = torch.rand(B, L)
+            score[:, hi:] = float("-inf")
+            score = torch.where(masked, score, torch.full_like(score, float("-inf")))
+            x0 = torch.where(masked, x0, x)
+            for b in range(B):
+                pick = torch.topk(score[b], int(plan[b, i])).indices
+                x[b, pick] = x0[b, pick]
+    return x
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(steps=8, gen_length=16, block_length=16),
+        dict(steps=12, gen_length=18, block_length=6),
+        dict(steps=6, gen_length=12, block_length=4, cfg_scale=1.5),
+        dict(steps=8, gen_length=16, block_length=8, padded=True),
+    ],
+    ids=["one-block", "blocks", "cfg", "padded-batch"],
+)
+def test_llada_low_confidence_matches_reference(model, case):
+    case = dict(case)
+    ids, am = _prompts(3, 9, padded=case.pop("padded", False))
+    mask = None if am.all() else am
+    ref = llada_reference(model, ids, mask, mask_id=MASK, **case)
+    out = llada_generate(model, ids, mask, mask_id=MASK, **case)
+    assert (ref[:, 9:] != MASK).float().mean() > 0.7  # a real generation, not a no-op
+    assert torch.equal(out, ref)
+
+
+def test_llada_random_matches_reference_with_same_torch_seed(model):
+    ids, _ = _prompts(2, 7)
+    torch.manual_seed(5)
+    ref = llada_reference(model, ids, steps=8, gen_length=16, block_length=8, mask_id=MASK,
+                          remasking="random")  # fmt: skip
+    torch.manual_seed(5)
+    out = llada_generate(model, ids, steps=8, gen_length=16, block_length=8, mask_id=MASK,
+                         remasking="random")  # fmt: skip
+    assert torch.equal(out, ref)
+    torch.manual_seed(6)
+    other = llada_generate(model, ids, steps=8, gen_length=16, block_length=8, mask_id=MASK,
+                           remasking="random")  # fmt: skip
+    assert not torch.equal(other, ref)  # the position choice really is random
+
+
+class _BigVocab:
+    """The tiny model's logits placed in LLaDA's vocabulary, with EOS and EoT made likely."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __call__(self, x, attention_mask=None):
+        small = self.base(x.clamp_max(V - 1), attention_mask=attention_mask)
+        out = torch.full((*x.shape, LLADA_EOT + 1), -30.0)
+        out[..., :V] = small
+        top = small.max(-1).values
+        i = torch.arange(x.shape[1])
+        out[..., LLADA_EOS] = top + torch.where(i % 3 == 0, 0.5, -1.0)  # argmax at i = 0 mod 3
+        out[..., LLADA_EOT] = top + torch.where(i % 2 == 1, 0.7, -0.2)  # argmax at odd i
+        return out
+
+
+@pytest.mark.parametrize("flags", [(True, False), (False, True), (True, True)],
+                         ids=["eos-inf", "eot-conf", "both"])  # fmt: skip
+def test_llada_eos_options_match_reference(model, flags):
+    big = _BigVocab(model)
+    ids, _ = _prompts(2, 6)
+    kw = dict(steps=8, gen_length=16, block_length=8, mask_id=126336,
+              logits_eos_inf=flags[0], confidence_eos_eot_inf=flags[1])  # fmt: skip
+    ref = llada_reference(big, ids, **kw)
+    out = llada_generate(big, ids, **kw)
+    assert torch.equal(out, ref)
+    if flags[1]:
+        assert (ref == LLADA_EOT).any()  # the option had something to act on
+
+
+def test_llada_rejects_bad_arguments(model):
+    ids, _ = _prompts(1, 5)
+    with pytest.raises(ValueError, match="block_length"):
+        llada_generate(model, ids, gen_length=10, block_length=4, steps=4, mask_id=MASK)
+    with pytest.raises(NotImplementedError):
+        llada_generate(model, ids, gen_length=8, block_length=8, steps=4, mask_id=MASK,
+                       remasking="bogus")  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Dream's diffusion_generate, restated
+# ---------------------------------------------------------------------------------------------
+def _dream_pick(logits, top_p=None, top_k=None, alg="maskgit_plus"):
+    """Dream's sample_tokens at temperature 0: (confidence, token) per row."""
+    if top_p is not None and top_p < 1:
+        s, idx = torch.sort(logits, descending=True)
+        cum = torch.softmax(s, -1).cumsum(-1)
+        drop = cum > top_p
+        drop[..., 1:] = drop[..., :-1].clone()
+        drop[..., 0] = False
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, idx, drop),
+                                    torch.finfo(logits.dtype).min)  # fmt: skip
+    if top_k is not None:
+        kth = torch.topk(logits, top_k).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, torch.finfo(logits.dtype).min)
+    probs = torch.softmax(logits, -1)
+    conf, x0 = probs.max(-1)
+    if alg == "topk_margin":
+        top2 = torch.sort(probs, descending=True).values
+        conf = top2[:, 0] - top2[:, 1]
+    if alg == "entropy":
+        conf = (probs * torch.log(probs + 1e-10)).sum(-1)
+    return conf, x0
+
+
+def dream_reference(model, input_ids, attention_mask=None, max_new_tokens=16, steps=16,
+                    eps=1e-3, alg="origin", top_p=None, top_k=None, mask_token_id=MASK,
+                    tokens_hook=None, logits_hook=None):  # fmt: skip
+    B, P = input_ids.shape
+    x = torch.nn.functional.pad(input_ids, (0, max_new_tokens), value=mask_token_id)
+    kw = {}
+    if attention_mask is not None and (attention_mask == 0).any():
+        am = torch.nn.functional.pad(attention_mask, (0, max_new_tokens), value=1)
+        pos = am.long().cumsum(-1) - 1
+        kw = dict(attention_mask=am.bool(), position_ids=pos.masked_fill(am == 0, 1))
+    ts = torch.linspace(1, eps, steps + 1)
+    history = []
+    if tokens_hook is not None:
+        x = tokens_hook(None, x, None)
+    for i in range(steps):
+        masked = x == mask_token_id
+        logits = model(x, **kw)
+        logits = torch.cat([logits[:, :1], logits[:, :-1]], 1)  # i is predicted at i - 1
+        if logits_hook is not None:
+            logits = logits_hook(i, x, logits)
+        ml = logits[masked]
+        t, s = ts[i], ts[i + 1]
+        if alg == "origin":
+            p = 1 - s / t if i < steps - 1 else 1
+            x0 = torch.full((int(masked.sum()),), mask_token_id, dtype=torch.long)
+            go = torch.rand(x0.shape) < p
+            x0[go] = _dream_pick(ml[go], top_p, top_k)[1]
+            x[masked] = x0
+        else:
+            conf, x0 = _dream_pick(ml, top_p, top_k, alg)
+            mean_n = masked.sum() / B
+            k = int(mean_n * (1 - s / t)) if i < steps - 1 else int(mean_n)
+            full = torch.full(x.shape, float("-inf"))
+            full[masked] = conf
+            if k > 0:
+                idx = torch.topk(full, k).indices
+                cand = torch.full_like(x, mask_token_id)
+                cand[masked] = x0
+                rows = torch.arange(B)[:, None].expand_as(idx)
+                x[rows, idx] = cand[rows, idx]
+        if tokens_hook is not None:
+            x = tokens_hook(i, x, logits)
+        history.append(x.clone())
+    return x, history
+
+
+@pytest.mark.parametrize(
+    "alg,extra",
+    [("maskgit_plus", {}), ("topk_margin", {}), ("entropy", {}), ("maskgit_plus", {"top_p": 0.995}),
+     ("entropy", {"top_k": 5}), ("maskgit_plus", {"padded": True})],
+    ids=["maskgit_plus", "topk_margin", "entropy", "top_p", "top_k", "padded-batch"],
+)  # fmt: skip
+def test_dream_confidence_algs_match_reference(dream_model, alg, extra):
+    extra = dict(extra)
+    ids, am = _prompts(3, 8, padded=extra.pop("padded", False))
+    mask = None if am.all() else am
+    ref, _ = dream_reference(dream_model, ids, mask, max_new_tokens=14, steps=9, alg=alg, **extra)
+    out = dream_generate(dream_model, ids, mask, max_new_tokens=14, steps=9, alg=alg,
+                         mask_token_id=MASK, **extra)  # fmt: skip
+    assert (ref[:, 8:] != MASK).float().mean() > 0.7
+    assert torch.equal(out, ref)
+
+
+def test_dream_origin_matches_reference_with_same_torch_seed(dream_model):
+    ids, _ = _prompts(2, 8)
+    torch.manual_seed(3)
+    ref, _ = dream_reference(dream_model, ids, max_new_tokens=12, steps=6, alg="origin")
+    torch.manual_seed(3)
+    out = dream_generate(
+        dream_model, ids, max_new_tokens=12, steps=6, alg="origin", mask_token_id=MASK
+    )
+    assert torch.equal(out, ref)
+
+
+def test_dream_hooks_history_and_lengths(dream_model):
+    ids, _ = _prompts(2, 8)
+    seen = []
+
+    def tokens_hook(step, x, logits):
+        seen.append(step)
+        x = x.clone()
+        x[:, 9] = 5  # force a token, as users do with infilling hooks
+        return x
+
+    def logits_hook(step, x, logits):
+        logits = logits.clone()
+        logits[:, :, 7] = logits[:, :, 7] + 2.0
+        return logits
+
+    ref, hist = dream_reference(dream_model, ids, max_new_tokens=10, steps=5, alg="entropy",
+                                tokens_hook=tokens_hook, logits_hook=logits_hook)  # fmt: skip
+    seen.clear()
+    out = dream_generate(dream_model, ids, max_new_tokens=10, steps=5, alg="entropy",
+                         mask_token_id=MASK, output_history=True, return_dict_in_generate=True,
+                         generation_tokens_hook_func=tokens_hook,
+                         generation_logits_hook_func=logits_hook)  # fmt: skip
+    assert seen == [None, 0, 1, 2, 3, 4]
+    assert torch.equal(out.sequences, ref)
+    assert len(out.history) == 5 and all(torch.equal(a, b) for a, b in zip(out.history, hist))
+    # max_length instead of max_new_tokens; the model's mask token by default.
+    y = dream_generate(dream_model, ids, max_length=15, steps=4, alg="maskgit_plus")
+    assert y.shape == (2, 15)
+    with pytest.raises(ValueError, match="max_length"):
+        dream_generate(dream_model, ids, max_length=8, steps=4, alg="maskgit_plus")

@@ -1,0 +1,120 @@
+"""dlm.likelihood: the Monte-Carlo ELBO and LLaDA's conditional estimate against exact sums over
+every masking pattern of tiny sequences, and batching."""
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dlm.config import ModelConfig
+from dlm.likelihood import conditional_nll, elbo, masked_nll_estimate, perplexity_bound
+from dlm.model import DiffusionLM
+
+V, MASK = 6, 5
+
+
+class PatternLM:
+    """Logits a fixed function of both neighbours and the position: the prediction depends on
+    which other tokens are masked, as a real model's does."""
+
+    def __init__(self, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.left = torch.randn(V, V, generator=g)
+        self.right = torch.randn(V, V, generator=g)
+        self.pos = torch.randn(32, V, generator=g)
+
+    def __call__(self, input_ids, attention_mask=None):
+        left = F.pad(input_ids, (1, 0), value=0)[:, :-1]
+        right = F.pad(input_ids, (0, 1), value=0)[:, 1:]
+        return self.left[left] + self.right[right] + self.pos[: input_ids.shape[1]]
+
+
+def exact_elbo(model, x, maskable):
+    """sum over sets S of maskable positions of B(|S|, n - |S| + 1) sum_{i in S} -log p(x_i | x_S).
+
+    The Beta weight is integral_0^1 (1/t) t^|S| (1 - t)^(n - |S|) dt: the linear-schedule ELBO
+    written as an exact sum (no sampling at all)."""
+    idx = maskable.nonzero()[:, 0].tolist()
+    n = len(idx)
+    total = 0.0
+    for k in range(1, n + 1):
+        w = math.factorial(k - 1) * math.factorial(n - k) / math.factorial(n)
+        for S in itertools.combinations(idx, k):
+            xt = x.clone()
+            xt[list(S)] = MASK
+            logp = torch.log_softmax(model(xt[None])[0].double(), -1)
+            total += w * float(sum(-logp[i, x[i]] for i in S))
+    return total
+
+
+def test_elbo_estimate_is_unbiased_against_the_exact_sum():
+    lm = PatternLM()
+    x = torch.tensor([[1, 3, 0, 2, 4]])
+    exact = exact_elbo(lm, x[0], torch.ones(5, dtype=torch.bool))
+    est, se = elbo(lm, x, mask_id=MASK, mc_num=4000, batch_size=4000, seed=0,
+                   return_stderr=True)  # fmt: skip
+    assert abs(float(est[0]) - exact) < 4 * float(se[0]) + 1e-9, (float(est[0]), exact)
+    # A wrong weight (n / (m + 1) instead of n / m) would be far outside that band.
+    assert float(se[0]) < 0.05 * exact
+    # With every set visited, the estimate is exact: n = 1 has a single set.
+    one = elbo(lm, torch.tensor([[2]]), mask_id=MASK, mc_num=3, seed=1)
+    assert (
+        abs(float(one[0]) - exact_elbo(lm, torch.tensor([2]), torch.ones(1, dtype=torch.bool)))
+        < 1e-6
+    )
+
+
+def test_llada_conditional_estimate_is_unbiased():
+    lm = PatternLM(seed=3)
+    prompt = torch.tensor([[4, 1]])
+    answer = torch.tensor([[0, 3, 2]])
+    x = torch.cat([prompt, answer], 1)[0]
+    exact = exact_elbo(lm, x, torch.tensor([False, False, True, True, True]))
+    # Many independent small estimates (LLaDA's 128 draws each): their mean converges.
+    ests = torch.stack([conditional_nll(lm, prompt, answer, mask_id=MASK, mc_num=16, seed=s)[0]
+                        for s in range(200)])  # fmt: skip
+    se = float(ests.std() / math.sqrt(len(ests)))
+    assert abs(float(ests.mean()) - exact) < 4 * se + 1e-9
+    assert float(ests.std()) > 0  # the draws are random
+
+
+def test_batched_rows_equal_each_row_alone():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=2, max_seq_len=64,
+                      mask_token_id=MASK)  # fmt: skip
+    model = DiffusionLM(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    lens = [9, 5, 7]
+    x = torch.zeros(3, 9, dtype=torch.long)
+    am = torch.zeros(3, 9, dtype=torch.bool)
+    for b, n in enumerate(lens):
+        x[b, 9 - n :] = torch.randint(0, MASK, (n,), generator=g)
+        am[b, 9 - n :] = True
+    batched = elbo(model, x, am, mask_id=MASK, mc_num=12, batch_size=7, seed=5)
+    for b, n in enumerate(lens):
+        alone = elbo(model, x[b : b + 1, 9 - n :], mask_id=MASK, mc_num=12, batch_size=5,
+                     seed=5 + b)  # fmt: skip
+        torch.testing.assert_close(batched[b], alone[0], rtol=1e-5, atol=1e-6)
+    # Conditional, left-padded prompts and right-padded answers.
+    pm = torch.tensor([[True, True, True], [False, True, True]])
+    amask = torch.tensor([[True, True, False], [True, True, True]])
+    p = torch.tensor([[1, 2, 3], [0, 4, 1]])
+    a = torch.tensor([[2, 2, 0], [3, 1, 0]])
+    both = conditional_nll(model, p, a, pm, amask, mask_id=MASK, mc_num=8, seed=2)
+    r0 = conditional_nll(model, p[:1], a[:1, :2], mask_id=MASK, mc_num=8, seed=2)
+    r1 = conditional_nll(model, p[1:, 1:], a[1:], mask_id=MASK, mc_num=8, seed=3)
+    torch.testing.assert_close(both, torch.cat([r0, r1]), rtol=1e-5, atol=1e-6)
+
+
+def test_perplexity_bound_and_edge_cases():
+    lm = PatternLM()
+    x = torch.tensor([[1, 3, 0, 2, 4], [2, 2, 1, 0, 3]])
+    r = perplexity_bound(lm, x, mask_id=MASK, mc_num=8)
+    assert r["tokens"] == 10 and r["perplexity"] == pytest.approx(math.exp(r["nats_per_token"]))
+    assert r["bits_per_token"] == pytest.approx(r["nats_per_token"] / math.log(2))
+    none = masked_nll_estimate(lm, x, torch.zeros_like(x, dtype=torch.bool), mask_id=MASK)
+    assert torch.equal(none, torch.zeros(2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="maskable"):
+        masked_nll_estimate(lm, x, torch.ones(2, 4, dtype=torch.bool), mask_id=MASK)
