@@ -26,6 +26,7 @@ BENCHES = [
     "bench_linear_cross_entropy",
     "bench_unmask_sample",
     "bench_attention",
+    "bench_sample",
 ]
 
 

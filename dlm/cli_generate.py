@@ -19,7 +19,11 @@ from dlm.sampler import ALGS, KV_CACHES, SCHEDULES, generate
 def register(subparsers) -> None:
     """Add the ``sample`` and ``eval`` subcommands to the ``dlm`` parser."""
     p = subparsers.add_parser("sample", help="generate text from a checkpoint")
-    p.add_argument("--checkpoint", required=True, help="a checkpoint.safetensors from dlm train")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="a checkpoint.safetensors from dlm train")
+    src.add_argument("--model", help="a Hugging Face-style directory (Dream, LLaDA or ours: "
+                     "config.json + safetensors + tokenizer.json)")  # fmt: skip
+    p.add_argument("--dtype", default=None, help="with --model: float32 | bfloat16 | float16")
     p.add_argument("--prompt", action="append", default=None,
                    help="prompt text (repeat for a batch; default: unconditional)")  # fmt: skip
     p.add_argument("--num", type=int, default=1, help="samples per prompt")
@@ -45,7 +49,10 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_sample)
 
     e = subparsers.add_parser("eval", help="ELBO / perplexity bound of a checkpoint")
-    e.add_argument("--checkpoint", required=True)
+    esrc = e.add_mutually_exclusive_group(required=True)
+    esrc.add_argument("--checkpoint", help="a checkpoint.safetensors from dlm train")
+    esrc.add_argument("--model", help="a Hugging Face-style directory (needs --data)")
+    e.add_argument("--dtype", default=None, help="with --model: float32 | bfloat16 | float16")
     e.add_argument("--data", default=None,
                    help="a text file (default: the checkpoint's validation split)")  # fmt: skip
     e.add_argument("--seq-len", type=int, default=None, help="window length (default: training)")
@@ -80,9 +87,18 @@ class _Banned(torch.nn.Module):
 
 
 def _load(args):
+    """(model, tokenizer, training config or None, device) from --checkpoint or --model."""
+    dev = _device(args.device)
+    if getattr(args, "model", None):
+        from dlm.hf import load_pretrained
+
+        model, tok = load_pretrained(args.model, dtype=args.dtype, device=dev)
+        if tok is None:
+            raise SystemExit(f"dlm: {args.model} has no tokenizer.json (or dlm_tokenizer.json)")
+        model.eval()
+        return model, tok, None, dev
     from dlm.trainer import load_model
 
-    dev = _device(args.device)
     model, tok, cfg = load_model(args.checkpoint, ema=not args.no_ema, device=dev)
     return model, tok, cfg, dev
 
@@ -110,14 +126,17 @@ def cmd_sample(args) -> int:
         raise SystemExit("dlm sample: --kv-cache needs a model whose forward takes kv_cache=")
     mask = tok.mask_token_id
     ids, am, rows = _prompts(tok, args.prompt, args.num, dev)
-    wrapped = _Banned(model, [i for i in tok.special_ids if i != mask])
+    eos = getattr(model.cfg, "eos_token_id", None)
+    # Dream's pad id is its eos id: banning "pad" there would ban the end of text too.
+    wrapped = _Banned(model, [i for i in tok.special_ids if i not in (mask, eos)])
+    logits_shift = args.logits_shift or bool(getattr(model.cfg, "logits_shift", False))
     t0 = time.perf_counter()
     out = generate(
         wrapped, ids, am, gen_length=args.length, steps=args.steps,
         block_length=args.block_length, alg=args.alg, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, alg_temp=args.alg_temp,
         threshold=args.threshold, factor=args.factor, cfg_scale=args.cfg_scale, mask_id=mask,
-        logits_shift=args.logits_shift, schedule=args.schedule, kv_cache=args.kv_cache,
+        logits_shift=logits_shift, schedule=args.schedule, kv_cache=args.kv_cache,
         output_history=args.show_steps, seed=[args.seed + b for b in range(ids.shape[0])],
     )  # fmt: skip
     dt = time.perf_counter() - t0
@@ -142,7 +161,7 @@ def cmd_sample(args) -> int:
 def _eval_windows(args, tok, cfg):
     from dlm.data import Document, TokenStream, load_documents
 
-    seq_len = args.seq_len or cfg.data.seq_len
+    seq_len = args.seq_len or (cfg.data.seq_len if cfg is not None else 256)
     if args.data:
         with open(args.data, encoding="utf-8", errors="replace") as f:
             docs = [Document(args.data, f.read())]
@@ -159,6 +178,8 @@ def cmd_eval(args) -> int:
     from dlm.likelihood import elbo
 
     model, tok, cfg, dev = _load(args)
+    if cfg is None and not args.data:
+        raise SystemExit("dlm eval: --model needs --data FILE (there is no training split)")
     x, chars_per_token = _eval_windows(args, tok, cfg)
     t0 = time.perf_counter()
     nats, se = elbo(model, x.to(dev), mask_id=tok.mask_token_id, mc_num=args.mc_num,
@@ -166,7 +187,7 @@ def cmd_eval(args) -> int:
     dt = time.perf_counter() - t0
     per_tok = float(nats.sum()) / x.numel()
     se_tok = float(se.pow(2).sum().sqrt()) / x.numel()
-    src = args.data or f"{cfg.data.data} validation split"
+    src = args.data or f"{cfg.data.data} validation split"  # cfg is set when --data is not
     print(f"{src}: {x.shape[0]} windows x {x.shape[1]} tokens, {args.mc_num} draws each "
           f"({dt:.1f} s)")  # fmt: skip
     print(f"ELBO bound: {per_tok:.4f} +- {se_tok:.4f} nats/token, "

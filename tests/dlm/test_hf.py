@@ -320,3 +320,24 @@ def test_tokenizer_and_generate_end_to_end(tmp_path):
     assert torch.equal(ours, theirs)
     assert not (ours == tok.mask_token_id).any()
     assert isinstance(tok.decode(ours[0, 5:].tolist()), str)
+
+
+def test_cli_sample_and_eval_from_a_model_directory(tmp_path, capsys):
+    """`dlm sample --model DIR` and `dlm eval --model DIR --data FILE` on a Dream checkpoint."""
+    from dlm.cli import main
+
+    _, path = _dream(tmp_path, False, 1)
+    _tiny_tokenizer_json(path, V)
+    rc = main(["sample", "--model", str(path), "--prompt", "w1 w2 w3", "--length", "6",
+               "--steps", "3", "--alg", "entropy", "--show-steps"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "=== sample 0" in out and "step 3" in out and "tokens/s" in out
+    text = tmp_path / "eval.txt"
+    text.write_text(" ".join(f"w{i % 50}" for i in range(400)))
+    rc = main(["eval", "--model", str(path), "--data", str(text), "--seq-len", "32",
+               "--windows", "4", "--mc-num", "2"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert rc == 0 and "ELBO bound" in out
+    with pytest.raises(SystemExit, match="needs --data"):
+        main(["eval", "--model", str(path)])
