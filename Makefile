@@ -56,6 +56,9 @@ lint: $(VENV)/.deps
 # runs/demo/. Each run starts afresh and overwrites runs/demo/.
 demo: build
 	$(BIN)/dlm train --preset shakespeare-tiny --out runs/demo
+	$(BIN)/dlm sample --checkpoint runs/demo/checkpoint.safetensors --prompt "ROMEO:" \
+		--prompt "KING HENRY:" --length 160 --steps 160 --block-length 32 \
+		--alg low_confidence --temperature 0.7 --top-p 0.9
 
 clean:
 	rm -rf build dist *.egg-info dlm_kernels/*.so .pytest_cache $(BUILT)
