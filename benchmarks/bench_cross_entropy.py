@@ -39,6 +39,21 @@ def _ours_grad_in_fwd(logits, target, mask, weight):
     return dlm_kernels.masked_cross_entropy(x, target, mask, weight, grad_in_forward=True)
 
 
+def _closures(fn, args):
+    """(forward, forward+backward) callables of one provider on fixed inputs."""
+    logits = args[0]
+
+    def fwd():
+        with torch.no_grad():
+            return fn(*args)
+
+    def fwd_bwd():
+        logits.grad = None
+        fn(*args).backward()
+
+    return fwd, fwd_bwd
+
+
 def run(quick: bool = False, device: str = "cpu") -> list[dict]:
     shapes = QUICK_SHAPES if quick else (GPU_SHAPES if device.startswith("cuda") else CPU_SHAPES)
     dtypes = [torch.bfloat16] if device.startswith("cuda") else [torch.float32]
@@ -61,16 +76,9 @@ def run(quick: bool = False, device: str = "cpu") -> list[dict]:
                 ("dlm_kernels", _ours),
                 ("dlm_kernels grad_in_forward", _ours_grad_in_fwd),
             )
+            args = (logits, target, mask, weight)
             for provider, fn in providers:
-
-                def fwd():
-                    with torch.no_grad():
-                        return fn(logits, target, mask, weight)
-
-                def fwd_bwd():
-                    logits.grad = None
-                    fn(logits, target, mask, weight).backward()
-
+                fwd, fwd_bwd = _closures(fn, args)
                 shape = f"N{N}-V{V}-masked{n_valid}"
                 modes = [("fwd", fwd, bytes_fwd), ("fwd+bwd", fwd_bwd, bytes_fb)]
                 if provider.endswith("grad_in_forward"):

@@ -15,7 +15,7 @@ import resource
 import statistics
 import subprocess
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -108,8 +108,13 @@ def _cpu_name() -> str:
 
 def row(name: str, provider: str, shape: str, dtype, timing: dict | None, **extra) -> dict:
     """One result row; a provider that could not run has timing None and a status saying why."""
-    out = {"name": name, "provider": provider, "shape": shape, "dtype": str(dtype).replace(
-        "torch.", ""), "status": "ok" if timing else extra.pop("status", "missing")}
+    out = {
+        "name": name,
+        "provider": provider,
+        "shape": shape,
+        "dtype": str(dtype).replace("torch.", ""),
+        "status": "ok" if timing else extra.pop("status", "missing"),
+    }
     if timing:
         out.update(timing)
     out.update(extra)

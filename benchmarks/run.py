@@ -57,8 +57,20 @@ def fractions(rows: list[dict]) -> None:
 
 
 def table(rows: list[dict]) -> str:
-    cols = ["name", "provider", "shape", "dtype", "status", "ms", "speedup_vs_baseline", "gbps",
-            "frac_of_copy_bw", "tflops", "frac_of_matmul", "peak_mem_mb"]
+    cols = [
+        "name",
+        "provider",
+        "shape",
+        "dtype",
+        "status",
+        "ms",
+        "speedup_vs_baseline",
+        "gbps",
+        "frac_of_copy_bw",
+        "tflops",
+        "frac_of_matmul",
+        "peak_mem_mb",
+    ]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         cells = []
@@ -97,8 +109,15 @@ def main(argv=None) -> int:
         except Exception as e:  # the kernels' own figures still count without the ceilings
             failed = True
             traceback.print_exc()
-            rows.append({"name": "ceilings", "provider": "-", "shape": "-", "dtype": "-",
-                         "status": f"error: {type(e).__name__}: {e}"[:300]})
+            rows.append(
+                {
+                    "name": "ceilings",
+                    "provider": "-",
+                    "shape": "-",
+                    "dtype": "-",
+                    "status": f"error: {type(e).__name__}: {e}"[:300],
+                }
+            )
     for name in a.only or BENCHES:
         try:
             mod = importlib.import_module(f"benchmarks.{name}")
@@ -108,8 +127,15 @@ def main(argv=None) -> int:
         except Exception as e:  # record, keep going: one broken benchmark must not hide others
             failed = True
             traceback.print_exc()
-            rows.append({"name": name, "provider": "-", "shape": "-", "dtype": "-",
-                         "status": f"error: {type(e).__name__}: {e}"[:300]})
+            rows.append(
+                {
+                    "name": name,
+                    "provider": "-",
+                    "shape": "-",
+                    "dtype": "-",
+                    "status": f"error: {type(e).__name__}: {e}"[:300],
+                }
+            )
     ratios(rows)
     fractions(rows)
     info = machine()

@@ -9,5 +9,12 @@ from dlm_kernels.ops.fused_head_sample import fused_head_unmask_step
 from dlm_kernels.ops.linear_cross_entropy import masked_linear_cross_entropy
 from dlm_kernels.ops.unmask_sample import sample_tokens, unmask_step
 
-__all__ = ["masked_cross_entropy", "masked_linear_cross_entropy", "nn", "bidirectional_attention",
-           "sample_tokens", "unmask_step", "fused_head_unmask_step"]
+__all__ = [
+    "masked_cross_entropy",
+    "masked_linear_cross_entropy",
+    "nn",
+    "bidirectional_attention",
+    "sample_tokens",
+    "unmask_step",
+    "fused_head_unmask_step",
+]

@@ -22,7 +22,7 @@ import contextlib
 import importlib
 import os
 import warnings
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 

@@ -77,8 +77,12 @@ def masked_cross_entropy(
     if weight is not None:
         weight = torch.broadcast_to(weight, shape).reshape(-1)
     loss, _ = masked_cross_entropy_rows(
-        logits.reshape(-1, V), target.reshape(-1), valid.reshape(-1), weight,
-        label_smoothing, z_loss,
+        logits.reshape(-1, V),
+        target.reshape(-1),
+        valid.reshape(-1),
+        weight,
+        label_smoothing,
+        z_loss,
     )
     if reduction == "none":
         return loss.reshape(shape)

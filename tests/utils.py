@@ -87,8 +87,7 @@ def assert_close(
         f"reference-in-low-precision max err {base:.3e}, atol {atol:.1e} (max|ref| {scale:.2e})"
     )
     assert ok, (
-        f"{name}: max err {err_max:.3e} exceeds {factor} x {base:.3e} + {atol:.1e} "
-        f"(+ rtol {rtol})"
+        f"{name}: max err {err_max:.3e} exceeds {factor} x {base:.3e} + {atol:.1e} (+ rtol {rtol})"
     )
 
 
@@ -123,8 +122,12 @@ def device() -> torch.device:
 
 def ids(**kw) -> str:
     """Readable parametrize ids: ids(B=2, S=37, dtype=torch.bfloat16) -> 'B2-S37-bf16'."""
-    short = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16",
-             torch.float16: "fp16"}
+    short = {
+        torch.float32: "fp32",
+        torch.float64: "fp64",
+        torch.bfloat16: "bf16",
+        torch.float16: "fp16",
+    }
     parts = []
     for k, v in kw.items():
         parts.append(short[v] if isinstance(v, torch.dtype) else f"{k}{v}")

@@ -355,7 +355,8 @@ def prepare_rows(
             raise TypeError(f"{name}: mask must be a bool tensor (True = carries loss), got {got}")
         if mask.shape != shape:
             raise ValueError(
-                f"{name}: mask must have the shape of target {tuple(shape)}, got {tuple(mask.shape)}"
+                f"{name}: mask must have the shape of target {tuple(shape)}, "
+                f"got {tuple(mask.shape)}"
             )
         if mask.device != device:
             raise ValueError(f"{name}: mask is on {mask.device}, expected {device}")

@@ -414,7 +414,9 @@ def test_weight_gets_no_gradient():
     weight.requires_grad_(True)
     for name in ["reference", "cpp"]:
         with impl(name):
-            loss = dlm_kernels.masked_cross_entropy(logits.requires_grad_(True), target, mask, weight)
+            loss = dlm_kernels.masked_cross_entropy(
+                logits.requires_grad_(True), target, mask, weight
+            )
         loss.backward()
         assert weight.grad is None, name
 
