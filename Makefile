@@ -21,7 +21,10 @@ $(VENV)/.deps: $(BIN)/python pyproject.toml
 	# numpy<2.3: triton 3.6's interpreter converts 1-element arrays with int(), an error in
 	# numpy 2.3+ ("only 0-dimensional arrays can be converted"), which breaks every loop bound.
 	$(BIN)/pip install -q "numpy<2.3" scipy pytest pytest-benchmark ruff ninja "pybind11>=2.12" \
-		safetensors tqdm matplotlib transformers
+		safetensors tqdm matplotlib transformers tokenizers
+	# The lm-eval harness (about 480 MB with datasets/pyarrow/pandas) so that the adapter's
+	# end-to-end test runs in CI instead of being skipped.
+	$(BIN)/pip install -q "numpy<2.3" "lm_eval>=0.4"
 	touch $@
 
 venv: $(VENV)/.deps

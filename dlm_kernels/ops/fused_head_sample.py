@@ -165,27 +165,6 @@ def _softcap(logits: Tensor, softcap) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 # argument checks (the rule checks mirror unmask_step's, message for message)
 # ---------------------------------------------------------------------------------------------
-def _check_rules(name, num_transfer, threshold, factor, alg_temp, ancestral, theta):
-    rules = [num_transfer is not None, threshold is not None, factor is not None, bool(ancestral)]
-    if sum(rules) != 1:
-        raise ValueError(
-            f"{name}: give exactly one of num_transfer, threshold, factor or ancestral=True"
-        )
-    if ancestral and theta is None:
-        raise ValueError(f"{name}: ancestral=True needs theta (the unmasking probability)")
-    if theta is not None and not ancestral:
-        raise ValueError(f"{name}: theta applies to ancestral=True only")
-    if alg_temp is not None:
-        if isinstance(alg_temp, bool) or not isinstance(alg_temp, (int, float)) or alg_temp < 0:
-            raise ValueError(f"{name}: alg_temp must be a float >= 0, got {alg_temp!r}")
-        if alg_temp > 0 and num_transfer is None:
-            raise ValueError(f"{name}: alg_temp applies to the num_transfer rule only")
-    if factor is not None and (
-        isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0
-    ):
-        raise ValueError(f"{name}: factor must be a float > 0, got {factor!r}")
-
-
 # ---------------------------------------------------------------------------------------------
 # public function
 # ---------------------------------------------------------------------------------------------
@@ -269,15 +248,8 @@ def fused_head_unmask_step(
         chunk_rows = max(16, _CHUNK_ELEMS // V)
     elif isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
         raise ValueError(f"{name}: chunk_rows must be an int >= 1, got {chunk_rows!r}")
-    _check_rules(name, num_transfer, threshold, factor, alg_temp, ancestral, theta)
-    cand = x == mask_id
-    if candidates is not None:
-        if not isinstance(candidates, Tensor) or candidates.dtype != torch.bool:
-            raise TypeError(f"{name}: candidates must be a (B, L) bool tensor")
-        if candidates.shape != x.shape or candidates.device != dev:
-            raise ValueError(f"{name}: candidates must be a ({B}, {L}) bool tensor on {dev}, "
-                             f"got {tuple(candidates.shape)} on {candidates.device}")  # fmt: skip
-        cand = cand & candidates
+    us.check_rules(name, num_transfer, threshold, factor, alg_temp, ancestral, theta)
+    cand = us.candidate_mask(name, x, x == mask_id, candidates)
     if confidence not in us._CONF_MODES:
         raise ValueError(f"{name}: confidence must be one of {tuple(us._CONF_MODES)}, got "
                          f"{confidence!r}")  # fmt: skip

@@ -483,6 +483,41 @@ def sample_tokens(
     return _sample(logits, rows, valid, temp, tk, tp, mp, confidence, seed, offset)
 
 
+def check_rules(name, num_transfer, threshold, factor, alg_temp, ancestral, theta) -> None:
+    """Validate the selection rule of a step (shared by unmask_step and the fused head)."""
+    rules = [num_transfer is not None, threshold is not None, factor is not None, bool(ancestral)]
+    if sum(rules) != 1:
+        raise ValueError(
+            f"{name}: give exactly one of num_transfer, threshold, factor or ancestral=True"
+        )
+    if ancestral and theta is None:
+        raise ValueError(f"{name}: ancestral=True needs theta (the unmasking probability)")
+    if theta is not None and not ancestral:
+        raise ValueError(f"{name}: theta applies to ancestral=True only")
+    if alg_temp is not None:
+        if isinstance(alg_temp, bool) or not isinstance(alg_temp, (int, float)) or alg_temp < 0:
+            raise ValueError(f"{name}: alg_temp must be a float >= 0, got {alg_temp!r}")
+        if alg_temp > 0 and num_transfer is None:
+            raise ValueError(f"{name}: alg_temp applies to the num_transfer rule only")
+    if factor is not None and (
+        isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0
+    ):
+        raise ValueError(f"{name}: factor must be a float > 0, got {factor!r}")
+
+
+def candidate_mask(name: str, x: Tensor, masked: Tensor, candidates) -> Tensor:
+    """Masked positions that may commit: ``masked & candidates`` after checking candidates."""
+    if candidates is None:
+        return masked
+    B, L = x.shape
+    if not isinstance(candidates, Tensor) or candidates.dtype != torch.bool:
+        raise TypeError(f"{name}: candidates must be a (B, L) bool tensor")
+    if candidates.shape != x.shape or candidates.device != x.device:
+        raise ValueError(f"{name}: candidates must be a ({B}, {L}) bool tensor on {x.device}, "
+                         f"got {tuple(candidates.shape)} on {candidates.device}")  # fmt: skip
+    return masked & candidates
+
+
 def unmask_step(
     x: Tensor,
     logits: Tensor,
@@ -550,33 +585,9 @@ def unmask_step(
         raise ValueError(f"{name}: logits is on {logits.device}, expected {dev}")
     if isinstance(mask_id, bool) or not isinstance(mask_id, int):
         raise TypeError(f"{name}: mask_id must be an int, got {type(mask_id).__name__}")
-    rules = [num_transfer is not None, threshold is not None, factor is not None, bool(ancestral)]
-    if sum(rules) != 1:
-        raise ValueError(
-            f"{name}: give exactly one of num_transfer, threshold, factor or ancestral=True"
-        )
-    if ancestral and theta is None:
-        raise ValueError(f"{name}: ancestral=True needs theta (the unmasking probability)")
-    if theta is not None and not ancestral:
-        raise ValueError(f"{name}: theta applies to ancestral=True only")
-    if alg_temp is not None:
-        if isinstance(alg_temp, bool) or not isinstance(alg_temp, (int, float)) or alg_temp < 0:
-            raise ValueError(f"{name}: alg_temp must be a float >= 0, got {alg_temp!r}")
-        if alg_temp > 0 and num_transfer is None:
-            raise ValueError(f"{name}: alg_temp applies to the num_transfer rule only")
-    if factor is not None and (
-        isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0
-    ):
-        raise ValueError(f"{name}: factor must be a float > 0, got {factor!r}")
+    check_rules(name, num_transfer, threshold, factor, alg_temp, ancestral, theta)
     masked = x == mask_id
-    cand = masked
-    if candidates is not None:
-        if not isinstance(candidates, Tensor) or candidates.dtype != torch.bool:
-            raise TypeError(f"{name}: candidates must be a (B, L) bool tensor")
-        if candidates.shape != x.shape or candidates.device != dev:
-            raise ValueError(f"{name}: candidates must be a ({B}, {L}) bool tensor on {dev}, "
-                             f"got {tuple(candidates.shape)} on {candidates.device}")  # fmt: skip
-        cand = masked & candidates
+    cand = candidate_mask(name, x, masked, candidates)
 
     # Map logits rows to positions (b * L + l) without a host sync.
     flat_cand = cand.reshape(-1)
