@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 from collections import defaultdict
 
 import matplotlib
@@ -21,7 +22,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def _op(name: str) -> str:
-    return name.split(" ")[0]
+    # "masked_cross_entropy fwd", "attention-padding30-bwd": the op is the first word.
+    return re.split(r"[ -]", name, maxsplit=1)[0]
 
 
 def plot(path: str) -> list[str]:
