@@ -25,8 +25,28 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+class OutOfTime(RuntimeError):
+    """A benchmark module ran past the time budget that benchmarks.run gave it."""
+
+
+_DEADLINE = float("inf")
+
+
+def set_deadline(seconds_from_now: float | None) -> None:
+    """Give the cases that follow a budget; ``time_fn`` raises OutOfTime once it is spent."""
+    global _DEADLINE
+    _DEADLINE = float("inf") if seconds_from_now is None else time.monotonic() + seconds_from_now
+
+
+def check_time() -> None:
+    """Raise OutOfTime when the budget is spent (call before any costly set-up of a case)."""
+    if time.monotonic() > _DEADLINE:
+        raise OutOfTime("time budget spent: case not run")
+
+
 def time_fn(fn: Callable[[], object], device: str, *, quick: bool = False) -> dict:
     """Median / p20 / p80 milliseconds of ``fn()``."""
+    check_time()
     if device.startswith("cuda"):
         import triton.testing
 
@@ -51,6 +71,7 @@ def time_fn(fn: Callable[[], object], device: str, *, quick: bool = False) -> di
 
 def peak_memory_mb(fn: Callable[[], object], device: str) -> float | None:
     """Peak extra memory of one call of ``fn`` in MB (GPU: allocator peak above the baseline)."""
+    check_time()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

@@ -15,11 +15,12 @@ import importlib
 import json
 import os
 import sys
+import time
 import traceback
 
 import torch
 
-from benchmarks.common import machine
+from benchmarks.common import OutOfTime, machine, set_deadline
 
 BENCHES = [
     "bench_cross_entropy",
@@ -28,6 +29,8 @@ BENCHES = [
     "bench_attention",
     "bench_sample",
 ]
+# Shares of --budget: attention has the most cases (sizes x masks x providers x modes).
+WEIGHTS = {"bench_attention": 4.0, "bench_linear_cross_entropy": 1.5}
 
 
 def ratios(rows: list[dict]) -> None:
@@ -96,11 +99,17 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="folder for results (default benchmarks/results)")
     p.add_argument("--only", nargs="*", default=None, help="benchmark module names to run")
     p.add_argument("--no-ceilings", action="store_true", help="skip the copy/matmul ceilings")
+    p.add_argument(
+        "--budget", type=float, default=None,
+        help="seconds for all benchmarks, shared by weight; cases past a module's share are "
+        "recorded as 'skipped: time budget' (the goal shapes run first)",
+    )  # fmt: skip
     a = p.parse_args(argv)
     out = a.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     os.makedirs(out, exist_ok=True)
     rows: list[dict] = []
     failed = False
+    info = machine()
     if not a.no_ceilings:
         try:
             from benchmarks import ceilings
@@ -118,12 +127,27 @@ def main(argv=None) -> int:
                     "status": f"error: {type(e).__name__}: {e}"[:300],
                 }
             )
-    for name in a.only or BENCHES:
+    names = a.only or BENCHES
+    t_start = time.monotonic()
+    for i, name in enumerate(names):
+        if a.budget is not None:
+            # This module's share of what is left, so time one module leaves unused goes on.
+            left = a.budget - (time.monotonic() - t_start)
+            share = WEIGHTS.get(name, 1.0) / sum(WEIGHTS.get(n, 1.0) for n in names[i:])
+            set_deadline(max(left * share, 0.0))
+        t_mod = time.monotonic()
         try:
             mod = importlib.import_module(f"benchmarks.{name}")
             got = mod.run(quick=a.quick, device=a.device)
+            for r in got:
+                if str(r.get("status", "")).startswith("error: OutOfTime"):
+                    r["status"] = "skipped: time budget"
             rows.extend(got)
-            print(f"{name}: {len(got)} rows", file=sys.stderr, flush=True)
+            print(f"{name}: {len(got)} rows in {time.monotonic() - t_mod:.0f} s", file=sys.stderr,
+                  flush=True)  # fmt: skip
+        except OutOfTime:  # a module without per-case handling: its finished rows are lost
+            rows.append(dict(name=name, provider="-", shape="-", dtype="-",
+                             status="skipped: time budget"))  # fmt: skip
         except Exception as e:  # record, keep going: one broken benchmark must not hide others
             failed = True
             traceback.print_exc()
@@ -136,22 +160,26 @@ def main(argv=None) -> int:
                     "status": f"error: {type(e).__name__}: {e}"[:300],
                 }
             )
+        # Written after every module, so a run cut short still leaves what it measured.
+        base, md = write(rows, out, a.device, a.quick, info)
+    print(md)
+    print(f"wrote {base}.json and {base}.md", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def write(rows: list[dict], out: str, device: str, quick: bool, info: dict) -> tuple[str, str]:
     ratios(rows)
     fractions(rows)
-    info = machine()
-    kind = "gpu" if a.device.startswith("cuda") else "cpu"
+    kind = "gpu" if device.startswith("cuda") else "cpu"
     stamp = datetime.date.today().isoformat()
-    tag = "-quick" if a.quick else ""
-    base = os.path.join(out, f"{kind}-{stamp}{tag}")
+    base = os.path.join(out, f"{kind}-{stamp}{'-quick' if quick else ''}")
     with open(base + ".json", "w") as f:
-        json.dump({"machine": info, "quick": a.quick, "rows": rows}, f, indent=1)
+        json.dump({"machine": info, "quick": quick, "rows": rows}, f, indent=1)
     md = f"Machine: {info['device']}, torch {info['torch']}, commit {info['commit']}\n\n"
     md += table(rows) + "\n"
     with open(base + ".md", "w") as f:
         f.write(md)
-    print(md)
-    print(f"wrote {base}.json and {base}.md", file=sys.stderr)
-    return 1 if failed else 0
+    return base, md
 
 
 if __name__ == "__main__":
