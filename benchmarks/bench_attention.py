@@ -83,6 +83,13 @@ def _flex(q, k, v, mask, key_mask):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     if _FLEX is None:
+        # Every (shape, mask, grad mode) is a recompile: past dynamo's default limit of 8 it
+        # silently falls back to the unfused path, which materialises the scores (and OOMs).
+        import torch._dynamo
+
+        for knob in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, knob):
+                setattr(torch._dynamo.config, knob, 256)
         _FLEX = torch.compile(flex_attention, dynamic=False)
     B, S, H, _ = q.shape
     qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))

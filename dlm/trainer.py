@@ -75,6 +75,12 @@ class Trainer:
         self.rank, self.world, local_rank = _init_distributed(dev)
         self.device = torch.device(f"cuda:{local_rank}" if dev == "cuda" else dev)
         if dev == "cuda":
+            if local_rank >= torch.cuda.device_count():
+                raise RuntimeError(
+                    f"LOCAL_RANK {local_rank} but this machine has {torch.cuda.device_count()} "
+                    "CUDA device(s): start at most one process per GPU (torchrun "
+                    "--nproc-per-node), or set train.device = 'cpu' for gloo"
+                )
             torch.cuda.set_device(self.device)
         if tc.threads > 0 and self.device.type == "cpu":
             torch.set_num_threads(tc.threads)

@@ -115,6 +115,30 @@ def skip_unless_available(name: str) -> None:
             pytest.skip("no CUDA device and TRITON_INTERPRET is not set")
 
 
+def to_device(obj, dev):
+    """``obj`` with every tensor in it (tuples, lists, dict values too) moved to ``dev``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dev)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(to_device(o, dev) for o in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, dev) for k, v in obj.items()}
+    return obj
+
+
+def run_on(name: str, fn, *args, **kw):
+    """``fn(*args, **kw)`` with implementation ``name`` forced, on the device it runs on here.
+
+    Tests build their inputs on the CPU. The Triton path runs them on CUDA when there is a GPU
+    (under the interpreter otherwise), so its inputs go there and its outputs come back to the
+    CPU; the other paths run where the inputs are.
+    """
+    dev = device() if name == "triton" else torch.device("cpu")
+    with impl(name):
+        out = fn(*to_device(args, dev), **to_device(kw, dev))
+    return to_device(out, torch.device("cpu"))
+
+
 def device() -> torch.device:
     """Where the tests run: CUDA when present (the GPU check), else CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

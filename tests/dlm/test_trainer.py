@@ -86,11 +86,14 @@ def _worker(rank, world, port, cfg_dict, result_path):
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_processes_gloo_equal_one_process(tmp_path, mode):
     """2 processes x 4 sequences == 1 process x 8 sequences: same noise, same data rows."""
-    cfg = small_config(tmp_path / "one", ema_decay=0.0, grad_clip=0.5)
+    # gloo: CPU processes, also on a machine with one GPU (two ranks cannot share cuda:0 here).
+    cfg = small_config(tmp_path / "one", ema_decay=0.0, grad_clip=0.5, device="cpu")
     one = Trainer(cfg)
     ref_losses = [one.train_step()["loss"] for _ in range(3)]
     one.save()
-    cfg2 = small_config(tmp_path / "two", ema_decay=0.0, grad_clip=0.5, distributed=mode)
+    cfg2 = small_config(
+        tmp_path / "two", ema_decay=0.0, grad_clip=0.5, distributed=mode, device="cpu"
+    )
     result = str(tmp_path / "result.pt")
     mp.spawn(_worker, args=(2, _free_port(), cfg2.to_dict(), result), nprocs=2, join=True)
     losses = torch.load(result)["losses"]

@@ -278,12 +278,12 @@ def test_bad_inputs():
     _bad("k and v must have the same shape", q, k, v[:, :4])
     _bad("same head dim", q, k[..., :8], v[..., :8])
     _bad("head dim must be in", *_inputs(1, 2, 2, 1, 1, 257, torch.float32))
-    k3 = torch.randn(2, 8, 3, 16)
+    k3 = torch.randn(2, 8, 3, 16, device=DEV)
     _bad("multiple of the number of key/value heads", q, k3, k3)
     _bad("multiple of the number of key/value heads", q[:, :, :3], k, v)
     _bad("same batch size", q, k[:1], v[:1])
     _bad("must be <= Sk", q, k[:, :4], v[:, :4])
-    mask = torch.ones(2, 8, dtype=torch.bool)
+    mask = torch.ones(2, 8, dtype=torch.bool, device=DEV)
     _bad("attention_mask must be a bool", q, k, v, attention_mask=mask.int(), exc=TypeError)
     _bad(r"attention_mask must have shape \(B, Sk\)", q, k, v, attention_mask=mask[:, :7])
     _bad("block_size must be >= 1", q, k, v, block_size=0)
@@ -292,14 +292,20 @@ def test_bad_inputs():
     _bad("max_seqlen_q / max_seqlen_k apply only", q, k, v, max_seqlen_q=8)
     # varlen
     qp, kp, vp = q.reshape(16, 4, 16), k.reshape(16, 2, 16), v.reshape(16, 2, 16)
-    cu = torch.tensor([0, 5, 16], dtype=torch.int32)
+    cu = torch.tensor([0, 5, 16], dtype=torch.int32, device=DEV)
     ok = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=11, max_seqlen_k=11)
     dlm_kernels.bidirectional_attention(qp, kp, vp, **ok)  # the valid call
     _bad(r"\(total, H, D\)", q, k, v, **ok)
     _bad("given together", qp, kp, vp, **{**ok, "cu_seqlens_k": None})
     _bad("int32", qp, kp, vp, **{**ok, "cu_seqlens_q": cu.long()}, exc=TypeError)
     _bad("are required with cu_seqlens", qp, kp, vp, **{**ok, "max_seqlen_q": None})
-    _bad("end at 16", qp, kp, vp, **{**ok, "cu_seqlens_q": torch.tensor([0, 5, 15]).int()})
+    _bad(
+        "end at 16",
+        qp,
+        kp,
+        vp,
+        **{**ok, "cu_seqlens_q": torch.tensor([0, 5, 15], device=DEV).int()},
+    )
     _bad(
         "never decrease",
         qp,
@@ -307,14 +313,16 @@ def test_bad_inputs():
         vp,
         **{
             **ok,
-            "cu_seqlens_k": torch.tensor([0, 9, 5, 16]).int(),
-            "cu_seqlens_q": torch.tensor([0, 5, 9, 16]).int(),
+            "cu_seqlens_k": torch.tensor([0, 9, 5, 16], device=DEV).int(),
+            "cu_seqlens_q": torch.tensor([0, 5, 9, 16], device=DEV).int(),
         },
     )
-    _bad("same length", qp, kp, vp, **{**ok, "cu_seqlens_k": torch.tensor([0, 16]).int()})
+    _bad(
+        "same length", qp, kp, vp, **{**ok, "cu_seqlens_k": torch.tensor([0, 16], device=DEV).int()}
+    )
     _bad("a sequence has 11", qp, kp, vp, **{**ok, "max_seqlen_q": 10})
     _bad("cannot be combined", qp, kp, vp, attention_mask=mask, **ok)
-    short = torch.tensor([0, 8, 16], dtype=torch.int32)
+    short = torch.tensor([0, 8, 16], dtype=torch.int32, device=DEV)
     _bad("len_q <= len_k", qp, kp[:8 + 3], vp[:8 + 3], block_size=4, cu_seqlens_q=short,
-         cu_seqlens_k=torch.tensor([0, 3, 11], dtype=torch.int32), max_seqlen_q=8,
+         cu_seqlens_k=torch.tensor([0, 3, 11], dtype=torch.int32, device=DEV), max_seqlen_q=8,
          max_seqlen_k=8)  # fmt: skip

@@ -17,7 +17,7 @@ import torch
 from dlm_kernels import fused_head_unmask_step, reference, unmask_step
 from dlm_kernels.ops import fused_head_sample as fh
 from dlm_kernels.ops import unmask_sample as us
-from tests.utils import ids, impl, skip_unless_available
+from tests.utils import device, ids, impl, run_on, skip_unless_available
 
 CONFS = ["prob", "raw_prob", "margin", "neg_entropy", "random"]
 RULES = {
@@ -73,8 +73,7 @@ def _expected(x, hidden, W, bias=None, softcap=None, logits_shift=False, **kw):
 
 def _check(name, x, hidden, W, **kw):
     want = _expected(x, hidden, W, **{k: v for k, v in kw.items() if k != "chunk_rows"})
-    with impl(name):
-        got = fused_head_unmask_step(x, hidden, W, **kw)
+    got = run_on(name, fused_head_unmask_step, x, hidden, W, **kw)
     assert torch.equal(got[1], want[1]), f"{name}: committed differs"
     assert torch.equal(got[0], want[0]), f"{name}: tokens differ"
     return got
@@ -169,8 +168,7 @@ def test_logits_are_chunked_and_only_for_candidates(name, monkeypatch):
     kw = dict(mask_id=mask_id, candidates=block, num_transfer=100)
     want = _expected(x, h, W, **kw)
     monkeypatch.setattr(us, "_sample", spy)
-    with impl(name):
-        got = fused_head_unmask_step(x, h, W, chunk_rows=4, **kw)
+    got = run_on(name, fused_head_unmask_step, x, h, W, chunk_rows=4, **kw)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert all(rows <= 4 for rows, _ in seen), seen
     assert sum(v for _, v in seen) == int((mask & block).sum())
@@ -185,8 +183,8 @@ def test_nothing_masked_and_all_masked(name):
     skip_unless_available(name)
     x, _, mask_id, h, W, b = _batch(b=2, l=7, v=67)
     x[:] = 5
-    with impl(name):
-        new, done = fused_head_unmask_step(x, h, W, mask_id=mask_id, bias=b, num_transfer=3)
+    new, done = run_on(name, fused_head_unmask_step, x, h, W, mask_id=mask_id, bias=b,
+                       num_transfer=3)  # fmt: skip
     assert torch.equal(new, x) and not bool(done.any())
     x[:] = mask_id
     new, done = _check(name, x, h, W, mask_id=mask_id, bias=b, num_transfer=100, chunk_rows=3,
@@ -233,9 +231,10 @@ def test_torch_compile_fullgraph():
 def test_custom_op_opcheck():
     skip_unless_available("triton")
     with impl("triton"):
-        h, W, b = _grid(10, 40), _grid(37, 40), _grid(37)
-        hrows = torch.tensor([3, 0, 7, 9, 1, 2, 4, 5, 6, 8])
-        count = torch.tensor([4], dtype=torch.int32)
+        dev = device()
+        h, W, b = (t.to(dev) for t in (_grid(10, 40), _grid(37, 40), _grid(37)))
+        hrows = torch.tensor([3, 0, 7, 9, 1, 2, 4, 5, 6, 8], device=dev)
+        count = torch.tensor([4], dtype=torch.int32, device=dev)
         out = fh._head_logits_rows_op(h, W, b, hrows, count, 1, 4)
         assert torch.equal(out[:3], torch.nn.functional.linear(h[hrows[1:4]], W, b))
         torch.library.opcheck(fh._head_logits_rows_op, (h, W, b, hrows, count, 0, 4),

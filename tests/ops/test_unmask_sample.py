@@ -17,7 +17,7 @@ from scipy import stats
 
 from dlm_kernels import dispatch, reference, sample_tokens, unmask_step
 from dlm_kernels.ops import unmask_sample as us
-from tests.utils import assert_close, ids, impl, skip_unless_available
+from tests.utils import assert_close, ids, impl, run_on, skip_unless_available
 
 KERNELS = ["cpp", "triton"]
 CONFS = ["prob", "raw_prob", "margin", "neg_entropy", "random"]
@@ -46,8 +46,7 @@ def _logits(n, v, scale=2.0, dtype=torch.float32):
 
 
 def _run(name, fn, *args, **kw):
-    with impl(name):
-        return fn(*args, **kw)
+    return run_on(name, fn, *args, **kw)
 
 
 def _check_same(out, ref, name):
