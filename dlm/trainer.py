@@ -169,11 +169,15 @@ class Trainer:
         if self.world == 1:
             return model
         if tc.distributed == "fsdp":
+            from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
 
+            # fully_shard's default mesh takes CUDA whenever a GPU exists, even for a gloo run
+            # on the CPU: name the trainer's device.
+            mesh = init_device_mesh(self.device.type, (self.world,))
             for block in self.raw_model.blocks:
-                fully_shard(block)
-            return fully_shard(model)
+                fully_shard(block, mesh=mesh)
+            return fully_shard(model, mesh=mesh)
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [self.device.index] if self.device.type == "cuda" else None

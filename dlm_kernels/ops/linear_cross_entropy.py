@@ -583,6 +583,10 @@ def _masked_lce_fwd(
         loss, lse = _triton_fwd(
             hidden, lm_head_weight, bias, target, valid, weight, label_smoothing, z_loss, softcap
         )
+        # No host-side range check on CUDA (it would sync): an out-of-range target at a row
+        # that carries loss gives NaN, never a plausible number.
+        V = lm_head_weight.shape[0]
+        loss = loss.masked_fill(valid & ((target < 0) | (target >= V)), float("nan"))
     return (loss.sum() if reduce else loss), lse
 
 
