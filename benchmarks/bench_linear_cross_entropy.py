@@ -1,7 +1,10 @@
 """masked_linear_cross_entropy vs the ways DLM trainers compute the LM head + masked loss.
 
 Providers (half of the rows carry loss, as in the diffusion loss; mean over them):
-  dlm_kernels          masked_linear_cross_entropy(hidden, W, target, mask)
+  dlm_kernels          masked_linear_cross_entropy(hidden, W, target, mask) (on CUDA, eager:
+                       cuBLAS over vocabulary slabs)
+  dlm_kernels-fused    the same through the fused Triton kernels (DLM_KERNELS_LCE=fused: the
+                       path CUDA graphs and torch.compile take; GPU only)
   eager                full (N, V) logits, then F.cross_entropy(logits[mask], target[mask])
                        (LLaDA / Dream training code)
   gather-eager         F.cross_entropy(F.linear(hidden[mask], W), target[mask])
@@ -64,6 +67,18 @@ def _ours(hidden, W, target, mask):
     return dlm_kernels.masked_linear_cross_entropy(hidden, W, target, mask)
 
 
+def _ours_fused(hidden, W, target, mask):
+    prev = os.environ.get("DLM_KERNELS_LCE")
+    os.environ["DLM_KERNELS_LCE"] = "fused"
+    try:
+        return dlm_kernels.masked_linear_cross_entropy(hidden, W, target, mask)
+    finally:
+        if prev is None:
+            os.environ.pop("DLM_KERNELS_LCE")
+        else:
+            os.environ["DLM_KERNELS_LCE"] = prev
+
+
 def _eager(hidden, W, target, mask):
     logits = F.linear(hidden, W)
     return F.cross_entropy(logits[mask].float(), target[mask])
@@ -104,6 +119,7 @@ def _cce():
 def _providers(device):
     out = [
         ("dlm_kernels", _ours),
+        ("dlm_kernels-fused", _ours_fused if device.startswith("cuda") else "n/a: CUDA only"),
         ("eager", _eager),
         ("gather-eager", _gather_eager),
         ("torch-lce", _torch_lce if hasattr(F, "linear_cross_entropy") else None),

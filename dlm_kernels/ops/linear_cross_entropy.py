@@ -14,7 +14,12 @@ the logits of those rows are never all alive at once:
   (benchmarks/bench_linear_cross_entropy.py): peak extra 100 MB, against 129 MB for torch's
   chunked F.linear_cross_entropy, 380 MB for gather + linear + F.cross_entropy and 502 MB for
   the full logits; single-thread CPU time 1.66 s against 1.91 s for the gather composition.
-- GPU ("triton"): the valid rows are compacted on the device (a stable sort of the mask, no host
+- GPU, eager ("slab", the default for CUDA tensors outside CUDA-graph capture and
+  torch.compile): the valid rows are gathered (one host sync for their count) and the
+  vocabulary is walked in slabs of ~V/64 columns through cuBLAS; see "CUDA, eager" below for
+  why (the fused kernels' backward measured 5x slower than eager on an H100).
+- GPU, fused ("triton": under CUDA graphs and torch.compile, or DLM_KERNELS_LCE=fused): the
+  valid rows are compacted on the device (a stable sort of the mask, no host
   sync: the grid is sized for N rows and tiles past the device-side count exit at once). The
   forward tiles (rows x vocab) with tl.dot, keeps the logits in registers, runs an online
   logsumexp and keeps one float32 lse per row. The backward recomputes the logit tiles: one
@@ -459,6 +464,157 @@ def _triton_bwd(
 
 
 # ---------------------------------------------------------------------------------------------
+# CUDA, eager: vocabulary slabs through cuBLAS
+# ---------------------------------------------------------------------------------------------
+# Measured on an H100 (benchmarks/results/gpu-h100-2026-11-26-run2-lce.md, N 16384, H 4096,
+# V 151936, bf16, half masked): the fused Triton kernels above took 49 ms forward but 539 ms
+# backward, against 113 ms fwd+bwd for the full-logits eager composition: their dH / dW tiles
+# are read-modify-written in global memory once per (row tile, vocabulary tile) pair. Until they
+# are tuned on a GPU, eager CUDA calls take this path: the rows that carry loss are gathered
+# (one host sync for their count), then the vocabulary is walked in slabs of columns:
+#   forward   logits = h @ W_s.T (cuBLAS), online logsumexp, target logit, row sum (smoothing)
+#   backward  logits again, G = dloss/dlogits in float32, dH += G @ W_s (float32 accumulate),
+#             dW_s = G.T @ h written once (every row is in the slab: no cross-slab reduction,
+#             no (V, H) float32 buffer), db_s = G.sum(0)
+# Four GEMMs of N_valid x V x H in all (fwd 1, bwd 3), each slab's logits alive once. The
+# Triton kernels stay for CUDA graphs and torch.compile (no host sync there) and when
+# DLM_KERNELS_LCE=fused.
+_SLAB_COLS = None  # tests set a small value to cross many slab edges
+
+
+def _use_slab(hidden: Tensor) -> bool:
+    import os
+
+    choice = os.environ.get("DLM_KERNELS_LCE", "auto")
+    if choice == "slab":
+        return True
+    if choice == "fused" or not hidden.is_cuda or torch.compiler.is_compiling():
+        return False
+    return not torch.cuda.is_current_stream_capturing()
+
+
+def _slab_cols(M: int, V: int) -> int:
+    if _SLAB_COLS is not None:
+        return _SLAB_COLS
+    # ~V / 64 columns (float32 logits of a slab ~1.5% of the bf16 full logits' size), at
+    # least 4M elements per slab so that small problems run as one or a few GEMMs.
+    cols = max(V // 64, (1 << 22) // max(M, 1), 256)
+    return min(V, -(-cols // 128) * 128)
+
+
+def _mm_f32(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b with a float32 result. On CUDA, bf16/fp16 operands stay in the tensor cores and
+    accumulate into float32 (torch.mm's out_dtype); elsewhere the operands are upcast."""
+    if a.dtype in (torch.bfloat16, torch.float16):
+        if a.is_cuda:
+            try:
+                return torch.mm(a, b, out_dtype=torch.float32)
+            except (RuntimeError, TypeError, NotImplementedError):
+                # A torch without mm's out_dtype: stay on the tensor cores, round once.
+                return torch.mm(a, b).to(torch.float32)
+        return torch.mm(a.float(), b.float())
+    return torch.mm(a, b).to(torch.float32)
+
+
+def _slab_logits(h, W, bias, v0, v1, cap):
+    """float32 (M, v1 - v0) logits of one slab, softcapped; the GEMM accumulates and writes
+    float32 (as the fused kernels' tiles), so the logits are never rounded to bf16."""
+    x = _mm_f32(h, W[v0:v1].t())
+    if bias is not None:
+        x += bias[v0:v1]
+    if cap:
+        x.div_(cap).tanh_().mul_(cap)
+    return x
+
+
+def _slab_rows(valid: Tensor, target: Tensor, weight: Tensor):
+    idx = valid.nonzero().squeeze(1)  # the one host sync: the count of rows that carry loss
+    return idx, target.index_select(0, idx), weight.index_select(0, idx)
+
+
+def _slab_fwd(hidden, W, bias, target, valid, weight, eps, z, cap):
+    N = hidden.shape[0]
+    V = W.shape[0]
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    loss, lse = torch.zeros(N, **f32), torch.zeros(N, **f32)
+    idx, t, w = _slab_rows(valid, target, weight)
+    M = idx.numel()
+    if M == 0:
+        return loss, lse
+    h = hidden.index_select(0, idx)
+    m = torch.full((M,), float("-inf"), **f32)
+    s = torch.zeros(M, **f32)
+    x_t = torch.zeros(M, **f32)
+    total = torch.zeros(M, **f32) if eps else None
+    cols = _slab_cols(M, V)
+    for v0 in range(0, V, cols):
+        v1 = min(V, v0 + cols)
+        x = _slab_logits(h, W, bias, v0, v1, cap)
+        hit = (t >= v0) & (t < v1)
+        x_t += torch.where(hit, x.gather(1, (t - v0).clamp(0, v1 - v0 - 1)[:, None])[:, 0], 0.0)
+        if total is not None:
+            total += x.sum(1)
+        m_new = torch.maximum(m, x.amax(1))
+        # A row that has seen only -inf keeps shift 0: exp(-inf - 0) = 0, not NaN.
+        shift = torch.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * torch.exp(m - shift) + x.sub_(shift[:, None]).exp_().sum(1)
+        m = m_new
+    lse_v = m + torch.log(s)
+    row = lse_v - x_t
+    if eps:
+        row = (1.0 - eps) * row + eps * (lse_v - total / V)
+    if z:
+        row = row + z * lse_v * lse_v
+    loss.index_copy_(0, idx, w * row)
+    lse.index_copy_(0, idx, lse_v)
+    return loss, lse
+
+
+def _slab_bwd(grad, hidden, W, bias, target, valid, weight, lse, eps, z, cap, need_dh, need_dw):
+    """Gradients in the inputs' dtypes: dh (N, H), dW (V, H), db (V,); empty when not needed."""
+    N, H = hidden.shape
+    V = W.shape[0]
+    dev = hidden.device
+    dh = torch.zeros((N, H) if need_dh else (0,), dtype=hidden.dtype, device=dev)
+    dW = torch.zeros((V, H) if need_dw else (0,), dtype=W.dtype, device=dev)
+    has_db = bias is not None and need_dw
+    db = torch.zeros(V if has_db else 0, dtype=bias.dtype if has_db else W.dtype, device=dev)
+    idx, t, w = _slab_rows(valid, target, weight)
+    M = idx.numel()
+    if M == 0 or not (need_dh or need_dw):
+        return dh, dW, db
+    h = hidden.index_select(0, idx)
+    lse_v = lse.index_select(0, idx)
+    coef = grad.index_select(0, idx) * w
+    scale = coef * (1.0 + 2.0 * z * lse_v) if z else coef
+    hit_val = coef * (1.0 - eps)
+    dh_acc = torch.zeros(M, H, dtype=torch.float32, device=dev) if need_dh else None
+    cols = _slab_cols(M, V)
+    for v0 in range(0, V, cols):
+        v1 = min(V, v0 + cols)
+        x = _slab_logits(h, W, bias, v0, v1, cap)
+        deriv = (1.0 - (x / cap) ** 2) if cap else None  # d(c tanh(u / c)) / du
+        g = x.sub_(lse_v[:, None]).exp_().mul_(scale[:, None])
+        hit = (t >= v0) & (t < v1)
+        r = hit.nonzero().squeeze(1)
+        g.index_put_((r, t.index_select(0, r) - v0), -hit_val.index_select(0, r), accumulate=True)
+        if eps:
+            g.sub_((coef * (eps / V))[:, None])
+        if deriv is not None:
+            g.mul_(deriv)
+        if has_db:
+            db[v0:v1] = g.sum(0).to(db.dtype)
+        gl = g.to(W.dtype)
+        if need_dh:
+            dh_acc += _mm_f32(gl, W[v0:v1])
+        if need_dw:
+            torch.mm(gl.t(), h, out=dW[v0:v1])
+    if need_dh:
+        dh.index_copy_(0, idx, dh_acc.to(dh.dtype))
+    return dh, dW, db
+
+
+# ---------------------------------------------------------------------------------------------
 # CPU path: chunks of gathered rows through the C++ masked-CE ops
 # ---------------------------------------------------------------------------------------------
 # Elements of one (chunk_rows, V) buffer: 4M, i.e. 131 rows at V=32000 (16 MB per float32
@@ -579,6 +735,10 @@ def _masked_lce_fwd(
             hidden, lm_head_weight, bias, target, valid, weight,
             label_smoothing, z_loss, softcap, None, True, False,
         )  # fmt: skip
+    elif impl == "slab":
+        loss, lse = _slab_fwd(
+            hidden, lm_head_weight, bias, target, valid, weight, label_smoothing, z_loss, softcap
+        )
     else:
         loss, lse = _triton_fwd(
             hidden, lm_head_weight, bias, target, valid, weight, label_smoothing, z_loss, softcap
@@ -617,9 +777,10 @@ def _masked_lce_bwd(
     need_dw: bool,
     impl: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """grad: (N,) float32 d(total)/d(loss_i). Returns float32 (dh (N, H), dW (V, H), db (V,)),
-    recomputing the logits from ``lse``; dh is empty without ``need_dh``, dW without
-    ``need_dw``, db without ``need_dw`` and a bias."""
+    """grad: (N,) float32 d(total)/d(loss_i). Returns (dh (N, H), dW (V, H), db (V,)) in the
+    dtypes of hidden, lm_head_weight and bias (accumulated in float32), recomputing the logits
+    from ``lse``; dh is empty without ``need_dh``, dW without ``need_dw``, db without
+    ``need_dw`` and a bias."""
     grad = grad.to(torch.float32).contiguous()
     if impl == "cpp":
         _, _, dh, dW, db = _cpu_run(
@@ -627,11 +788,25 @@ def _masked_lce_bwd(
             label_smoothing, z_loss, softcap, grad, False, True, lse_rows=lse,
             want_dh=need_dh, want_dw=need_dw,
         )  # fmt: skip
-        return dh, dW, db
-    return _triton_bwd(
-        grad, hidden, lm_head_weight, bias, target, valid, weight, lse,
-        label_smoothing, z_loss, softcap, deterministic, need_dh, need_dw,
-    )  # fmt: skip
+    elif impl == "slab":
+        return _slab_bwd(
+            grad, hidden, lm_head_weight, bias, target, valid, weight, lse,
+            label_smoothing, z_loss, softcap, need_dh, need_dw,
+        )  # fmt: skip
+    else:
+        dh, dW, db = _triton_bwd(
+            grad, hidden, lm_head_weight, bias, target, valid, weight, lse,
+            label_smoothing, z_loss, softcap, deterministic, need_dh, need_dw,
+        )  # fmt: skip
+    return (
+        dh.to(hidden.dtype),
+        dW.to(lm_head_weight.dtype),
+        db.to(_bias_dtype(bias, lm_head_weight)),
+    )
+
+
+def _bias_dtype(bias, W):
+    return bias.dtype if bias is not None else W.dtype
 
 
 @_masked_lce_bwd.register_fake
@@ -640,16 +815,16 @@ def _(grad, hidden, lm_head_weight, bias, target, valid, weight, lse, label_smoo
     N, H = hidden.shape
     V = lm_head_weight.shape[0]
     nb = V if (bias is not None and need_dw) else 0
-    f32 = dict(dtype=torch.float32)
     return (
-        hidden.new_empty((N, H) if need_dh else (0,), **f32),
-        hidden.new_empty((V, H) if need_dw else (0,), **f32),
-        hidden.new_empty(nb, **f32),
+        hidden.new_empty((N, H) if need_dh else (0,)),
+        lm_head_weight.new_empty((V, H) if need_dw else (0,)),
+        hidden.new_empty(nb, dtype=_bias_dtype(bias, lm_head_weight)),
     )
 
 
 def _cast_grads(grads, hidden, W, bias, needs):
-    """float32 gradients -> each input's dtype; None for an input that needs none."""
+    """Gradients -> each input's dtype (a no-op where they already are); None for an input
+    that needs none."""
     dh, dW, db = grads
     return (
         dh.to(hidden.dtype) if needs[0] else None,
@@ -873,6 +1048,8 @@ def _masked_linear_cross_entropy(
     eps, z = float(label_smoothing), float(z_loss)
     cap = None if softcap is None else float(softcap)
     impl = dispatch.select(hidden.device)
+    if impl == "triton" and _use_slab(hidden):
+        impl = "slab"  # decided once per call: the backward takes the forward's path
     if impl == "reference" or hidden.dtype == torch.float64:
         loss, lse = reference.masked_linear_cross_entropy_rows(
             h2, lm_head_weight, bias, t, valid, w, eps, z, cap

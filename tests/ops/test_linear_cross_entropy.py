@@ -1,6 +1,10 @@
 """masked_linear_cross_entropy: each implementation vs the float64 reference, loss and the three
 gradients (hidden, lm_head_weight, bias), every option, edge cases, errors, the nn module."""
 
+import contextlib
+import os
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,7 +16,34 @@ from dlm_kernels.ops import linear_cross_entropy as lce
 from tests.utils import IMPLS, assert_close, device, ids, impl, skip_unless_available
 
 DEV = device()
-KERNELS = ["cpp", "triton"]
+# "slab": the eager CUDA path (cuBLAS over vocabulary slabs, ops/linear_cross_entropy.py),
+# forced here on every device and cut into 100-column slabs so that V 1003 crosses ten slab
+# edges; "triton" is then the fused kernels (DLM_KERNELS_LCE=fused), also on a GPU.
+KERNELS = ["cpp", "triton", "slab"]
+IMPLS = [*IMPLS, "slab"]
+
+
+SLAB_TEST_COLS = 100
+
+
+@contextlib.contextmanager
+def _impl(name):
+    prev_env, prev_cols = os.environ.get("DLM_KERNELS_LCE"), lce._SLAB_COLS
+    os.environ["DLM_KERNELS_LCE"] = "slab" if name == "slab" else "fused"
+    lce._SLAB_COLS = SLAB_TEST_COLS if name == "slab" else prev_cols
+    try:
+        with impl("triton" if name == "slab" else name):
+            yield
+    finally:
+        lce._SLAB_COLS = prev_cols
+        if prev_env is None:
+            os.environ.pop("DLM_KERNELS_LCE", None)
+        else:
+            os.environ["DLM_KERNELS_LCE"] = prev_env
+
+
+def _skip(name):
+    skip_unless_available("triton" if name == "slab" else name)
 
 
 def _dev(name):
@@ -38,7 +69,7 @@ def _run(name, hidden, W, b, target, mask, weight, grad_out, **kw):
     leaves = [
         x.detach().clone().requires_grad_(True) if x is not None else None for x in (hidden, W, b)
     ]
-    with impl(name):
+    with _impl(name):
         loss = dlm_kernels.masked_linear_cross_entropy(
             leaves[0], leaves[1], target, mask, weight, bias=leaves[2], **kw
         )
@@ -49,7 +80,7 @@ def _run(name, hidden, W, b, target, mask, weight, grad_out, **kw):
 def _check(name, hidden, W, b, target, mask, weight, factor=2.0, **kw):
     """The kernel against the float64 reference, with the reference run in the kernel's own
     precision as the yardstick (tests/utils.assert_close's rule)."""
-    skip_unless_available(name)
+    _skip(name)
     g = torch.randn(target.shape, dtype=torch.float64, device=target.device)
     if kw.get("reduction", "mean") != "none":
         g = g.reshape(-1)[0]
@@ -117,7 +148,11 @@ OPTIONS = {
 # The Triton interpreter is slow: on that path the options that are one line of host code or
 # one term of the kernel (weight, z_loss, normalizer, sum, ignore_index) run together in "all".
 _TRITON_OPTIONS = ("plain", "bias", "smoothing", "softcap", "none", "all", "all-none")
-OPTION_CASES = [("cpp", o) for o in OPTIONS] + [("triton", o) for o in _TRITON_OPTIONS]
+OPTION_CASES = (
+    [("cpp", o) for o in OPTIONS]
+    + [("triton", o) for o in _TRITON_OPTIONS]
+    + [("slab", o) for o in OPTIONS]
+)
 
 
 @pytest.mark.parametrize("name,option", OPTION_CASES, ids=[f"{n}-{o}" for n, o in OPTION_CASES])
@@ -150,7 +185,7 @@ def test_no_and_all_masked(name, p_mask):
 @pytest.mark.parametrize("name", KERNELS)
 def test_rows_without_loss_are_never_read(name):
     # NaN / inf hidden states at positions that carry no loss (padding) must not leak.
-    skip_unless_available(name)
+    _skip(name)
     hidden, W, b, target, mask, weight = _inputs((1, 37), 40, 1003, torch.float32, dev=_dev(name))
     hidden[~mask] = float("nan")
     hidden[0, 0] = float("inf")
@@ -169,10 +204,10 @@ def test_rows_without_loss_are_never_read(name):
 @pytest.mark.parametrize("name", KERNELS)
 def test_triton_atomics_and_return_lse(name):
     # deterministic=False (the atomic backward on Triton; the CPU path ignores it) and the lse.
-    skip_unless_available(name)
+    _skip(name)
     hidden, W, b, target, mask, weight = _inputs((1, 37), 40, 1003, torch.float32, dev=_dev(name))
     _check(name, hidden, W, b, target, mask, weight, deterministic=False, label_smoothing=0.1)
-    with impl(name):
+    with _impl(name):
         loss, lse = dlm_kernels.masked_linear_cross_entropy(
             hidden, W, target, mask, bias=b, return_lse=True, softcap=3.0
         )
@@ -188,13 +223,13 @@ def test_triton_atomics_and_return_lse(name):
 def test_frozen_inputs(name, frozen):
     # A frozen LM head (LoRA) or frozen hidden states: only the other gradients are computed,
     # and they still match the reference (both the reduced and the per-row paths).
-    skip_unless_available(name)
+    _skip(name)
     hidden, W, b, target, mask, weight = _inputs((1, 37), 40, 1003, torch.float32, dev=_dev(name))
     for red in ("mean", "none"):
         h = hidden.clone().requires_grad_(frozen != "hidden")
         w = W.clone().requires_grad_(frozen != "head")
         bb = b.clone().requires_grad_(frozen != "head")
-        with impl(name):
+        with _impl(name):
             loss = dlm_kernels.masked_linear_cross_entropy(
                 h, w, target, mask, weight, bias=bb, reduction=red
             )
@@ -261,14 +296,14 @@ def test_gradcheck_kernels(name):
     # The kernels accumulate in float32 by design, so float64 finite differences cannot resolve
     # them; instead their backward is checked against their own forward by central differences
     # in float32 (eps 1e-3: rounding noise ~1e-4 relative), per-row output, every option.
-    skip_unless_available(name)
+    _skip(name)
     hidden, W, b, target, mask, weight = _inputs(
         (1, 6), 5, 19, torch.float32, p_mask=0.7, dev=_dev(name)
     )
     kw = dict(label_smoothing=0.1, z_loss=1e-2, softcap=2.0, reduction="none")
 
     def f(h, w, bb):
-        with impl(name):
+        with _impl(name):
             return dlm_kernels.masked_linear_cross_entropy(
                 h, w, target, mask, weight, bias=bb, **kw
             )
@@ -375,3 +410,10 @@ def test_bad_inputs(monkeypatch):
     with pytest.raises(ValueError, match=r"target must lie in \[0, 1003\)"):
         f(hidden, W, bad, m)
     f(hidden, W, bad, ~m)  # an out-of-range target where no loss is carried is fine
+
+
+@pytest.mark.slow
+def test_large_vocabulary_slab(monkeypatch):
+    # The eager CUDA path at Dream's vocabulary with its own slab width (V // 64 columns).
+    monkeypatch.setattr(sys.modules[__name__], "SLAB_TEST_COLS", None)
+    _check("slab", *_inputs((1, 5), 16, 151936, torch.float32, p_mask=0.8))
