@@ -53,9 +53,12 @@ TEST_BUDGET=200
 SELECT=()
 if [ -n "$QUICK" ]; then TEST_BUDGET=80; SELECT=(-m "not slow"); fi
 # Tests compile many Triton kernel variants (CPU-bound): spread them over the host's cores.
-if "$PY" -c "import xdist" 2>/dev/null; then SELECT+=(-n "${TEST_WORKERS:-8}"); fi
+if "$PY" -c "import xdist" 2>/dev/null; then SELECT+=(-n "${TEST_WORKERS:-12}"); fi
+# tests/test_benchmarks.py runs each benchmark at toy size so that it cannot rot; here the real
+# benchmarks run next anyway, and at CUDA "toy" sizes it took 2 of the 3 test minutes (H100).
+SELECT+=(--ignore tests/test_benchmarks.py)
 # SIGINT first so that pytest still prints its summary; KILL 15 s later if it hangs.
-timeout -s INT -k 15 "$TEST_BUDGET" "$PY" -m pytest tests -q --maxfail=20 -p no:cacheprovider \
+timeout -s INT -k 15 "$TEST_BUDGET" "$PY" -m pytest tests -q --maxfail=100 -p no:cacheprovider \
   -o addopts="-ra --durations=10" ${SELECT[@]+"${SELECT[@]}"} > "$DEST/pytest.txt" 2>&1
 rc_tests=$?
 tail -25 "$DEST/pytest.txt"

@@ -155,7 +155,20 @@ def cmd_sample(args) -> int:
         print(tok.decode(rows[b].tolist()) + tok.decode(x[b, P:].tolist()))
     n_tok = x.shape[0] * args.length
     print(f"[{n_tok} tokens in {dt:.2f} s: {n_tok / max(dt, 1e-9):,.0f} tokens/s on {dev}]")
+    if cfg is not None and cfg.data.data == "shakespeare":
+        print(_word_report([tok.decode(x[b, P:].tolist()) for b in range(x.shape[0])]))
     return 0
+
+
+def _word_report(texts: list[str]) -> str:
+    """How word-like the samples are, against the embedded corpus's training works."""
+    from dlm.data import lexicon, load_documents, real_word_fraction, words_of
+
+    train, _ = load_documents("shakespeare")
+    frac, n = real_word_fraction(texts, lexicon(train))
+    distinct = len({w for t in texts for w in words_of(t)}) / max(n, 1)
+    return (f"[words: {frac:.0%} of {n} occur in the training corpus; {distinct:.0%} of them "
+            f"distinct (a low share means repetition)]")  # fmt: skip
 
 
 def _eval_windows(args, tok, cfg):

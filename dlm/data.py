@@ -16,6 +16,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 from dataclasses import dataclass
 from importlib import resources
 
@@ -100,6 +101,31 @@ def _split_text(doc: Document, val_fraction: float):
 # ---------------------------------------------------------------------------------------------
 # tokenizers
 # ---------------------------------------------------------------------------------------------
+_WORD = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)*")
+
+
+def words_of(text: str) -> list[str]:
+    """The words of ``text`` (letters, inner apostrophes: "o'er", "king's"), lower-cased."""
+    return [w.lower() for w in _WORD.findall(text)]
+
+
+def real_word_fraction(texts: list[str], lexicon: set[str]) -> tuple[float, int]:
+    """(fraction of the words of ``texts`` found in ``lexicon``, number of words).
+
+    The demo's yardstick for "most words are real words": a sampled word counts as real when
+    it occurs in the corpus the model was trained on. 0.0 for texts without words."""
+    ws = [w for t in texts for w in words_of(t)]
+    return (sum(w in lexicon for w in ws) / len(ws) if ws else 0.0), len(ws)
+
+
+def lexicon(docs: list[Document]) -> set[str]:
+    """Every word of ``docs`` (see ``words_of``)."""
+    out: set[str] = set()
+    for d in docs:
+        out.update(words_of(d.text))
+    return out
+
+
 class CharTokenizer:
     """Characters -> ids 0..n-1 (sorted), then <pad> = n, <mask> = n + 1.
 

@@ -102,3 +102,21 @@ def test_packing_boundaries_and_positions():
         seg = b.input_ids.flatten()[a:e]
         assert (seg == seg[0]).all()  # each toy document is a single repeated letter
     assert b.max_seqlen == max(e - a for a, e in zip(cu[:-1], cu[1:]))
+
+
+def test_real_word_fraction():
+    from dlm.data import Document, lexicon, real_word_fraction, words_of
+
+    assert words_of("O'er the King's men, 'tis-done!") == [
+        "o'er",
+        "the",
+        "king's",
+        "men",
+        "tis",
+        "done",
+    ]
+    lex = lexicon([Document("t", "To be, or not to be: that is the question.")])
+    assert lex == {"to", "be", "or", "not", "that", "is", "the", "question"}
+    frac, n = real_word_fraction(["To bee or not", "tHE qestion"], lex)
+    assert n == 6 and frac == 4 / 6
+    assert real_word_fraction(["", " ,. "], lex) == (0.0, 0)
