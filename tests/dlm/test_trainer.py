@@ -169,3 +169,15 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert logits.shape == (1, 5, tok.vocab_size)
     with pytest.raises(SystemExit):
         main(["train", "--preset", "no-such-preset"])
+
+
+@pytest.mark.slow
+def test_compile_matches_eager(tmp_path):
+    """--compile (torch.compile of the model; the kernels are custom ops) trains the same."""
+    losses = {}
+    for compiled in (False, True):
+        cfg = small_config(tmp_path / str(compiled), steps=2, eval_every=0, compile=compiled)
+        tr = Trainer(cfg, log=lambda *a, **k: None)
+        losses[compiled] = [tr.train_step()["loss"] for _ in range(2)]
+    torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]),
+                               rtol=1e-5, atol=0)  # fmt: skip
