@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from dlm.sampler import call_model, time_input
 from dlm.schedules import Schedule, get_schedule
 
 
@@ -35,6 +36,7 @@ def ancestral_sample(
     temperature: 0 takes the argmax; otherwise the logits are divided by it.
     """
     schedule = get_schedule(schedule) if isinstance(schedule, str) else schedule
+    needs_t = time_input(model) is not None  # a time-conditioned model gets the step's t
     x = torch.full((batch, length), mask_token_id, dtype=torch.long, device=device)
     if prompt is not None:
         x[:, : prompt.shape[1]] = prompt.to(device)
@@ -42,7 +44,8 @@ def ancestral_sample(
         t = torch.tensor([i / steps], dtype=torch.float64)
         s = torch.tensor([(i - 1) / steps], dtype=torch.float64)
         masked = x == mask_token_id
-        logits = model(x).float()
+        kw = {"t": t.float().to(device).expand(batch)} if needs_t else {}
+        logits = call_model(model, x, **kw).float()
         if banned_ids:
             logits[..., banned_ids] = float("-inf")
         if temperature == 0:

@@ -76,11 +76,15 @@ class _Banned(torch.nn.Module):
     def __init__(self, model, banned: list[int]):
         super().__init__()
         self.model, self.banned = model, banned
+        self.cfg = getattr(model, "cfg", None)
+        self.time_of = getattr(model, "time_of", None)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, kv_cache=None):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, kv_cache=None, t=None):
         kw = {"attention_mask": attention_mask, "position_ids": position_ids}
         if kv_cache is not None:
             kw["kv_cache"] = kv_cache
+        if t is not None:
+            kw["t"] = t
         logits = self.model(input_ids, **kw)
         logits[..., self.banned] = float("-inf")
         return logits

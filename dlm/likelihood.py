@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dlm.sampler import _accepts, call_model, guide
+from dlm.sampler import _accepts, call_model, guide, time_input
 
 
 def _row_generators(B: int, seed: int | None, generator: torch.Generator | None):
@@ -92,11 +92,14 @@ def masked_nll_estimate(
     n_all = maskable.sum(1).tolist()
     # All (row, draw) pairs, generated per row, then evaluated in chunks of batch_size.
     seqs, masks, weights, owners = [], [], [], []
+    fracs_m, fracs_n = [], []
     for b in range(B):
         n = n_all[b]
         if n == 0:
             continue
         mk, m = _draws(n, mc_num, S, maskable[b].cpu(), gens[b])
+        fracs_m.append(m.to(torch.float64))
+        fracs_n.append(float(n))
         masks.append(mk.to(dev))
         weights.append(n / m.to(torch.float64))
         seqs.append(x[b].expand(mc_num, S))
@@ -112,6 +115,9 @@ def masked_nll_estimate(
     if am_t is not None and _accepts(model, "position_ids"):
         # As in generate: positions restart at each row's first real token.
         pos_t = (am_t.to(torch.int64).cumsum(1) - 1).clamp_min(0)
+    # A time-conditioned model gets t of each draw's masked fraction m / n.
+    t_of = time_input(model)
+    frac_t = torch.cat([m / n for m, n in zip(fracs_m, fracs_n)]) if t_of is not None else None
     prompt_t = None
     if cfg_scale > 0:
         real = am_t if am_t is not None else torch.ones_like(masks_t)
@@ -123,6 +129,8 @@ def masked_nll_estimate(
         xt = torch.where(mk, torch.full_like(x0, mask_id), x0)
         am = None if am_t is None else am_t[lo:hi]
         kw = {} if pos_t is None else {"position_ids": pos_t[lo:hi]}
+        if t_of is not None:
+            kw["t"] = t_of(frac_t[lo:hi]).float().to(dev)
         if prompt_t is not None:
             un = torch.where(prompt_t[lo:hi], torch.full_like(xt, mask_id), xt)
             kw = {k: torch.cat([v, v]) for k, v in kw.items()}

@@ -62,6 +62,28 @@ class DiffusionObjective:
         self.min_snr_gamma = min_snr_gamma
         loss_weight(self.schedule, torch.full((1,), 0.5), weighting)  # validate the name now
 
+    def mask_prob(self, t: Tensor) -> Tensor:
+        """The chance that a token is masked at time t (float64)."""
+        t = t.double()
+        if self.objective == "llada":
+            return llada_p_mask(t, self.eps)
+        return 1.0 - self.schedule.alpha(t).double()
+
+    def time_of(self, masked_fraction: Tensor) -> Tensor:
+        """The time t at which ``masked_fraction`` of the tokens are masked in expectation:
+        the inverse of ``mask_prob`` (increasing in t), by bisection over [0, 1] in float64.
+
+        What a time-conditioned model is given at sampling and likelihood time (dlm.sampler,
+        dlm.likelihood), where only the masked fraction is known."""
+        f = masked_fraction.double()
+        lo, hi = torch.zeros_like(f), torch.ones_like(f)
+        for _ in range(60):
+            mid = 0.5 * (lo + hi)
+            below = self.mask_prob(mid) < f
+            lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+        return (0.5 * (lo + hi)).to(masked_fraction.dtype if masked_fraction.is_floating_point()
+                                    else torch.float32)  # fmt: skip
+
     def noise(
         self,
         x0: Tensor,

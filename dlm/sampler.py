@@ -93,6 +93,23 @@ def _accepts(model, name: str) -> bool:
         return False
 
 
+def time_input(model, time_of=None):
+    """For a time-conditioned model, the map (masked fraction -> t) to feed it; else None.
+
+    A model needs t when its forward takes ``t`` and it is time-conditioned
+    (``model.cfg.time_conditioning``, as DiffusionLM) or carries a ``time_of`` map
+    (dlm.trainer.load_model attaches its objective's ``time_of``: the inverse of the training
+    schedule's masking probability). Without a map, the linear schedule's: t = fraction.
+    """
+    if not _accepts(model, "t"):
+        return None
+    time_of = time_of or getattr(model, "time_of", None)
+    conditioned = bool(getattr(getattr(model, "cfg", None), "time_conditioning", False))
+    if time_of is None and not conditioned:
+        return None
+    return time_of or (lambda f: f)
+
+
 def call_model(model, input_ids: Tensor, **kwargs) -> Tensor:
     """model(input_ids, **kwargs) as float logits (B, n, V): plain tensors or ``.logits``."""
     out = model(input_ids, **kwargs)
@@ -350,6 +367,12 @@ def _generate(
                              "(see dlm.sampler.KVCache)")  # fmt: skip
         if bool(((prompt == mask_id) & real_pos[:, :P]).any()):
             raise ValueError("generate: kv_cache cannot infill masks inside the prompt")
+    t_of = time_input(model) if forward_fn is None else None
+    if t_of is not None:
+        # A time-conditioned model sees t of the masked fraction of what is being generated
+        # (the masks at the start, prompt masks included), per row.
+        to_fill = (x == mask_id) & real_pos
+        n_fill = to_fill.sum(1).clamp_min(1).to(torch.float64)
     uncond_src = None
     if cfg_scale > 0:
         # LLaDA: the unconditional pass sees every prompt token (all that is not a mask at the
@@ -361,6 +384,11 @@ def _generate(
     def forward(rows: list[int] | None, q0: int = 0, q1: int = L, cache=None) -> Tensor:
         """Logits (n_rows, q1 - q0, V) of x[rows] at positions [q0, q1), guided and shifted."""
         xs = x if rows is None else x[rows]
+        t_in = None
+        if t_of is not None:
+            fill = to_fill if rows is None else to_fill[rows]
+            nf = n_fill if rows is None else n_fill[rows]
+            t_in = t_of(((xs == mask_id) & fill).sum(1).to(torch.float64) / nf).float()
         am_ = am_fwd if forward_fn is not None else am
         ams = am_ if (am_ is None or rows is None) else am_[rows]
         ps = pos_ids if (pos_ids is None or rows is None) else pos_ids[rows]
@@ -369,6 +397,7 @@ def _generate(
             xs = torch.cat([xs, torch.where(us, torch.full_like(xs, mask_id), xs)], 0)
             ams = None if ams is None else torch.cat([ams, ams], 0)
             ps = None if ps is None else torch.cat([ps, ps], 0)
+            t_in = None if t_in is None else torch.cat([t_in, t_in], 0)
         if counter is not None:
             counter.append(xs.shape[0])
         if forward_fn is not None:
@@ -380,6 +409,8 @@ def _generate(
             if cache is not None:
                 cache.start = q0
                 kw["kv_cache"] = cache
+            if t_in is not None:
+                kw["t"] = t_in
             logits = call_model(model, xs[:, q0:q1], **kw)
         if uncond_src is not None:
             c, u = logits.chunk(2, dim=0)

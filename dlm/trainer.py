@@ -132,6 +132,8 @@ class Trainer:
             tc.t_sampling,
             tc.random_length_prob,
         )
+        if mc.time_conditioning:
+            model.time_of = self.objective.time_of  # for the samplers and dlm.likelihood
         self.autocast_dtype = None
         if tc.dtype == "bfloat16" or (tc.dtype == "auto" and self.device.type == "cuda"):
             self.autocast_dtype = torch.bfloat16
@@ -563,4 +565,11 @@ def load_model(path: str, *, ema: bool = True, device: str = "cpu"):
     if cfg.model.tie_embeddings:
         sd["lm_head.weight"] = sd["tok_emb.weight"]
     model.load_state_dict(sd)
+    if cfg.model.time_conditioning:
+        # The samplers know the masked fraction; the model was trained on t: map one to the
+        # other with the training objective's schedule.
+        tc = cfg.train
+        model.time_of = DiffusionObjective(
+            cfg.model.mask_token_id, tc.schedule, tc.weighting, tc.objective, tc.sampling_eps
+        ).time_of
     return model.to(device).eval(), tokenizer_from_json(meta["tokenizer"]), cfg

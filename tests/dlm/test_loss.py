@@ -116,3 +116,16 @@ def test_convergence_kernel_path_vs_reference_path():
     assert ref[-10:].mean() < 0.8 * ref[:3].mean(), "the tiny model should learn the pattern"
     torch.testing.assert_close(km, ref, rtol=1e-3, atol=1e-3)
     copy.deepcopy(m)  # the trained model stays a plain nn.Module (checkpointable)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "log-linear", "geometric"])
+@pytest.mark.parametrize("objective", ["mdlm", "llada"])
+def test_time_of_inverts_mask_prob(schedule, objective):
+    # What a time-conditioned model is fed at sampling: the t whose masking probability is the
+    # masked fraction the sampler sees.
+    obj = DiffusionObjective(0, schedule, objective=objective)
+    t = torch.linspace(0.0, 1.0, 41, dtype=torch.float64)
+    torch.testing.assert_close(obj.time_of(obj.mask_prob(t)), t, rtol=0, atol=1e-9)
+    if objective == "mdlm" and schedule == "linear":
+        f = torch.tensor([0.0, 0.25, 1.0])
+        torch.testing.assert_close(obj.time_of(f), f)  # 1 - alpha(t) = t

@@ -408,3 +408,80 @@ def test_bad_arguments(model):
         generate(model, ids, mask_id=MASK, stop_at_eos=True, gen_length=4, steps=2)
     with pytest.raises(TypeError, match="prompt"):
         generate(model, ids.float(), mask_id=MASK)
+
+
+class _TimeStub(torch.nn.Module):
+    """A time-conditioned model that records the t it is given; logits favour token 3."""
+
+    def __init__(self, V=11, time_of=None):
+        super().__init__()
+        self.V, self.seen = V, []
+        self.cfg = ModelConfig(vocab_size=V, time_conditioning=True)
+        if time_of is not None:
+            self.time_of = time_of
+
+    def forward(self, input_ids, attention_mask=None, t=None):
+        assert t is not None, "a time-conditioned model must be given t"
+        self.seen.append(t.clone())
+        logits = torch.zeros(*input_ids.shape, self.V)
+        logits[..., 3] = 1.0 + torch.arange(input_ids.shape[1]) / 100  # confidence by position
+        return logits
+
+
+def test_time_conditioned_model_gets_t_of_the_masked_fraction():
+    mask = 10
+    prompt = torch.tensor([[0, 5, 6], [7, 8, 9]])
+    am = torch.tensor([[False, True, True], [True, True, True]])
+    m = _TimeStub()
+    out = generate(m, prompt, am, gen_length=8, steps=4, mask_id=mask, alg="low_confidence")
+    assert bool((out[:, 3:] == 3).all())
+    # 8 masks, 2 committed per step: fractions 1, 3/4, 1/2, 1/4, per row (linear: t = fraction)
+    want = torch.tensor([1.0, 0.75, 0.5, 0.25])
+    got = torch.stack(m.seen)  # (steps, B)
+    torch.testing.assert_close(got, want[:, None].expand(4, 2))
+    # the model's own map (load_model attaches the training schedule's inverse)
+    m2 = _TimeStub(time_of=lambda f: f**2)
+    generate(m2, prompt, am, gen_length=8, steps=4, mask_id=mask, cfg_scale=1.5)
+    got2 = torch.stack(m2.seen)  # cfg: conditional and unconditional rows, the same t
+    torch.testing.assert_close(got2, (want**2)[:, None].expand(4, 4))
+
+
+def test_time_conditioned_diffusion_lm_samples_and_scores():
+    from dlm.likelihood import masked_nll_estimate
+
+    torch.manual_seed(0)
+    model = DiffusionLM(
+        ModelConfig(
+            vocab_size=13,
+            d_model=32,
+            n_layers=1,
+            n_heads=2,
+            n_kv_heads=1,
+            mask_token_id=12,
+            time_conditioning=True,
+        )
+    )
+    model.eval()  # fmt: skip
+    prompt = torch.randint(0, 12, (2, 5))
+    out = generate(model, prompt, gen_length=6, steps=3, mask_id=12)  # raised without t
+    assert out.shape == (2, 11) and bool((out[:, 5:] != 12).all())
+    est = masked_nll_estimate(model, out, torch.ones_like(out, dtype=torch.bool), mask_id=12,
+                              mc_num=4, seed=0)  # fmt: skip
+    assert bool(torch.isfinite(est).all())
+
+
+def test_likelihood_gives_t_of_each_draw():
+    from dlm.likelihood import masked_nll_estimate
+
+    seen_frac = []
+
+    class Stub(_TimeStub):
+        def forward(self, input_ids, attention_mask=None, t=None):
+            seen_frac.append((input_ids == 10).sum(1).double() / 6)
+            return super().forward(input_ids, attention_mask, t)
+
+    m = Stub()
+    x = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
+    maskable = torch.tensor([[False, False, True, True, True, True, True, True]])  # n = 6
+    masked_nll_estimate(m, x, maskable, mask_id=10, mc_num=5, batch_size=2, seed=1)
+    torch.testing.assert_close(torch.cat(m.seen).double(), torch.cat(seen_frac))
