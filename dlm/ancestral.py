@@ -36,7 +36,7 @@ def ancestral_sample(
     temperature: 0 takes the argmax; otherwise the logits are divided by it.
     """
     schedule = get_schedule(schedule) if isinstance(schedule, str) else schedule
-    needs_t = time_input(model) is not None  # a time-conditioned model gets the step's t
+    t_of = time_input(model)  # a time-conditioned model: masked fraction -> its t
     x = torch.full((batch, length), mask_token_id, dtype=torch.long, device=device)
     if prompt is not None:
         x[:, : prompt.shape[1]] = prompt.to(device)
@@ -44,7 +44,9 @@ def ancestral_sample(
         t = torch.tensor([i / steps], dtype=torch.float64)
         s = torch.tensor([(i - 1) / steps], dtype=torch.float64)
         masked = x == mask_token_id
-        kw = {"t": t.float().to(device).expand(batch)} if needs_t else {}
+        kw = {}
+        if t_of is not None:  # t of the masked fraction, through the model's training schedule
+            kw["t"] = t_of(masked.sum(1).to(torch.float64) / length).float()
         logits = call_model(model, x, **kw).float()
         if banned_ids:
             logits[..., banned_ids] = float("-inf")

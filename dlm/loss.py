@@ -71,18 +71,17 @@ class DiffusionObjective:
 
     def time_of(self, masked_fraction: Tensor) -> Tensor:
         """The time t at which ``masked_fraction`` of the tokens are masked in expectation:
-        the inverse of ``mask_prob`` (increasing in t), by bisection over [0, 1] in float64.
+        the inverse of ``mask_prob`` (closed forms, bisection for the discrete schedule),
+        float32 on the input's device.
 
         What a time-conditioned model is given at sampling and likelihood time (dlm.sampler,
         dlm.likelihood), where only the masked fraction is known."""
         f = masked_fraction.double()
-        lo, hi = torch.zeros_like(f), torch.ones_like(f)
-        for _ in range(60):
-            mid = 0.5 * (lo + hi)
-            below = self.mask_prob(mid) < f
-            lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
-        return (0.5 * (lo + hi)).to(masked_fraction.dtype if masked_fraction.is_floating_point()
-                                    else torch.float32)  # fmt: skip
+        if self.objective == "llada":
+            t = ((f - self.eps) / (1.0 - self.eps)).clamp(0.0, 1.0)
+        else:
+            t = self.schedule.time_of(f)
+        return t.to(device=masked_fraction.device, dtype=torch.float32)
 
     def noise(
         self,

@@ -96,7 +96,8 @@ def _accepts(model, name: str) -> bool:
 def time_input(model, time_of=None):
     """For a time-conditioned model, the map (masked fraction -> t) to feed it; else None.
 
-    A model needs t when its forward takes ``t`` and it is time-conditioned
+    The fraction is over the row's real tokens (prompt included), as dlm train noises whole
+    sequences. A model needs t when its forward takes ``t`` and it is time-conditioned
     (``model.cfg.time_conditioning``, as DiffusionLM) or carries a ``time_of`` map
     (dlm.trainer.load_model attaches its objective's ``time_of``: the inverse of the training
     schedule's masking probability). Without a map, the linear schedule's: t = fraction.
@@ -369,10 +370,10 @@ def _generate(
             raise ValueError("generate: kv_cache cannot infill masks inside the prompt")
     t_of = time_input(model) if forward_fn is None else None
     if t_of is not None:
-        # A time-conditioned model sees t of the masked fraction of what is being generated
-        # (the masks at the start, prompt masks included), per row.
-        to_fill = (x == mask_id) & real_pos
-        n_fill = to_fill.sum(1).clamp_min(1).to(torch.float64)
+        # A time-conditioned model sees t of the masked fraction of the row's real tokens,
+        # prompt included: dlm train masks whole sequences (no SFT prompt mask), so that is
+        # the fraction its t stood for.
+        n_real = real_pos.sum(1).clamp_min(1).to(torch.float64)
     uncond_src = None
     if cfg_scale > 0:
         # LLaDA: the unconditional pass sees every prompt token (all that is not a mask at the
@@ -386,9 +387,9 @@ def _generate(
         xs = x if rows is None else x[rows]
         t_in = None
         if t_of is not None:
-            fill = to_fill if rows is None else to_fill[rows]
-            nf = n_fill if rows is None else n_fill[rows]
-            t_in = t_of(((xs == mask_id) & fill).sum(1).to(torch.float64) / nf).float()
+            rp = real_pos if rows is None else real_pos[rows]
+            nr = n_real if rows is None else n_real[rows]
+            t_in = t_of(((xs == mask_id) & rp).sum(1).to(torch.float64) / nr).float()
         am_ = am_fwd if forward_fn is not None else am
         ams = am_ if (am_ is None or rows is None) else am_[rows]
         ps = pos_ids if (pos_ids is None or rows is None) else pos_ids[rows]

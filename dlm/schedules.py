@@ -33,6 +33,17 @@ class Schedule:
         a_t, a_s = self.alpha(t), self.alpha(s)
         return ((a_s - a_t) / (1 - a_t)).clamp(0.0, 1.0)
 
+    def time_of(self, mask_prob: Tensor) -> Tensor:
+        """The t with 1 - alpha(t) = mask_prob (float64): closed forms in the subclasses; here
+        bisection over [0, 1] on the CPU (60 steps of a few float64 ops on B values)."""
+        f = mask_prob.detach().double().cpu()
+        lo, hi = torch.zeros_like(f), torch.ones_like(f)
+        for _ in range(60):
+            mid = 0.5 * (lo + hi)
+            below = (1.0 - self.alpha(mid)) < f
+            lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+        return (0.5 * (lo + hi)).to(mask_prob.device)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -48,6 +59,9 @@ class Linear(Schedule):
     def weight(self, t):
         return 1.0 / t.double()
 
+    def time_of(self, mask_prob):
+        return mask_prob.double().clamp(0.0, 1.0)
+
 
 class Cosine(Schedule):
     """alpha = cos(pi t / 2), w = (pi/2) sin(pi t/2) / (1 - cos(pi t/2)) (MDLM's cosine)."""
@@ -61,6 +75,9 @@ class Cosine(Schedule):
         x = 0.5 * math.pi * t.double()
         # 1 - cos(x) = 2 sin^2(x/2): no cancellation near t = 0.
         return 0.5 * math.pi * torch.sin(x) / (2.0 * torch.sin(0.5 * x) ** 2)
+
+    def time_of(self, mask_prob):
+        return torch.acos((1.0 - mask_prob.double()).clamp(0.0, 1.0)) * (2.0 / math.pi)
 
 
 class CosineSquared(Schedule):
@@ -76,6 +93,9 @@ class CosineSquared(Schedule):
         # 1 - cos^2(x) = sin^2(x), exact near t = 0.
         return math.pi * torch.sin(x) * torch.cos(x) / torch.sin(x) ** 2
 
+    def time_of(self, mask_prob):
+        return torch.acos((1.0 - mask_prob.double()).clamp(0.0, 1.0).sqrt()) * (2.0 / math.pi)
+
 
 class LogLinear(Schedule):
     """alpha = 1 - (1 - eps) t, w = 1 / t (MDLM's default; alpha(1) = eps, never all masked)."""
@@ -90,6 +110,9 @@ class LogLinear(Schedule):
 
     def weight(self, t):
         return 1.0 / t.double()
+
+    def time_of(self, mask_prob):
+        return (mask_prob.double() / (1.0 - self.eps)).clamp(0.0, 1.0)
 
     def __repr__(self):
         return f"LogLinear(eps={self.eps})"
@@ -114,6 +137,14 @@ class Geometric(Schedule):
         sigma = self.sigma(t)
         dsigma = sigma * math.log(self.sigma_max / self.sigma_min)
         return dsigma / torch.expm1(sigma)
+
+    def time_of(self, mask_prob):
+        # 1 - f = exp(-sigma), log sigma = log sigma_min + t log(sigma_max / sigma_min)
+        sigma = -torch.log1p(-mask_prob.double().clamp(0.0, 1.0))
+        t = (torch.log(sigma) - math.log(self.sigma_min)) / math.log(
+            self.sigma_max / self.sigma_min
+        )
+        return t.clamp(0.0, 1.0)
 
     def __repr__(self):
         return f"Geometric(sigma_min={self.sigma_min}, sigma_max={self.sigma_max})"

@@ -6,6 +6,8 @@ Decided once per process from the environment, then per call from the tensors' d
                     ``dlm_kernels._C`` loads and the op has a C++ kernel), otherwise the reference.
                     ``auto`` never sends CPU tensors to Triton, even under the interpreter, so
                     that a CPU model or trainer runs the fast C++ ops and not the slow interpreter.
+    flash_attn      ``bidirectional_attention`` runs flash-attn (when installed) for the cases it
+                    supports (ops/attention_flash.py); everything else as ``auto``.
     triton          Under ``TRITON_INTERPRET=1`` this forces the Triton path on CPU tensors too:
                     that is how the Triton kernels are tested on machines without a GPU.
     triton | cpp | reference
@@ -26,7 +28,7 @@ from collections.abc import Iterator
 
 import torch
 
-IMPLS = ("auto", "triton", "cpp", "reference")
+IMPLS = ("auto", "triton", "cpp", "reference", "flash_attn")
 
 
 def _env_impl() -> str:
@@ -116,6 +118,10 @@ def select(device: torch.device, *, has_triton: bool = True, has_cpp: bool = Tru
     testing the reference.
     """
     impl = current_impl()
+    if impl == "flash_attn":
+        # Routes bidirectional_attention to flash-attn where it can (ops/attention_flash.py);
+        # every other op, and attention flash-attn cannot do, runs as under auto.
+        impl = "auto"
     on_cuda = device.type == "cuda"
     triton_ok = has_triton and triton_available() and (on_cuda or triton_interpret())
     if impl == "auto":

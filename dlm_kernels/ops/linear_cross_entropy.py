@@ -476,21 +476,25 @@ def _triton_bwd(
 #   backward  logits again, G = dloss/dlogits in float32, dH += G @ W_s (float32 accumulate),
 #             dW_s = G.T @ h written once (every row is in the slab: no cross-slab reduction,
 #             no (V, H) float32 buffer), db_s = G.sum(0)
-# Four GEMMs of N_valid x V x H in all (fwd 1, bwd 3), each slab's logits alive once. The
-# Triton kernels stay for CUDA graphs and torch.compile (no host sync there) and when
-# DLM_KERNELS_LCE=fused.
+# Four GEMMs of N_valid x V x H in all (fwd 1, bwd 3), each slab's logits alive once.
+# Chosen inside the ops, at run time, so that torch.compile'd models get it too (the op is
+# opaque to the compiler; the count read is fine there); the fused Triton kernels run under
+# CUDA-graph capture (no host sync allowed) and with DLM_KERNELS_LCE=fused.
 _SLAB_COLS = None  # tests set a small value to cross many slab edges
+_SLAB_MIN_ELEMS = 1 << 22  # tests lower it to see the V // 64 slab width at small row counts
+_LCE_CHOICES = ("auto", "slab", "fused")
 
 
 def _use_slab(hidden: Tensor) -> bool:
+    """Whether this call (forward or backward op, at run time) takes the slab path."""
     import os
 
-    choice = os.environ.get("DLM_KERNELS_LCE", "auto")
-    if choice == "slab":
-        return True
-    if choice == "fused" or not hidden.is_cuda or torch.compiler.is_compiling():
-        return False
-    return not torch.cuda.is_current_stream_capturing()
+    choice = os.environ.get("DLM_KERNELS_LCE", "auto").strip().lower() or "auto"
+    if choice not in _LCE_CHOICES:
+        raise ValueError(f"DLM_KERNELS_LCE must be one of {_LCE_CHOICES}, got {choice!r}")
+    if choice != "auto":
+        return choice == "slab"
+    return hidden.is_cuda and not torch.cuda.is_current_stream_capturing()
 
 
 def _slab_cols(M: int, V: int) -> int:
@@ -498,27 +502,40 @@ def _slab_cols(M: int, V: int) -> int:
         return _SLAB_COLS
     # ~V / 64 columns (float32 logits of a slab ~1.5% of the bf16 full logits' size), at
     # least 4M elements per slab so that small problems run as one or a few GEMMs.
-    cols = max(V // 64, (1 << 22) // max(M, 1), 256)
+    cols = max(V // 64, _SLAB_MIN_ELEMS // max(M, 1), 256)
     return min(V, -(-cols // 128) * 128)
 
 
+_MM_OUT_DTYPE: dict[torch.device, bool] = {}
+
+
+def _mm_out_dtype_ok(device: torch.device) -> bool:
+    """Whether torch.mm(bf16, bf16, out_dtype=float32) exists here (probed once per device)."""
+    if device not in _MM_OUT_DTYPE:
+        a = torch.ones(1, 1, dtype=torch.bfloat16, device=device)
+        try:
+            _MM_OUT_DTYPE[device] = torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+        except (RuntimeError, TypeError, NotImplementedError):
+            _MM_OUT_DTYPE[device] = False
+    return _MM_OUT_DTYPE[device]
+
+
 def _mm_f32(a: Tensor, b: Tensor) -> Tensor:
-    """a @ b with a float32 result. On CUDA, bf16/fp16 operands stay in the tensor cores and
-    accumulate into float32 (torch.mm's out_dtype); elsewhere the operands are upcast."""
+    """a @ b with a float32 result. On CUDA, bf16/fp16 operands stay on the tensor cores and
+    accumulate into float32 (torch.mm's out_dtype; a torch without it rounds the product to
+    the operands' dtype once); elsewhere the operands are upcast."""
     if a.dtype in (torch.bfloat16, torch.float16):
         if a.is_cuda:
-            try:
+            if _mm_out_dtype_ok(a.device):
                 return torch.mm(a, b, out_dtype=torch.float32)
-            except (RuntimeError, TypeError, NotImplementedError):
-                # A torch without mm's out_dtype: stay on the tensor cores, round once.
-                return torch.mm(a, b).to(torch.float32)
+            return torch.mm(a, b).to(torch.float32)
         return torch.mm(a.float(), b.float())
     return torch.mm(a, b).to(torch.float32)
 
 
 def _slab_logits(h, W, bias, v0, v1, cap):
     """float32 (M, v1 - v0) logits of one slab, softcapped; the GEMM accumulates and writes
-    float32 (as the fused kernels' tiles), so the logits are never rounded to bf16."""
+    float32 (as the fused kernels' tiles) where torch.mm has out_dtype."""
     x = _mm_f32(h, W[v0:v1].t())
     if bias is not None:
         x += bias[v0:v1]
@@ -570,17 +587,23 @@ def _slab_fwd(hidden, W, bias, target, valid, weight, eps, z, cap):
     return loss, lse
 
 
-def _slab_bwd(grad, hidden, W, bias, target, valid, weight, lse, eps, z, cap, need_dh, need_dw):
-    """Gradients in the inputs' dtypes: dh (N, H), dW (V, H), db (V,); empty when not needed."""
+def _slab_bwd(grad, hidden, W, bias, target, valid, weight, lse, eps, z, cap, need_dh, need_dw,
+              need_dW_matrix=True):  # fmt: skip
+    """Gradients in the inputs' dtypes: dh (N, H), dW (V, H), db (V,); empty when not needed.
+    need_dW_matrix=False (only the bias trains) skips the dW GEMMs and returns zeros for dW."""
     N, H = hidden.shape
     V = W.shape[0]
     dev = hidden.device
-    dh = torch.zeros((N, H) if need_dh else (0,), dtype=hidden.dtype, device=dev)
-    dW = torch.zeros((V, H) if need_dw else (0,), dtype=W.dtype, device=dev)
-    has_db = bias is not None and need_dw
-    db = torch.zeros(V if has_db else 0, dtype=bias.dtype if has_db else W.dtype, device=dev)
     idx, t, w = _slab_rows(valid, target, weight)
     M = idx.numel()
+    dh = torch.zeros((N, H) if need_dh else (0,), dtype=hidden.dtype, device=dev)
+    # Every slab writes its rows of dW: no memset unless nothing is written.
+    write_dw = need_dw and need_dW_matrix and M > 0
+    dW = (torch.empty if write_dw else torch.zeros)(
+        (V, H) if need_dw else (0,), dtype=W.dtype, device=dev
+    )
+    has_db = bias is not None and need_dw
+    db = torch.zeros(V if has_db else 0, dtype=bias.dtype if has_db else W.dtype, device=dev)
     if M == 0 or not (need_dh or need_dw):
         return dh, dW, db
     h = hidden.index_select(0, idx)
@@ -595,9 +618,11 @@ def _slab_bwd(grad, hidden, W, bias, target, valid, weight, lse, eps, z, cap, ne
         x = _slab_logits(h, W, bias, v0, v1, cap)
         deriv = (1.0 - (x / cap) ** 2) if cap else None  # d(c tanh(u / c)) / du
         g = x.sub_(lse_v[:, None]).exp_().mul_(scale[:, None])
+        # The target's -coef (1 - eps), without a host sync: rows whose target is in another
+        # slab add 0 at a clamped column.
         hit = (t >= v0) & (t < v1)
-        r = hit.nonzero().squeeze(1)
-        g.index_put_((r, t.index_select(0, r) - v0), -hit_val.index_select(0, r), accumulate=True)
+        col = (t - v0).clamp(0, v1 - v0 - 1)[:, None]
+        g.scatter_add_(1, col, torch.where(hit, -hit_val, 0.0)[:, None])
         if eps:
             g.sub_((coef * (eps / V))[:, None])
         if deriv is not None:
@@ -607,7 +632,7 @@ def _slab_bwd(grad, hidden, W, bias, target, valid, weight, lse, eps, z, cap, ne
         gl = g.to(W.dtype)
         if need_dh:
             dh_acc += _mm_f32(gl, W[v0:v1])
-        if need_dw:
+        if write_dw:
             torch.mm(gl.t(), h, out=dW[v0:v1])
     if need_dh:
         dh.index_copy_(0, idx, dh_acc.to(dh.dtype))
@@ -735,14 +760,17 @@ def _masked_lce_fwd(
             hidden, lm_head_weight, bias, target, valid, weight,
             label_smoothing, z_loss, softcap, None, True, False,
         )  # fmt: skip
-    elif impl == "slab":
-        loss, lse = _slab_fwd(
-            hidden, lm_head_weight, bias, target, valid, weight, label_smoothing, z_loss, softcap
-        )
     else:
-        loss, lse = _triton_fwd(
-            hidden, lm_head_weight, bias, target, valid, weight, label_smoothing, z_loss, softcap
-        )
+        if _use_slab(hidden):
+            loss, lse = _slab_fwd(
+                hidden, lm_head_weight, bias, target, valid, weight, label_smoothing, z_loss,
+                softcap,
+            )  # fmt: skip
+        else:
+            loss, lse = _triton_fwd(
+                hidden, lm_head_weight, bias, target, valid, weight, label_smoothing, z_loss,
+                softcap,
+            )  # fmt: skip
         # No host-side range check on CUDA (it would sync): an out-of-range target at a row
         # that carries loss gives NaN, never a plausible number.
         V = lm_head_weight.shape[0]
@@ -775,12 +803,14 @@ def _masked_lce_bwd(
     deterministic: bool,
     need_dh: bool,
     need_dw: bool,
+    need_dW_matrix: bool,
     impl: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """grad: (N,) float32 d(total)/d(loss_i). Returns (dh (N, H), dW (V, H), db (V,)) in the
     dtypes of hidden, lm_head_weight and bias (accumulated in float32), recomputing the logits
     from ``lse``; dh is empty without ``need_dh``, dW without ``need_dw``, db without
-    ``need_dw`` and a bias."""
+    ``need_dw`` and a bias; without ``need_dW_matrix`` (only the bias trains) the slab path
+    skips the dW GEMMs."""
     grad = grad.to(torch.float32).contiguous()
     if impl == "cpp":
         _, _, dh, dW, db = _cpu_run(
@@ -788,10 +818,10 @@ def _masked_lce_bwd(
             label_smoothing, z_loss, softcap, grad, False, True, lse_rows=lse,
             want_dh=need_dh, want_dw=need_dw,
         )  # fmt: skip
-    elif impl == "slab":
+    elif _use_slab(hidden):
         return _slab_bwd(
             grad, hidden, lm_head_weight, bias, target, valid, weight, lse,
-            label_smoothing, z_loss, softcap, need_dh, need_dw,
+            label_smoothing, z_loss, softcap, need_dh, need_dw, need_dW_matrix,
         )  # fmt: skip
     else:
         dh, dW, db = _triton_bwd(
@@ -811,7 +841,7 @@ def _bias_dtype(bias, W):
 
 @_masked_lce_bwd.register_fake
 def _(grad, hidden, lm_head_weight, bias, target, valid, weight, lse, label_smoothing, z_loss,
-      softcap, deterministic, need_dh, need_dw, impl):  # fmt: skip
+      softcap, deterministic, need_dh, need_dw, need_dW_matrix, impl):  # fmt: skip
     N, H = hidden.shape
     V = lm_head_weight.shape[0]
     nb = V if (bias is not None and need_dw) else 0
@@ -849,7 +879,7 @@ def _backward(ctx, grad_loss, grad_lse):
     need_dw = needs[1] or (bias is not None and needs[2])
     grads = _masked_lce_bwd(
         g_rows, hidden, W, bias, target, valid, weight, lse, eps, z, cap, det, needs[0], need_dw,
-        impl,
+        needs[1], impl,
     )  # fmt: skip
     return (*_cast_grads(grads, hidden, W, bias, needs), *([None] * 9))
 
@@ -1048,8 +1078,6 @@ def _masked_linear_cross_entropy(
     eps, z = float(label_smoothing), float(z_loss)
     cap = None if softcap is None else float(softcap)
     impl = dispatch.select(hidden.device)
-    if impl == "triton" and _use_slab(hidden):
-        impl = "slab"  # decided once per call: the backward takes the forward's path
     if impl == "reference" or hidden.dtype == torch.float64:
         loss, lse = reference.masked_linear_cross_entropy_rows(
             h2, lm_head_weight, bias, t, valid, w, eps, z, cap

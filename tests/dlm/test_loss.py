@@ -118,14 +118,20 @@ def test_convergence_kernel_path_vs_reference_path():
     copy.deepcopy(m)  # the trained model stays a plain nn.Module (checkpointable)
 
 
-@pytest.mark.parametrize("schedule", ["linear", "cosine", "log-linear", "geometric"])
+@pytest.mark.parametrize(
+    "schedule",
+    ["linear", "cosine", "cosine-squared", "log-linear", "geometric", "discrete-linear-beta"],
+)
 @pytest.mark.parametrize("objective", ["mdlm", "llada"])
 def test_time_of_inverts_mask_prob(schedule, objective):
     # What a time-conditioned model is fed at sampling: the t whose masking probability is the
-    # masked fraction the sampler sees.
+    # masked fraction the sampler sees (float32 t: 1e-6; the discrete schedule: one step).
     obj = DiffusionObjective(0, schedule, objective=objective)
-    t = torch.linspace(0.0, 1.0, 41, dtype=torch.float64)
-    torch.testing.assert_close(obj.time_of(obj.mask_prob(t)), t, rtol=0, atol=1e-9)
+    f = obj.mask_prob(torch.linspace(0.0, 1.0, 41, dtype=torch.float64))
+    t = obj.time_of(f)
+    assert t.dtype == torch.float32 and bool(((t >= 0) & (t <= 1)).all())
+    tol = 3e-3 if (schedule == "discrete-linear-beta" and objective == "mdlm") else 1e-6
+    torch.testing.assert_close(obj.mask_prob(t), f, rtol=0, atol=tol)
     if objective == "mdlm" and schedule == "linear":
-        f = torch.tensor([0.0, 0.25, 1.0])
-        torch.testing.assert_close(obj.time_of(f), f)  # 1 - alpha(t) = t
+        g = torch.tensor([0.0, 0.25, 1.0])
+        torch.testing.assert_close(obj.time_of(g), g)  # 1 - alpha(t) = t

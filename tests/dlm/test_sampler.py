@@ -435,15 +435,17 @@ def test_time_conditioned_model_gets_t_of_the_masked_fraction():
     m = _TimeStub()
     out = generate(m, prompt, am, gen_length=8, steps=4, mask_id=mask, alg="low_confidence")
     assert bool((out[:, 3:] == 3).all())
-    # 8 masks, 2 committed per step: fractions 1, 3/4, 1/2, 1/4, per row (linear: t = fraction)
-    want = torch.tensor([1.0, 0.75, 0.5, 0.25])
+    # 8 masks, 2 committed per step, over the row's real tokens (2 + 8 and 3 + 8; linear:
+    # t = fraction)
+    left = torch.tensor([8.0, 6.0, 4.0, 2.0])[:, None]
+    want = left / torch.tensor([10.0, 11.0])
     got = torch.stack(m.seen)  # (steps, B)
-    torch.testing.assert_close(got, want[:, None].expand(4, 2))
+    torch.testing.assert_close(got, want)
     # the model's own map (load_model attaches the training schedule's inverse)
     m2 = _TimeStub(time_of=lambda f: f**2)
     generate(m2, prompt, am, gen_length=8, steps=4, mask_id=mask, cfg_scale=1.5)
     got2 = torch.stack(m2.seen)  # cfg: conditional and unconditional rows, the same t
-    torch.testing.assert_close(got2, (want**2)[:, None].expand(4, 4))
+    torch.testing.assert_close(got2, torch.cat([want, want], 1) ** 2)
 
 
 def test_time_conditioned_diffusion_lm_samples_and_scores():
@@ -477,7 +479,7 @@ def test_likelihood_gives_t_of_each_draw():
 
     class Stub(_TimeStub):
         def forward(self, input_ids, attention_mask=None, t=None):
-            seen_frac.append((input_ids == 10).sum(1).double() / 6)
+            seen_frac.append((input_ids == 10).sum(1).double() / 8)  # of the 8 real tokens
             return super().forward(input_ids, attention_mask, t)
 
     m = Stub()

@@ -69,11 +69,11 @@ def _run(name, hidden, W, b, target, mask, weight, grad_out, **kw):
     leaves = [
         x.detach().clone().requires_grad_(True) if x is not None else None for x in (hidden, W, b)
     ]
-    with _impl(name):
+    with _impl(name):  # the backward too: the ops pick their path at run time
         loss = dlm_kernels.masked_linear_cross_entropy(
             leaves[0], leaves[1], target, mask, weight, bias=leaves[2], **kw
         )
-    (loss * grad_out.to(loss.dtype)).sum().backward()
+        (loss * grad_out.to(loss.dtype)).sum().backward()
     return loss.detach(), [x.grad if x is not None else None for x in leaves]
 
 
@@ -219,7 +219,7 @@ def test_triton_atomics_and_return_lse(name):
 
 
 @pytest.mark.parametrize("name", KERNELS)
-@pytest.mark.parametrize("frozen", ["head", "hidden"])
+@pytest.mark.parametrize("frozen", ["head", "hidden", "weight"])  # weight: only the bias trains
 def test_frozen_inputs(name, frozen):
     # A frozen LM head (LoRA) or frozen hidden states: only the other gradients are computed,
     # and they still match the reference (both the reduced and the per-row paths).
@@ -227,17 +227,17 @@ def test_frozen_inputs(name, frozen):
     hidden, W, b, target, mask, weight = _inputs((1, 37), 40, 1003, torch.float32, dev=_dev(name))
     for red in ("mean", "none"):
         h = hidden.clone().requires_grad_(frozen != "hidden")
-        w = W.clone().requires_grad_(frozen != "head")
+        w = W.clone().requires_grad_(frozen not in ("head", "weight"))
         bb = b.clone().requires_grad_(frozen != "head")
         with _impl(name):
             loss = dlm_kernels.masked_linear_cross_entropy(
                 h, w, target, mask, weight, bias=bb, reduction=red
             )
+            loss.sum().backward()
         rh, rw, rb = (x.detach().double().requires_grad_(x.requires_grad) for x in (h, w, bb))
         ref = reference.masked_linear_cross_entropy(
             rh, rw, target, mask, weight, bias=rb, reduction=red
         )
-        loss.sum().backward()
         ref.sum().backward()
         for label, x, r in (("d_hidden", h, rh), ("d_W", w, rw), ("d_bias", bb, rb)):
             if x.requires_grad:
@@ -309,7 +309,7 @@ def test_gradcheck_kernels(name):
             )
 
     args = [x.clone().requires_grad_(True) for x in (hidden, W, b)]
-    with pytest.warns(UserWarning, match="double precision"):
+    with _impl(name), pytest.warns(UserWarning, match="double precision"):
         assert torch.autograd.gradcheck(f, args, eps=1e-3, atol=2e-3, rtol=2e-2)
 
 
@@ -416,4 +416,31 @@ def test_bad_inputs(monkeypatch):
 def test_large_vocabulary_slab(monkeypatch):
     # The eager CUDA path at Dream's vocabulary with its own slab width (V // 64 columns).
     monkeypatch.setattr(sys.modules[__name__], "SLAB_TEST_COLS", None)
+    monkeypatch.setattr(lce, "_SLAB_MIN_ELEMS", 1)  # 4 rows: 2374-column slabs, not one
+    assert lce._slab_cols(4, 151936) == 2432
     _check("slab", *_inputs((1, 5), 16, 151936, torch.float32, p_mask=0.8))
+
+
+@pytest.mark.parametrize("name", ["triton", "slab"])
+def test_out_of_range_target_is_nan_without_the_host_check(name, monkeypatch):
+    # What CUDA does (the range check would sync): NaN at the row, never a plausible loss.
+    _skip(name)
+    from dlm_kernels.ops import cross_entropy as ce
+
+    monkeypatch.setattr(ce, "_check_targets_on_host", lambda *a: False)
+    hidden, W, b, target, mask, weight = _inputs((1, 37), 40, 1003, torch.float32, p_mask=1.0)
+    target[0, 3] = 1003
+    target[0, 5] = -2
+    with _impl(name):
+        loss = dlm_kernels.masked_linear_cross_entropy(hidden, W, target, mask, reduction="none")
+    bad = torch.zeros_like(mask)
+    bad[0, [3, 5]] = True
+    assert bool(torch.isnan(loss[bad]).all()) and bool(torch.isfinite(loss[~bad]).all())
+
+
+def test_bad_lce_choice_is_an_error(monkeypatch):
+    skip_unless_available("triton")
+    monkeypatch.setenv("DLM_KERNELS_LCE", "fast")
+    hidden, W, b, target, mask, weight = _inputs((1, 7), 16, 33, torch.float32)
+    with impl("triton"), pytest.raises(ValueError, match="DLM_KERNELS_LCE"):
+        dlm_kernels.masked_linear_cross_entropy(hidden, W, target, mask)
