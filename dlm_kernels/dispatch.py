@@ -13,6 +13,10 @@ Decided once per process from the environment, then per call from the tensors' d
     triton | cpp | reference
                     force one path; an op that lacks the forced path uses the reference.
 
+One op refines its CUDA path: ``masked_linear_cross_entropy`` runs cuBLAS over vocabulary slabs
+in eager mode and its fused Triton kernels under CUDA-graph capture, or as chosen with
+``DLM_KERNELS_LCE=auto|slab|fused`` (ops/linear_cross_entropy.py).
+
 Set with ``DLM_KERNELS_IMPL=...``; tests and benchmarks switch it for a block with
 ``with dispatch.use("cpp"): ...``. If the C++ extension is missing or fails to load, the ops fall
 back to the reference and one warning says so (never silently).
