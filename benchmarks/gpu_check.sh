@@ -68,7 +68,10 @@ tail -25 "$DEST/pytest.txt"
 stamp "benchmarks"
 # --budget shares the time between benchmarks (goal shapes first, the rest recorded as skipped);
 # the timeout is only the backstop. The JSON and table are rewritten after every benchmark.
-BENCH_BUDGET=$([ -n "$QUICK" ] && echo 70 || echo 210)
+BENCH_BUDGET=$([ -n "$QUICK" ] && echo 70 || echo 240)
+# Attention autotunes its tiles at the first call of each shape class (unmeasured candidates,
+# one compile each): log which config won, so the winners can become the defaults.
+export TRITON_PRINT_AUTOTUNING=1
 timeout -k 10 $(( BENCH_BUDGET + 45 )) \
   "$PY" -m benchmarks.run --device cuda $QUICK --budget "$BENCH_BUDGET" --out "$DEST" \
   > "$DEST/bench.txt" 2> "$DEST/bench.err"

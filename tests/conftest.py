@@ -9,6 +9,11 @@ if not torch.cuda.is_available():
     # Must be set before triton is imported anywhere: it selects the CPU interpreter.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# On a GPU, attention autotunes its tiles at the first call of each shape class (one compile
+# per candidate): tests run the default tiles, tests/ops/test_attention.py checks every
+# candidate and the autotuner itself explicitly.
+os.environ.setdefault("DLM_KERNELS_AUTOTUNE", "0")
+
 import pytest  # noqa: E402
 
 

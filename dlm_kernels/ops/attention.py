@@ -17,17 +17,29 @@ Work skipped: key tiles before a row's first or after its last real key (left/ri
 query tiles that hold only padding, and key tiles past the block of a query tile's last query
 (block-causal). A hole of padding in the middle of a row is masked, not skipped. Only the edge
 tiles pay for per-element masks; whole tiles inside the visible range run unmasked.
+
+Tiles: on a GPU, triton.autotune picks each kernel's (BLOCK_M, BLOCK_N, num_warps, num_stages)
+by timing a short list of candidates (_autotune_configs: today's fixed choice plus unmeasured
+Hopper alternatives) at the first launch of each head dim, dtype, mask/varlen/block-causal flag
+set and power-of-two bucket of Sq and Sk: one compile per candidate, then a few timed runs, so
+the first call of a new shape class takes seconds. DLM_KERNELS_AUTOTUNE=0 (read at each launch)
+and the CPU interpreter run the fixed choice (_tiles) alone. Under CUDA graph capture an untuned
+key runs the fixed choice too: call once before capturing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import warnings
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 
 from dlm_kernels import dispatch, reference
+from dlm_kernels.ops import attention_flash
 
 try:
     import triton
@@ -258,6 +270,7 @@ if triton is not None:
         seqlen_q, seqlen_k,  # Sq, Sk (dense layout only)
         sm_scale2,  # softmax_scale * log2(e)
         block_size,  # block-causal block (read only when BLOCK_CAUSAL)
+        bucket_q, bucket_k,  # autotune key only (unused): Sq, Sk rounded up to a power of two
         HEAD_DIM: tl.constexpr,  # D
         HAS_MASK: tl.constexpr,
         VARLEN: tl.constexpr,
@@ -380,6 +393,7 @@ if triton is not None:
         sm_scale2,  # softmax_scale * log2(e)
         sm_scale,  # softmax_scale
         block_size,
+        bucket_q, bucket_k,  # autotune key only (unused)
         HEAD_DIM: tl.constexpr,
         HAS_MASK: tl.constexpr,
         VARLEN: tl.constexpr,
@@ -472,6 +486,7 @@ if triton is not None:
         seqlen_q, seqlen_k,
         sm_scale2, sm_scale,
         block_size,
+        bucket_q, bucket_k,  # autotune key only (unused)
         HEAD_DIM: tl.constexpr,
         HAS_MASK: tl.constexpr,
         VARLEN: tl.constexpr,
@@ -539,17 +554,25 @@ if triton is not None:
 # launchers
 # ---------------------------------------------------------------------------------------------
 def _tiles(D: int, dtype: torch.dtype, kind: str) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of one kernel ("fwd", "dkdv", "dq").
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of one kernel ("fwd", "dkdv", "dq") when it
+    runs with one config: under the interpreter and with DLM_KERNELS_AUTOTUNE=0. On a GPU it is
+    also the first candidate of the autotuner (see _autotune_configs), so tuning never has to do
+    without it.
 
     Interpreter: small unequal tiles (fast in numpy, and M != N catches tile-edge bugs). GPU:
     FlashAttention-2's usual choices, shrunk as a row of the tile grows (bf16 D 256, float32)
     so that shared memory stays under the H100's 227 KiB (sizes from compiling for sm_90: fwd
     bf16 D128 128x64x3 stages 128 KiB; float32 D128 at 128x64 took 225 KiB, hence 64x32).
-    Untuned: not yet measured on an H100.
+    Untuned; measured once on an H100 (bf16 B4 S4096 H16 D128): fwd 474 TFLOP/s (0.78x SDPA),
+    bwd 170 (0.32x).
     """
     if dispatch.triton_interpret():
         return {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}[kind] + (1, 1)
-    row_bytes = max(16, triton.next_power_of_2(D)) * torch.empty((), dtype=dtype).element_size()
+    return _gpu_tiles(D, dtype, kind)
+
+
+def _gpu_tiles(D: int, dtype: torch.dtype, kind: str) -> tuple[int, int, int, int]:
+    row_bytes = _row_bytes(D, dtype)
     if kind == "fwd":
         if row_bytes <= 256:  # bf16 D <= 128, float32 D <= 64
             return 128, 64, 4 if row_bytes <= 128 else 8, 3
@@ -557,6 +580,158 @@ def _tiles(D: int, dtype: torch.dtype, kind: str) -> tuple[int, int, int, int]:
     if row_bytes <= 256:
         return 64, 64, 4 if row_bytes <= 128 else 8, 2
     return (32, 32, 4, 1) if row_bytes <= 512 else (16, 32, 4, 1)
+
+
+def _row_bytes(D: int, dtype: torch.dtype) -> int:
+    """Bytes of one row of a Q/K/V tile: BLOCK_D (D rounded up to a power of two) x itemsize."""
+    return max(16, 1 << (D - 1).bit_length()) * torch.empty((), dtype=dtype).element_size()
+
+
+# Autotuning candidates besides _tiles' choice, (BLOCK_M, BLOCK_N, num_warps, num_stages) per
+# kernel and per (float32?, bytes of a tile row, at least 128). UNMEASURED: plausible Hopper
+# alternatives (FA2 and the Triton tutorial's tiles: fwd 64/128 x 64/128, dK/dV a short query
+# tile against a long key tile, dQ the reverse); the autotuner times them on the GPU at first use.
+# Each was compiled ahead of time for sm_90 (Triton 3.6, ptxas, with and without mask and
+# block-causal): all fit in the 227 KiB of shared memory (largest: fwd bf16 D128 128x128 3
+# stages, 224 KiB), and candidates that spilled hundreds of bytes of registers were left out.
+# Spills that remain: bf16 dK/dV with mask + block-causal (the default 64x64 at D128: 516 bytes;
+# 16x128 8 warps: 4) and the float32 defaults (exact FMA dots, no tensor cores: fwd D128 64x32
+# spills 31 KB; 16x16 tiles none), which is why float32 gets small tiles to choose from.
+_CANDIDATES: dict[tuple[str, bool, int], list[tuple[int, int, int, int]]] = {
+    # 16-bit, D <= 64
+    ("fwd", False, 128): [(128, 128, 8, 3), (128, 64, 4, 4), (128, 64, 8, 3), (128, 32, 4, 3),
+                          (64, 64, 4, 4), (64, 128, 4, 3)],
+    ("dkdv", False, 128): [(64, 64, 8, 2), (32, 64, 8, 2), (16, 128, 8, 2), (32, 128, 8, 2),
+                           (32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3)],
+    ("dq", False, 128): [(128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3),
+                         (64, 64, 4, 3)],
+    # 16-bit, D 65..128 (the goal shape D 128)
+    ("fwd", False, 256): [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 4), (128, 32, 8, 3),
+                          (64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 8, 3)],
+    ("dkdv", False, 256): [(16, 128, 8, 2), (16, 128, 8, 3), (32, 128, 8, 2), (32, 128, 8, 3),
+                           (32, 64, 8, 2), (64, 64, 8, 1), (32, 64, 8, 3)],
+    ("dq", False, 256): [(128, 32, 8, 2), (128, 32, 8, 3), (128, 64, 8, 2), (128, 64, 8, 3),
+                         (64, 64, 4, 3), (64, 32, 4, 3), (64, 128, 8, 2)],
+    # 16-bit, D 129..256
+    ("fwd", False, 512): [(64, 64, 8, 2), (128, 32, 8, 2), (128, 32, 8, 3), (128, 64, 8, 2),
+                          (64, 32, 4, 3), (32, 64, 4, 2)],
+    ("dkdv", False, 512): [(32, 32, 8, 2), (16, 32, 4, 1), (16, 32, 4, 2), (32, 32, 4, 2),
+                           (16, 64, 8, 2), (32, 64, 8, 2)],
+    ("dq", False, 512): [(32, 32, 8, 2), (32, 32, 4, 2), (64, 32, 8, 2), (64, 32, 8, 3),
+                         (32, 64, 8, 2), (32, 64, 4, 2), (128, 32, 8, 2)],
+    # float32, D <= 32, 64, 128, 256
+    ("fwd", True, 128): [(64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2)],
+    ("dkdv", True, 128): [(32, 64, 4, 2), (16, 64, 4, 2), (32, 32, 4, 2)],
+    ("dq", True, 128): [(64, 32, 4, 2), (32, 64, 4, 2)],
+    ("fwd", True, 256): [(32, 32, 4, 2), (16, 64, 4, 2)],
+    ("dkdv", True, 256): [(16, 64, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2)],
+    ("dq", True, 256): [(32, 32, 4, 2), (16, 64, 4, 2)],
+    ("fwd", True, 512): [(16, 16, 4, 2), (16, 32, 4, 2)],
+    ("dkdv", True, 512): [(16, 32, 4, 2), (16, 16, 4, 2)],
+    ("dq", True, 512): [(32, 16, 4, 2), (16, 32, 4, 2), (16, 16, 4, 2)],
+    ("fwd", True, 1024): [(16, 16, 4, 2), (16, 16, 4, 1)],
+    ("dkdv", True, 1024): [(16, 16, 4, 2)],
+    ("dq", True, 1024): [(16, 16, 4, 2)],
+}  # fmt: skip
+
+
+def _config(tiles: tuple[int, int, int, int]):
+    bm, bn, warps, stages = tiles
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+
+
+def _autotune_configs(kind: str, D: int, dtype: torch.dtype) -> list:
+    """The triton.Config candidates the autotuner times for one kernel ("fwd", "dkdv", "dq") at
+    head dim D and dtype: _tiles' GPU choice first, then the unmeasured alternatives."""
+    row_bytes = max(128, _row_bytes(D, dtype))
+    tiles = [_gpu_tiles(D, dtype, kind)]
+    tiles += [t for t in _CANDIDATES[(kind, dtype == torch.float32, row_bytes)] if t not in tiles]
+    return [_config(t) for t in tiles]
+
+
+_KERNEL_NAMES = {
+    "fwd": "_attn_fwd_kernel",
+    "dkdv": "_attn_bwd_dkdv_kernel",
+    "dq": "_attn_bwd_dq_kernel",
+}
+_TUNERS: dict = {}  # (kind, float32?, row bytes) -> triton.autotune wrapper of the kernel
+_BEST: dict = {}  # (kind, key of one launch) -> the triton.Config the autotuner chose
+_FORCED: dict = {}  # kind -> triton.Config forced by forced_configs() (tests)
+# The autotuner's timer; None: Triton's default (CUDA events, median of many runs). Tests put a
+# stand-in here to drive the real autotuner under the interpreter.
+_DO_BENCH = None
+# What one config is tuned for: the values of these kernel arguments (Triton adds the dtype of
+# every tensor argument). bucket_q / bucket_k are Sq / Sk rounded up to a power of two, so that
+# a new sequence length retunes only when it crosses a power of two.
+_TUNE_KEY = ("HEAD_DIM", "HAS_MASK", "VARLEN", "BLOCK_CAUSAL", "PRECISION", "bucket_q", "bucket_k")
+
+
+def _autotune_on() -> bool:
+    """Read at every launch (cheap) so that tests and users can flip DLM_KERNELS_AUTOTUNE."""
+    return not dispatch.triton_interpret() and os.environ.get("DLM_KERNELS_AUTOTUNE", "1") != "0"
+
+
+def _bucket(n: int) -> int:
+    return max(16, 1 << (max(n, 1) - 1).bit_length())
+
+
+@contextlib.contextmanager
+def forced_configs(*, fwd=None, dkdv=None, dq=None) -> Iterator[None]:
+    """Run the given kernels with one triton.Config each (BLOCK_M, BLOCK_N, num_warps,
+    num_stages) inside the block, bypassing the autotuner and _tiles: for tests that prove every
+    candidate of _autotune_configs correct, and for benchmarks that time one config.
+
+    Example:
+        >>> cfg = _autotune_configs("fwd", 64, torch.bfloat16)[1]
+        >>> with forced_configs(fwd=cfg):
+        ...     out = bidirectional_attention(q, k, v)
+    """
+    saved = dict(_FORCED)
+    _FORCED.update({k: c for k, c in (("fwd", fwd), ("dkdv", dkdv), ("dq", dq)) if c is not None})
+    try:
+        yield
+    finally:
+        _FORCED.clear()
+        _FORCED.update(saved)
+
+
+def _launch(kind: str, grid, args: tuple, meta: dict, D: int, dtype: torch.dtype) -> None:
+    """Launch one kernel with the tiles chosen for it.
+
+    One config (no tuning) under the interpreter, with DLM_KERNELS_AUTOTUNE=0, or when forced;
+    otherwise triton.autotune times every candidate of _autotune_configs at the first launch of
+    each key (_TUNE_KEY: one compile per candidate and flag set, then a few timed runs each) and
+    later launches reuse the winner. The kernels only store their outputs (nothing accumulates
+    across launches), so the autotuner's repeated runs need no reset_to_zero / restore_value.
+    grid(META) reads BLOCK_M / BLOCK_N of the config that runs.
+    """
+    kernel = globals()[_KERNEL_NAMES[kind]]  # looked up at launch: tests wrap the kernels
+    cfg = _FORCED.get(kind)
+    if cfg is None and _autotune_on():
+        key = (kind, dtype, *(meta[name] for name in _TUNE_KEY))
+        cfg = _BEST.get(key)
+        on_cuda = args[0].device.type == "cuda"  # args[0] is q in every kernel
+        if cfg is None and on_cuda and torch.cuda.is_current_stream_capturing():
+            # Timing the candidates would launch and synchronise inside the capture.
+            warnings.warn(
+                f"{_NAME}: no tuned tiles for {key} while a CUDA graph is captured; using the "
+                "default tiles. Run the same shapes once before capturing to use tuned ones.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        elif cfg is None:
+            cls = (kind, dtype == torch.float32, max(128, _row_bytes(D, dtype)))
+            tuner = _TUNERS.get(cls)
+            if tuner is None:
+                configs = _autotune_configs(kind, D, dtype)
+                tuner = triton.autotune(configs, key=list(_TUNE_KEY), do_bench=_DO_BENCH)(kernel)
+                _TUNERS[cls] = tuner
+            tuner[grid](*args, **meta)
+            _BEST[key] = tuner.best_config
+            return
+    if cfg is None:
+        cfg = _config(_tiles(D, dtype, kind))
+    kernel[grid](*args, **meta, **cfg.all_kwargs())
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -607,20 +782,21 @@ def _triton_fwd(q, k, v, mask, cu_q, cu_k, max_q, max_k, block_size, scale):
     if k.numel() == 0:  # no keys at all: every row sees nothing
         return out.zero_(), lse.fill_(float("-inf"))
     m8, lo, hi = _key_bounds(mask, q)
-    BM, BN, warps, stages = _tiles(D, q.dtype, "fwd")
     Sq, Sk = (max_q, max_k) if varlen else (q.shape[1], k.shape[1])
-    grid = (triton.cdiv(Sq, BM), B * Hq)
-    _attn_fwd_kernel[grid](
+    args = (
         q, k, v, out, lse, m8, lo, hi,
         cu_q if varlen else q, cu_k if varlen else q,
         *_layout(q, varlen), *_layout(k, varlen), *_layout(v, varlen), *_layout(out, varlen),
         0 if varlen else lse.stride(0), lse.stride(-2),
         m8.stride(0) if mask is not None else 0,
         Hq, Hq // Hkv, Sq, Sk, scale * _LOG2E, block_size or 1,
-        HEAD_DIM=D, HAS_MASK=mask is not None, VARLEN=varlen, BLOCK_CAUSAL=bool(block_size),
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=max(16, triton.next_power_of_2(D)),
-        PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages,
     )  # fmt: skip
+    meta = dict(
+        bucket_q=_bucket(Sq), bucket_k=_bucket(Sk),
+        HEAD_DIM=D, HAS_MASK=mask is not None, VARLEN=varlen, BLOCK_CAUSAL=bool(block_size),
+        BLOCK_D=max(16, triton.next_power_of_2(D)), PRECISION=_precision(q.dtype),
+    )  # fmt: skip
+    _launch("fwd", lambda META: (triton.cdiv(Sq, META["BLOCK_M"]), B * Hq), args, meta, D, q.dtype)
     return out, lse
 
 
@@ -642,29 +818,35 @@ def _triton_bwd(do, q, k, v, out, lse, dlse, mask, cu_q, cu_k, max_q, max_k, blo
     stride_m = m8.stride(0) if mask is not None else 0
     cu_q_, cu_k_ = (cu_q, cu_k) if varlen else (q, q)
     flags = dict(
+        bucket_q=_bucket(Sq), bucket_k=_bucket(Sk),
         HEAD_DIM=D, HAS_MASK=mask is not None, VARLEN=varlen, BLOCK_CAUSAL=bool(block_size),
         BLOCK_D=BLOCK_D, PRECISION=_precision(q.dtype),
     )  # fmt: skip
     delta = torch.empty_like(lse)
+    # A memory-bound row sum with its own fixed tile: independent of the tiles tuned below.
     BM_pre = 16 if dispatch.triton_interpret() else 64
     _attn_bwd_preprocess_kernel[(triton.cdiv(Sq, BM_pre), B * Hq)](
         out, do, dlse if dlse is not None else lse, delta, cu_q_,
         *_layout(out, varlen), *_layout(do, varlen), *stride_l, Hq, Sq,
         HEAD_DIM=D, HAS_DLSE=dlse is not None, VARLEN=varlen, BLOCK_M=BM_pre, BLOCK_D=BLOCK_D,
     )  # fmt: skip
-    BM, BN, warps, stages = _tiles(D, q.dtype, "dkdv")
-    _attn_bwd_dkdv_kernel[(triton.cdiv(Sk, BN), B * Hkv)](
-        q, k, v, do, dk, dv, lse, delta, m8, lo, hi, cu_q_, cu_k_,
-        *_layout(q, varlen), *_layout(k, varlen), *_layout(do, varlen), *stride_l, stride_m,
-        Hkv, Hq // Hkv, Sq, Sk, scale * _LOG2E, scale, block_size or 1,
-        BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages, **flags,
+    _launch(
+        "dkdv", lambda META: (triton.cdiv(Sk, META["BLOCK_N"]), B * Hkv),
+        (
+            q, k, v, do, dk, dv, lse, delta, m8, lo, hi, cu_q_, cu_k_,
+            *_layout(q, varlen), *_layout(k, varlen), *_layout(do, varlen), *stride_l, stride_m,
+            Hkv, Hq // Hkv, Sq, Sk, scale * _LOG2E, scale, block_size or 1,
+        ),
+        flags, D, q.dtype,
     )  # fmt: skip
-    BM, BN, warps, stages = _tiles(D, q.dtype, "dq")
-    _attn_bwd_dq_kernel[(triton.cdiv(Sq, BM), B * Hq)](
-        q, k, v, do, dq, lse, delta, m8, lo, hi, cu_q_, cu_k_,
-        *_layout(q, varlen), *_layout(k, varlen), *_layout(do, varlen), *stride_l, stride_m,
-        Hq, Hq // Hkv, Sq, Sk, scale * _LOG2E, scale, block_size or 1,
-        BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages, **flags,
+    _launch(
+        "dq", lambda META: (triton.cdiv(Sq, META["BLOCK_M"]), B * Hq),
+        (
+            q, k, v, do, dq, lse, delta, m8, lo, hi, cu_q_, cu_k_,
+            *_layout(q, varlen), *_layout(k, varlen), *_layout(do, varlen), *stride_l, stride_m,
+            Hq, Hq // Hkv, Sq, Sk, scale * _LOG2E, scale, block_size or 1,
+        ),
+        flags, D, q.dtype,
     )  # fmt: skip
     return dq, dk, dv
 
@@ -902,6 +1084,10 @@ def bidirectional_attention(
     gets out 0, lse -inf and zero gradients, never NaN. Padding keys are never read by the
     Triton kernels, so garbage (even NaN) stored there cannot leak into the result.
 
+    On CUDA the kernels autotune their tiles at the first call of each shape class (head dim,
+    dtype, mask kind, power of two of Sq and Sk), which takes seconds once per process;
+    DLM_KERNELS_AUTOTUNE=0 runs fixed tiles instead. Call once before capturing a CUDA graph.
+
     Example:
         >>> q, k, v = (torch.randn(2, 37, 4, 64) for _ in range(3))
         >>> mask = torch.arange(37) >= torch.tensor([[0], [5]])  # row 1 is left-padded by 5
@@ -955,6 +1141,18 @@ def bidirectional_attention(
     if not isinstance(return_lse, bool):
         raise _err(f"return_lse must be a bool, got {type(return_lse).__name__}", TypeError)
 
+    if dispatch.current_impl() == "flash_attn" and attention_flash.supports(
+        q, attention_mask, block_size, return_lse
+    ):
+        if not attention_flash.available():
+            raise RuntimeError(
+                "bidirectional_attention: DLM_KERNELS_IMPL=flash_attn but `import flash_attn` "
+                "fails; install flash-attn or use DLM_KERNELS_IMPL=auto"
+            )
+        return attention_flash.attention(
+            q, k, v, attention_mask=attention_mask, cu_q=cu_q, cu_k=cu_k, max_q=max_q,
+            max_k=max_k, softmax_scale=softmax_scale,
+        )  # fmt: skip
     impl = dispatch.select(q.device, has_cpp=False)
     if impl != "triton" or q.dtype not in _TRITON_FLOATS:
         return reference.bidirectional_attention_sdpa(

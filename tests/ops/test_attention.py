@@ -7,12 +7,20 @@ import pytest
 import torch
 
 import dlm_kernels
-from dlm_kernels import reference
+from dlm_kernels import dispatch, reference
 from tests.utils import assert_close, device, ids, impl, skip_unless_available
 
 DEV = device()
 # "reference" is the SDPA fallback the CPU path runs; "triton" runs in the interpreter on CPU.
 PATHS = ["reference", "triton"]
+
+
+@pytest.fixture(autouse=True)
+def _one_config(monkeypatch):
+    # On CUDA, autotuning would compile every candidate of every flag set these tests touch
+    # (minutes); the candidates are proven one by one in test_every_autotune_candidate instead.
+    # The interpreter never autotunes. Tests that need the autotuner undo this.
+    monkeypatch.setenv("DLM_KERNELS_AUTOTUNE", "0")
 
 
 def _inputs(B, Sq, Sk, Hq, Hkv, D, dtype, varlen_total=None):
@@ -326,3 +334,159 @@ def test_bad_inputs():
     _bad("len_q <= len_k", qp, kp[:8 + 3], vp[:8 + 3], block_size=4, cu_seqlens_q=short,
          cu_seqlens_k=torch.tensor([0, 3, 11], dtype=torch.int32, device=DEV), max_seqlen_q=8,
          max_seqlen_k=8)  # fmt: skip
+
+
+# ------------------------------------------------------------------ tile configs and autotuning
+def _all_candidates(kind):
+    """Every triton.Config of every (dtype, head dim) list of one kernel."""
+    from dlm_kernels.ops import attention
+
+    configs = []
+    for k, is_fp32, row_bytes in attention._CANDIDATES:
+        if k == kind:
+            dtype = torch.float32 if is_fp32 else torch.bfloat16
+            configs += attention._autotune_configs(kind, row_bytes // dtype.itemsize, dtype)
+    return configs
+
+
+def _tile(cfg):
+    return cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+
+
+class _Spy:
+    """Stands in for a @triton.jit kernel and records the (BLOCK_M, BLOCK_N) it launched with."""
+
+    def __init__(self, kernel, log):
+        self.kernel, self.log = kernel, log
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kw):
+            self.log.append((kw["BLOCK_M"], kw["BLOCK_N"]))
+            return launch(*args, **kw)
+
+        return run
+
+
+def _spy_kernels(monkeypatch):
+    from dlm_kernels.ops import attention
+
+    logs = {"fwd": [], "dkdv": [], "dq": []}
+    names = {
+        "fwd": "_attn_fwd_kernel",
+        "dkdv": "_attn_bwd_dkdv_kernel",
+        "dq": "_attn_bwd_dq_kernel",
+    }
+    for kind, name in names.items():
+        monkeypatch.setattr(attention, name, _Spy(getattr(attention, name), logs[kind]))
+    return logs
+
+
+def test_autotune_config_lists():
+    # Each list starts with the untuned default, holds no duplicate, stays short (a compile per
+    # candidate) and only has tiles tl.dot accepts (powers of two >= 16).
+    skip_unless_available("triton")
+    from dlm_kernels.ops import attention
+
+    for kind, is_fp32, row_bytes in attention._CANDIDATES:
+        dtype = torch.float32 if is_fp32 else torch.bfloat16
+        for D in (row_bytes // dtype.itemsize, row_bytes // dtype.itemsize // 2 + 1):
+            configs = attention._autotune_configs(kind, D, dtype)
+            tiles = [(*_tile(c), c.num_warps, c.num_stages) for c in configs]
+            assert tiles[0] == attention._gpu_tiles(D, dtype, kind), (kind, D, dtype)
+            assert len(set(tiles)) == len(tiles) <= 8, (kind, D, dtype)
+            for bm, bn, _, _ in tiles:
+                assert bm >= 16 and bn >= 16 and bm & (bm - 1) == 0 and bn & (bn - 1) == 0
+
+
+def test_one_config_without_autotuning(monkeypatch):
+    # Interpreter or DLM_KERNELS_AUTOTUNE=0: every kernel runs _tiles' config and nothing else.
+    skip_unless_available("triton")
+    from dlm_kernels.ops import attention
+
+    q, k, v = _inputs(1, 19, 23, 2, 1, 40, torch.float32)
+    logs = _spy_kernels(monkeypatch)
+    leaves = [t.requires_grad_(True) for t in (q, k, v)]
+    with impl("triton"):
+        dlm_kernels.bidirectional_attention(*leaves, block_size=4).sum().backward()
+    for kind, log in logs.items():
+        assert log == [attention._tiles(40, torch.float32, kind)[:2]], kind
+    assert not attention._autotune_on()
+
+
+def test_every_autotune_candidate(monkeypatch):
+    # Each candidate config is forced in turn (fwd, dK/dV and dQ configs advance together) on a
+    # case with every edge: cached queries (Sq 37 < Sk 171: several key tiles even at 128, a
+    # whole one among them), left/right padding and a hole, block-causal blocks (10) unaligned
+    # with every tile, GQA 3, D 40 (padded to 64). Under the
+    # interpreter, which ignores num_warps and num_stages, float32 (the tightest tolerance) and
+    # every tile shape of every list; on a GPU, bf16 and every config of its list.
+    skip_unless_available("triton")
+    from dlm_kernels.ops import attention
+
+    interp = dispatch.triton_interpret()
+    dtype, D = (torch.float32 if interp else torch.bfloat16), 40
+    runs = {}
+    for kind in ("fwd", "dkdv", "dq"):
+        configs = _all_candidates(kind) if interp else attention._autotune_configs(kind, D, dtype)
+        runs[kind] = list({(_tile(c) if interp else c): c for c in configs}.values())
+    B, Sq, Sk = 2, 37, 171
+    q, k, v = _inputs(B, Sq, Sk, 3, 1, D, dtype)
+    mask = _padding_mask(B, Sk)
+    logs = _spy_kernels(monkeypatch)
+    n = max(len(c) for c in runs.values())
+    for i in range(n):
+        forced = {kind: configs[i % len(configs)] for kind, configs in runs.items()}
+        with attention.forced_configs(**forced):
+            _check("triton", q, k, v, attention_mask=mask, block_size=10)
+        for kind, log in logs.items():  # the forced tiles ran, nothing else
+            assert log == [_tile(forced[kind])], (kind, forced[kind])
+            log.clear()
+    assert not attention._FORCED  # the context manager cleaned up
+
+
+def test_autotuner_path(monkeypatch):
+    # The real triton.autotune path: on a GPU with its CUDA-event timer; under the interpreter
+    # (where autotuning is off by design) switched on with a stand-in timer that runs each
+    # candidate once and ranks the later ones faster, so that the last candidate must win.
+    # float32 D 40 has three candidates per kernel. Checked: every candidate runs on the real
+    # outputs (re-running is harmless: the result stays correct), the winner launches with a
+    # grid from its own tiles, and a new length in the same power-of-two bucket (Sq 40, Sk 60
+    # after 37, 53) reuses the winner without timing again.
+    skip_unless_available("triton")
+    from dlm_kernels.ops import attention
+
+    monkeypatch.setattr(attention, "_TUNERS", {})
+    monkeypatch.setattr(attention, "_BEST", {})
+    monkeypatch.setenv("DLM_KERNELS_AUTOTUNE", "1")
+    timed = []
+    if dispatch.triton_interpret():
+
+        def fake_do_bench(kernel_call, quantiles):
+            kernel_call()
+            timed.append(1)
+            return [1.0 / len(timed)] * len(quantiles)
+
+        monkeypatch.setattr(attention, "_autotune_on", lambda: True)
+        monkeypatch.setattr(attention, "_DO_BENCH", fake_do_bench)
+    dtype, D = torch.float32, 40
+    _check("triton", *_inputs(2, 37, 53, 4, 2, D, dtype), attention_mask=_padding_mask(2, 53),
+           block_size=10)  # fmt: skip
+    tuned = {key[0]: cfg for key, cfg in attention._BEST.items()}
+    assert len(attention._BEST) == 3 and sorted(tuned) == ["dkdv", "dq", "fwd"]
+    for kind, cfg in tuned.items():
+        configs = attention._autotune_configs(kind, D, dtype)
+        assert cfg in configs
+        if dispatch.triton_interpret():
+            assert cfg == configs[-1], kind
+    if dispatch.triton_interpret():
+        assert len(timed) == sum(len(attention._autotune_configs(k, D, dtype)) for k in tuned)
+    best = dict(attention._BEST)
+    logs = _spy_kernels(monkeypatch)
+    n_timed = len(timed)
+    _check("triton", *_inputs(2, 40, 60, 4, 2, D, dtype), attention_mask=_padding_mask(2, 60),
+           block_size=10)  # fmt: skip
+    assert attention._BEST == best and len(timed) == n_timed  # no retuning
+    for kind, log in logs.items():  # one launch each, straight with the tuned tiles
+        assert log == [_tile(tuned[kind])], kind
