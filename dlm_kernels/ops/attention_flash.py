@@ -53,6 +53,8 @@ def attention(q, k, v, *, attention_mask, cu_q, cu_k, max_q, max_k, softmax_scal
     from flash_attn import flash_attn_func, flash_attn_varlen_func
 
     kw = dict(dropout_p=0.0, softmax_scale=softmax_scale, causal=False)
+    # flash-attn needs the head dim contiguous.
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     if cu_q is not None:
         return flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, **kw)
     if attention_mask is None:
