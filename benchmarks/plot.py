@@ -29,13 +29,19 @@ def _op(name: str) -> str:
 def plot(path: str) -> list[str]:
     with open(path) as f:
         data = json.load(f)
-    rows = [r for r in data["rows"] if not r["name"].startswith("ceiling:")]
+    # Cases a time budget skipped are not results: leave them out rather than draw gaps.
+    rows = [
+        r for r in data["rows"]
+        if not r["name"].startswith("ceiling:")
+        and not str(r.get("status", "")).startswith("skipped")
+    ]  # fmt: skip
     dev = data.get("machine", {}).get("device", "?")
     stem = os.path.splitext(path)[0]
     written = []
     by_op = defaultdict(list)
     for r in rows:
-        by_op[_op(r["name"])].append(r)
+        # Attention rows carry a mode (fwd, bwd, fwd+bwd): one figure per mode stays readable.
+        by_op[_op(r["name"]) + (f"-{r['mode']}" if r.get("mode") else "")].append(r)
     for op, op_rows in by_op.items():
         for metric, label in (
             ("speedup_vs_baseline", "speed-up vs baseline (x)"),
