@@ -442,6 +442,7 @@ def _generate(
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     logits_all: Tensor | None = None  # (B, L, V) last prediction (no cache), for reuse
     stale = [True] * B
+    pending = None  # (B,) bool: rows the last step changed, read with the next step's flags
     step = 0
     op_kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
 
@@ -459,8 +460,21 @@ def _generate(
         while True:
             masked = x == mask_id
             cand = masked & in_reach & ~done[:, None]
-            has = cand.any(1).tolist()
-            if (parallel and not any(has)) or (not parallel and i >= spb) or bool(done.all()):
+            # One host read per step: which rows still have candidates, and which rows the
+            # previous step changed (their cached prediction is stale).
+            if pending is not None:
+                has, changed = torch.stack([cand.any(1), pending]).tolist()
+                pending = None
+                for b in range(B):
+                    if changed[b]:
+                        stale[b] = True
+            else:
+                has = cand.any(1).tolist()
+            if (
+                (parallel and not any(has))
+                or (not parallel and i >= spb)
+                or (stop_at_eos and bool(done.all()))
+            ):
                 break
             if not any(has):
                 i += 1
@@ -517,12 +531,10 @@ def _generate(
                                      row_steps[b], _row_options(op_kw, b))  # fmt: skip
                     xw_new[b, o:], committed[b, o:] = xb[0], cb[0]
             x = torch.cat([x[:, :w0], xw_new, x[:, w1:]], 1) if (w0, w1) != (0, L) else xw_new
-            changed = committed.any(1).tolist()
+            pending = committed.any(1)  # read with the next step's flags
             for b in range(B):
                 if has[b]:
                     row_steps[b] += 1
-                if changed[b]:
-                    stale[b] = True
             if stop_at_eos:
                 masked = x == mask_id
                 fin = eos_finished(x, masked, P, eos_id) & ~done
@@ -532,6 +544,7 @@ def _generate(
             if tokens_hook is not None:
                 x = tokens_hook(step, x, logits)
                 stale = [True] * B  # the hook may have changed anything
+                pending = None
             if output_history:
                 history.append(x.clone())
             step += 1
