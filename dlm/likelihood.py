@@ -90,9 +90,11 @@ def masked_nll_estimate(
     if attention_mask is not None:
         maskable = maskable & attention_mask.to(dev).bool()
     n_all = maskable.sum(1).tolist()
-    # A time-conditioned model's t stands for the masked fraction of all real tokens.
-    n_real = ([S] * B if attention_mask is None
-              else attention_mask.to(dev).bool().sum(1).clamp_min(1).tolist())  # fmt: skip
+    # A time-conditioned model gets t of each draw's masked fraction of the row's real tokens.
+    t_of = time_input(model)
+    n_real = [S] * B
+    if t_of is not None and attention_mask is not None:
+        n_real = attention_mask.to(dev).bool().sum(1).clamp_min(1).tolist()
     # All (row, draw) pairs, generated per row, then evaluated in chunks of batch_size.
     seqs, masks, weights, owners = [], [], [], []
     fracs_m, fracs_n = [], []
@@ -118,8 +120,6 @@ def masked_nll_estimate(
     if am_t is not None and _accepts(model, "position_ids"):
         # As in generate: positions restart at each row's first real token.
         pos_t = (am_t.to(torch.int64).cumsum(1) - 1).clamp_min(0)
-    # A time-conditioned model gets t of each draw's masked fraction of the row's real tokens.
-    t_of = time_input(model)
     frac_t = torch.cat([m / n for m, n in zip(fracs_m, fracs_n)]) if t_of is not None else None
     prompt_t = None
     if cfg_scale > 0:
