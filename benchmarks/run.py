@@ -29,9 +29,15 @@ BENCHES = [
     "bench_sample",
     "bench_attention",  # last: it takes whatever time the others leave
 ]
-# Shares of --budget: attention has the most cases (sizes x masks x providers x modes) and
-# autotunes its tiles at the first call of each shape class.
-WEIGHTS = {"bench_attention": 5.0, "bench_linear_cross_entropy": 1.5, "bench_sample": 2.0}
+# Shares of --budget. GPU: attention has the most cases (sizes x masks x providers x modes) and
+# autotunes its tiles at the first call of each shape class. CPU: roughly each module's share
+# of a full run (2-core EPYC, 2026-11-27: CE 173 s, LCE 328 s, unmask 47 s, sample 497 s,
+# attention 3 s), sample held back: its larger cases matter least.
+WEIGHTS = {
+    "cuda": {"bench_attention": 5.0, "bench_linear_cross_entropy": 1.5, "bench_sample": 2.0},
+    "cpu": {"bench_cross_entropy": 1.7, "bench_linear_cross_entropy": 3.3,
+            "bench_unmask_sample": 0.5, "bench_sample": 2.5, "bench_attention": 0.1},
+}  # fmt: skip
 
 
 def ratios(rows: list[dict]) -> None:
@@ -134,7 +140,8 @@ def main(argv=None) -> int:
         if a.budget is not None:
             # This module's share of what is left, so time one module leaves unused goes on.
             left = a.budget - (time.monotonic() - t_start)
-            share = WEIGHTS.get(name, 1.0) / sum(WEIGHTS.get(n, 1.0) for n in names[i:])
+            wts = WEIGHTS["cuda" if a.device.startswith("cuda") else "cpu"]
+            share = wts.get(name, 1.0) / sum(wts.get(n, 1.0) for n in names[i:])
             set_deadline(max(left * share, 0.0))
         t_mod = time.monotonic()
         try:
