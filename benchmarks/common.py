@@ -127,6 +127,16 @@ def _cpu_name() -> str:
     return platform.processor() or "cpu"
 
 
+_COMPILED: dict = {}
+
+
+def compiled(fn: Callable):
+    """torch.compile(fn, dynamic=False), built once per function: the compile peer of a bench."""
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=False)
+    return _COMPILED[fn]
+
+
 def row(name: str, provider: str, shape: str, dtype, timing: dict | None, **extra) -> dict:
     """One result row; a provider that could not run has timing None and a status saying why."""
     out = {

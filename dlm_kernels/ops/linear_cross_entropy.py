@@ -149,6 +149,16 @@ if triton is not None:
         return rows, row_ok
 
     @triton.jit
+    def _row_terms(target_ptr, lse_ptr, grad_ptr, weight_ptr, rows, row_ok):
+        """What the backward needs of each row: (target, lse, grad_output * weight)."""
+        tgt = tl.load(target_ptr + rows, mask=row_ok, other=0)
+        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+        coef = tl.load(grad_ptr + rows, mask=row_ok, other=0.0) * tl.load(
+            weight_ptr + rows, mask=row_ok, other=0.0
+        )
+        return tgt, lse, coef
+
+    @triton.jit
     def _lce_fwd_kernel(
         h_ptr, stride_h, w_ptr, stride_w, b_ptr,  # hidden (N, H), head (V, H), bias (V,)
         order_ptr,  # (N,) int64: rows that carry loss first
@@ -222,11 +232,7 @@ if triton is not None:
         count = tl.load(count_ptr)
         if pid * BLOCK_M < count:
             rows, row_ok = _row_tile(order_ptr, count_ptr, pid, BLOCK_M)
-            tgt = tl.load(target_ptr + rows, mask=row_ok, other=0)
-            lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-            coef = tl.load(grad_ptr + rows, mask=row_ok, other=0.0) * tl.load(
-                weight_ptr + rows, mask=row_ok, other=0.0
-            )
+            tgt, lse, coef = _row_terms(target_ptr, lse_ptr, grad_ptr, weight_ptr, rows, row_ok)
             for v0 in range(0, V, BLOCK_V):
                 offs_v = v0 + tl.arange(0, BLOCK_V)
                 col_ok = offs_v < V
@@ -276,11 +282,7 @@ if triton is not None:
         db = tl.zeros((BLOCK_V,), tl.float32)
         for m0 in range(0, count, BLOCK_M):
             rows, row_ok = _row_tile(order_ptr, count_ptr, m0 // BLOCK_M, BLOCK_M)
-            tgt = tl.load(target_ptr + rows, mask=row_ok, other=0)
-            lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-            coef = tl.load(grad_ptr + rows, mask=row_ok, other=0.0) * tl.load(
-                weight_ptr + rows, mask=row_ok, other=0.0
-            )
+            tgt, lse, coef = _row_terms(target_ptr, lse_ptr, grad_ptr, weight_ptr, rows, row_ok)
             x = _logits_tile(
                 h_ptr, stride_h, w_ptr, stride_w, b_ptr, rows, row_ok, offs_v, col_ok, H,
                 softcap, HAS_BIAS, HAS_CAP, BLOCK_M, BLOCK_V, BLOCK_K, PREC, UPCAST,
@@ -333,11 +335,7 @@ if triton is not None:
             rows, row_ok = _row_tile(order_ptr, count_ptr, pid_m, BLOCK_M)
             offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
             col_ok = offs_v < V
-            tgt = tl.load(target_ptr + rows, mask=row_ok, other=0)
-            lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-            coef = tl.load(grad_ptr + rows, mask=row_ok, other=0.0) * tl.load(
-                weight_ptr + rows, mask=row_ok, other=0.0
-            )
+            tgt, lse, coef = _row_terms(target_ptr, lse_ptr, grad_ptr, weight_ptr, rows, row_ok)
             x = _logits_tile(
                 h_ptr, stride_h, w_ptr, stride_w, b_ptr, rows, row_ok, offs_v, col_ok, H,
                 softcap, HAS_BIAS, HAS_CAP, BLOCK_M, BLOCK_V, BLOCK_K, PREC, UPCAST,
