@@ -126,6 +126,27 @@ def test_greedy_ties_lowest_index():
         assert conf.tolist() == [0.0, 0.0, 0.0], name  # a tie at the top: margin 0
 
 
+@pytest.mark.parametrize("conf", ["prob", "neg_entropy"])
+def test_greedy_cpp_across_blocks(conf):
+    # The C++ greedy path reads a row in blocks of 1024 with a running max: maxima that grow
+    # from block to block (the running sums are rescaled), ties in different blocks (the lowest
+    # index wins), and a bf16 row.
+    skip_unless_available("cpp")
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(4, 3001, generator=g, dtype=torch.float64)
+    x[0, [2500, 2999]] = 9.0
+    x[1] += torch.linspace(0, 30, 3001, dtype=torch.float64)  # a new max in every block
+    x[2, [5, 2100]] = 7.0
+    x[3, 1024] = 6.0  # the first element of a block
+    for dtype in (torch.float32, torch.bfloat16):
+        xd = x.to(dtype)
+        ref = _run("reference", sample_tokens, xd, confidence=conf)
+        got = _run("cpp", sample_tokens, xd, confidence=conf)
+        _check_same(got, ref, f"cpp-{conf}-{dtype}")
+        if dtype == torch.float32:
+            assert got[0].tolist()[:4:2] == [2500, 5]
+
+
 # ---------------------------------------------------------------------------------------------
 # T > 0: the same seed gives the same tokens on every path
 # ---------------------------------------------------------------------------------------------
