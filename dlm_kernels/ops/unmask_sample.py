@@ -14,11 +14,16 @@ Gumbel noise hurts quality). With ``seed=None`` one seed is drawn per call on th
 Pass ``seed`` and a step counter as ``offset`` for reproducible generation.
 
 Tie and filter rules (shared with ``reference.sample_tokens_rows``): see ``sample_tokens``.
-Only last-ulp differences between the paths' exp/log (and their summation orders) can change a
-result, and only when two candidates' scores, or a top-p boundary mass, tie to ~1e-15.
+Only rounding differences between the paths can change a result: the scores of the Gumbel draw
+are float64 on every path (two candidates must tie to ~1e-15); the weights that decide the top-p
+and min-p boundaries are float64 in the reference and C++ paths and float32 exps (summed in
+float64) in the Triton kernel, so there a boundary token's fate can differ when the mass above it
+is within ~1e-7 (relative) of top_p's target; the drawn token changes only if that token is drawn.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import Tensor
@@ -75,12 +80,65 @@ if triton is not None:
         HAS_TOPP: tl.constexpr,
         HAS_MINP: tl.constexpr,
         BLOCK_V: tl.constexpr,  # vocabulary tile
+        BLOCK_S: tl.constexpr,  # vocabulary tile of the threshold searches
+        NPIV: tl.constexpr,  # pivots per pass of the threshold searches
     ):
         r = tl.program_id(0).to(tl.int64)
         base = logits_ptr + r * stride_row
         cols0 = tl.arange(0, BLOCK_V)
         ninf = float("-inf")
-        if tl.load(valid_ptr + r):
+        T = tl.load(temp_ptr + r)
+        # The common greedy row (T = 0, no active filter, confidence prob or neg_entropy) in one
+        # pass: an online softmax (running max, per-lane sums rescaled when it grows).
+        one_pass = (T <= 0.0) & ((MODE == 0) | (MODE == 3))
+        if HAS_TOPK:
+            kf = tl.load(topk_ptr + r)
+            one_pass = one_pass & ((kf <= 0) | (kf >= V))
+        if HAS_TOPP:
+            one_pass = one_pass & (tl.load(topp_ptr + r) >= 1.0)
+        if HAS_MINP:
+            one_pass = one_pass & (tl.load(minp_ptr + r) <= 0.0)
+        if not tl.load(valid_ptr + r):
+            tl.store(tok_ptr + r, 0)
+            tl.store(conf_ptr + r, ninf)
+        elif one_pass:
+            # exp in float32 (the confidence is a float32 output; float64 exp costs ~10x the
+            # read on a GPU), sums in float64 lanes.
+            mx = tl.full([], ninf, tl.float32)
+            amax = tl.full([], 0, tl.int64)
+            zs = tl.zeros([BLOCK_V], tl.float64)  # sum exp(x - mx)
+            es = tl.zeros([BLOCK_V], tl.float64)  # sum exp(x - mx) (x - mx)
+            for start in range(0, V, BLOCK_V):
+                offs = start + cols0
+                x = _load_x(base, offs, V)
+                tm = tl.max(x, 0)
+                ti = tl.min(tl.where(x == tm, offs, 2147483647), 0).to(tl.int64)
+                amax = tl.where(tm > mx, ti, amax)
+                nm = tl.maximum(mx, tm)
+                if nm > mx:
+                    # Rescale the sums to the new max (nothing to rescale while mx is -inf).
+                    dm = tl.where(mx > ninf, mx.to(tl.float64) - nm.to(tl.float64), 0.0)
+                    sc = tl.exp(dm)
+                    if MODE == 3:
+                        es = sc * (es + dm * zs)
+                    zs = sc * zs
+                    mx = nm
+                d = tl.where(x > ninf, x - mx, ninf)
+                w = tl.exp(d)
+                zs += w.to(tl.float64)
+                if MODE == 3:
+                    es += tl.where(w > 0.0, w * d, 0.0).to(tl.float64)  # 0 log 0 = 0
+            Z = tl.sum(zs, 0)
+            if mx == ninf:
+                tl.store(tok_ptr + r, 0)
+                tl.store(conf_ptr + r, ninf)
+            else:
+                tl.store(tok_ptr + r, amax)
+                if MODE == 0:
+                    tl.store(conf_ptr + r, (1.0 / Z).to(tl.float32))
+                else:
+                    tl.store(conf_ptr + r, (tl.sum(es, 0) / Z - tl.log(Z)).to(tl.float32))
+        else:
             # Pass 1: max and its lowest index.
             mx = tl.full([], ninf, tl.float32)
             amax = tl.full([], 0, tl.int64)
@@ -96,7 +154,6 @@ if triton is not None:
                 tl.store(tok_ptr + r, 0)
                 tl.store(conf_ptr + r, ninf)
             else:
-                T = tl.load(temp_ptr + r)
                 Te = tl.where(T > 0.0, T, 1.0).to(tl.float64)
                 mz = mx.to(tl.float64) / Te
                 tok = amax
@@ -106,6 +163,14 @@ if triton is not None:
                     kmin = _key(tl.full([], ninf, tl.float32))
                     kk = kmin  # keep key(x) >= kk
                     kmax = _key(mx)
+                    # top_k and top_p thresholds by NPIV-way searches over the order-preserving
+                    # int keys: each pass over the row tests NPIV pivots at once ([BLOCK_S, NPIV]
+                    # compares), then snaps the interval's ends to data keys, so a search takes
+                    # ~log_NPIV+1 of the key range passes at most (one per distinct value near
+                    # the end). The weights are float32 exps (sums in float64): a float64 exp per
+                    # element and pass cost ~10x the read of the row on a GPU.
+                    ip = tl.arange(0, NPIV)
+                    colS = tl.arange(0, BLOCK_S)
                     if HAS_TOPK:
                         k = tl.load(topk_ptr + r)
                         if (k > 0) & (k < V):
@@ -113,58 +178,67 @@ if triton is not None:
                             lo = kmin
                             hi = kmax
                             while lo < hi:
-                                mid = (lo + hi + 1) >> 1
-                                cnt = tl.zeros([BLOCK_V], tl.int64)
-                                up = tl.full([BLOCK_V], 2**40, tl.int64)
-                                dn = tl.full([BLOCK_V], -(2**40), tl.int64)
-                                for start in range(0, V, BLOCK_V):
-                                    offs = start + cols0
+                                piv = lo + 1 + ((hi - lo - 1) * (ip + 1)) // (NPIV + 1)
+                                cnt = tl.zeros([NPIV], tl.int32)
+                                up = tl.full([NPIV], 2**40, tl.int64)
+                                dn = tl.full([NPIV], -(2**40), tl.int64)
+                                for start in range(0, V, BLOCK_S):
+                                    offs = start + colS
                                     kx = _key(_load_x(base, offs, V))
-                                    ge = (kx >= mid) & (offs < V)
-                                    cnt += ge.to(tl.int64)
-                                    up = tl.minimum(up, tl.where(ge, kx, 2**40))
-                                    dn = tl.maximum(dn, tl.where((kx < mid) & (offs < V), kx,
-                                                                 -(2**40)))  # fmt: skip
-                                # Snap to the nearest data key on the kept side: at most one
-                                # step per distinct value, and ~log2(key range) at worst.
-                                if tl.sum(cnt, 0) >= k:
-                                    lo = tl.min(up, 0)
-                                else:
-                                    hi = tl.max(dn, 0)
+                                    inr = (offs < V)[:, None]
+                                    ge = (kx[:, None] >= piv[None, :]) & inr
+                                    cnt += tl.sum(ge.to(tl.int32), 0)
+                                    up = tl.minimum(up, tl.min(tl.where(ge, kx[:, None], 2**40), 0))
+                                    dn = tl.maximum(dn, tl.max(tl.where(~ge & inr, kx[:, None],
+                                                                        -(2**40)), 0))  # fmt: skip
+                                # count(>= piv) falls with the pivot: the last pivot that keeps
+                                # k raises lo to its data key, the first that does not lowers hi.
+                                ok = cnt >= k
+                                nok = tl.sum(ok.to(tl.int32), 0)
+                                lo_new = tl.max(tl.where(ok, up, -(2**40)), 0)
+                                hi_new = tl.min(tl.where(ok, 2**40, dn), 0)
+                                lo = tl.where(nok > 0, lo_new, lo)
+                                hi = tl.where(nok < NPIV, hi_new, hi)
                             kk = lo
                     if HAS_TOPP:
                         p = tl.load(topp_ptr + r)
                         if p < 1.0:
+                            invT = (1.0 / Te).to(tl.float32)
                             zs = tl.zeros([BLOCK_V], tl.float64)
                             for start in range(0, V, BLOCK_V):
                                 offs = start + cols0
                                 x = _load_x(base, offs, V)
-                                w = tl.exp(x.to(tl.float64) / Te - mz)
-                                zs += tl.where(_key(x) >= kk, w, 0.0)
+                                w = tl.exp((x - mx) * invT)
+                                zs += tl.where(_key(x) >= kk, w, 0.0).to(tl.float64)
                             target = p * tl.sum(zs, 0)
                             # Smallest K with mass(key > K) < target: kept = key >= K.
                             lo = kk - 1
                             hi = kmax
                             while hi - lo > 1:
-                                mid = (lo + hi) >> 1
-                                acc = tl.zeros([BLOCK_V], tl.float64)
-                                up = tl.full([BLOCK_V], 2**40, tl.int64)
-                                dn = tl.full([BLOCK_V], -(2**40), tl.int64)
-                                for start in range(0, V, BLOCK_V):
-                                    offs = start + cols0
+                                piv = lo + ((hi - lo) * (ip + 1)) // (NPIV + 1)
+                                acc = tl.zeros([NPIV], tl.float64)
+                                up = tl.full([NPIV], 2**40, tl.int64)
+                                dn = tl.full([NPIV], -(2**40), tl.int64)
+                                for start in range(0, V, BLOCK_S):
+                                    offs = start + colS
                                     x = _load_x(base, offs, V)
                                     kx = _key(x)
-                                    inr = (kx >= kk) & (offs < V)
-                                    w = tl.exp(x.to(tl.float64) / Te - mz)
-                                    acc += tl.where((kx > mid) & inr, w, 0.0)
-                                    up = tl.minimum(up, tl.where((kx > mid) & inr, kx, 2**40))
-                                    dn = tl.maximum(dn, tl.where((kx <= mid) & inr, kx, -(2**40)))
-                                # mass(key > K) only changes at data keys: snap hi down to one,
-                                # or lo up to just below one.
-                                if tl.sum(acc, 0) < target:
-                                    hi = tl.max(dn, 0)
-                                else:
-                                    lo = tl.min(up, 0) - 1
+                                    inr = ((kx >= kk) & (offs < V))[:, None]
+                                    w = tl.exp((x - mx) * invT)
+                                    gt = (kx[:, None] > piv[None, :]) & inr
+                                    acc += tl.sum(tl.where(gt, w[:, None], 0.0), 0).to(tl.float64)
+                                    up = tl.minimum(up, tl.min(tl.where(gt, kx[:, None], 2**40), 0))
+                                    dn = tl.maximum(dn, tl.max(tl.where(~gt & inr, kx[:, None],
+                                                                        -(2**40)), 0))  # fmt: skip
+                                # mass(key > piv) falls with the pivot and only changes at data
+                                # keys: the first pivot under the target snaps hi down to a data
+                                # key, the last one at or over it snaps lo to just below one.
+                                under = acc < target
+                                nund = tl.sum(under.to(tl.int32), 0)
+                                hi_new = tl.min(tl.where(under, dn, 2**40), 0)
+                                lo_new = tl.max(tl.where(under, -(2**40), up), 0) - 1
+                                hi = tl.where(nund > 0, hi_new, hi)
+                                lo = tl.where(nund < NPIV, lo_new, lo)
                             kk = hi
                     lz = tl.full([], ninf, tl.float64)
                     if HAS_MINP:
@@ -176,35 +250,51 @@ if triton is not None:
                     c1 = (tl.zeros([BLOCK_V], tl.int64) + tl.load(rows_ptr + r)).to(tl.uint32)
                     c2 = (tl.zeros([BLOCK_V], tl.int32) + offset).to(tl.uint32, bitcast=True)
                     c3 = tl.zeros([BLOCK_V], tl.uint32)
+                    invT = (1.0 / Te).to(tl.float32)
                     zf = tl.zeros([BLOCK_V], tl.float64)
                     ent = tl.zeros([BLOCK_V], tl.float64)
                     ntop = tl.zeros([BLOCK_V], tl.int32)
-                    sec = tl.full([BLOCK_V], ninf, tl.float64)
+                    sec = tl.full([BLOCK_V], ninf, tl.float32)  # the second value (a logit)
                     best = tl.full([], ninf, tl.float64)
                     bidx = amax
                     for start in range(0, V, BLOCK_V):
                         offs = start + cols0
                         x = _load_x(base, offs, V)
-                        z = x.to(tl.float64) / Te
-                        keep = (_key(x) >= kk) & (z - mz >= lz) & (offs < V)
-                        w = tl.where(keep, tl.exp(z - mz), 0.0)
-                        zf += w
+                        keep = (_key(x) >= kk) & (offs < V)
+                        if HAS_MINP:  # the rule of the other paths, in float64
+                            keep = keep & (x.to(tl.float64) / Te - mz >= lz)
+                        d = tl.where(keep, (x - mx) * invT, ninf)
+                        w = tl.exp(d)  # float32: see the searches
+                        zf += w.to(tl.float64)
                         if MODE == 3:
-                            ent += w * tl.where(w > 0.0, z - mz, 0.0)  # 0 log 0 = 0
+                            ent += tl.where(w > 0.0, w * d, 0.0).to(tl.float64)  # 0 log 0 = 0
                         if MODE == 2:
                             ntop += (keep & (x == mx)).to(tl.int32)
-                            sec = tl.maximum(sec, tl.where(keep & (x != mx), z, ninf))
+                            sec = tl.maximum(sec, tl.where(keep & (x != mx), x, ninf))
                         if T > 0.0:
                             c0 = offs.to(tl.uint32)
                             w0, w1, _, _ = tl.philox(seed, c0, c1, c2, c3)
-                            kb = (w0 >> 6).to(tl.float64) * 67108864.0 + (w1 >> 6).to(tl.float64)
-                            u = (kb + 0.5) * 2.220446049250313e-16
-                            s = tl.where(keep, z - tl.log(-tl.log(u)), ninf)
-                            tm = tl.max(s, 0)
-                            ti = tl.min(tl.where(s == tm, offs, 2147483647), 0).to(tl.int64)
-                            upd = tm > best
-                            bidx = tl.where(upd, ti, bidx)
-                            best = tl.where(upd, tm, best)
+                            # Token j beats the best score only if u > exp(-c), c = exp(z - best);
+                            # exp(-c) >= 1 - c, and u < u_up = (top 24 bits + 1) 2^-24. A tile
+                            # where no kept token has u_up > 1 - c cannot change the best: it
+                            # skips the float64 logs. c in float32 as exp(d + mz - best) (one
+                            # exp, no denormal products): relative error < 1e-5 for any c that
+                            # matters, the slack below; a NaN or inf c keeps the token.
+                            u_up = ((w0 >> 8).to(tl.float32) + 1.0) * 5.9604644775390625e-08
+                            c = tl.exp(d + (mz - best).to(tl.float32))
+                            cand = keep & ~(u_up < 1.0 - c * 1.00001 - 1e-6)
+                            if (best == ninf) | (tl.max(cand.to(tl.int32), 0) > 0):
+                                kb = (w0 >> 6).to(tl.float64) * 67108864.0 + (w1 >> 6).to(
+                                    tl.float64
+                                )
+                                u = (kb + 0.5) * 2.220446049250313e-16
+                                z = x.to(tl.float64) / Te
+                                s = tl.where(keep, z - tl.log(-tl.log(u)), ninf)
+                                tm = tl.max(s, 0)
+                                ti = tl.min(tl.where(s == tm, offs, 2147483647), 0).to(tl.int64)
+                                upd = tm > best
+                                bidx = tl.where(upd, ti, bidx)
+                                best = tl.where(upd, tm, best)
                     Z = tl.sum(zf, 0)
                     tok = bidx
                     if MODE == 0:
@@ -213,7 +303,8 @@ if triton is not None:
                         conf = tl.sum(wt, 0) / Z
                     if MODE == 2:
                         p1 = 1.0 / Z
-                        p2 = tl.where(tl.sum(ntop, 0) >= 2, p1, tl.exp(tl.max(sec, 0) - mz) / Z)
+                        s2 = tl.max(sec, 0).to(tl.float64) / Te
+                        p2 = tl.where(tl.sum(ntop, 0) >= 2, p1, tl.exp(s2 - mz) / Z)
                         conf = p1 - p2
                     if MODE == 3:
                         conf = tl.sum(ent, 0) / Z - tl.log(Z)
@@ -229,9 +320,6 @@ if triton is not None:
                     conf = tl.sum(et, 0) / tl.sum(zr, 0)
                 tl.store(tok_ptr + r, tok)
                 tl.store(conf_ptr + r, conf.to(tl.float32))
-        else:
-            tl.store(tok_ptr + r, 0)
-            tl.store(conf_ptr + r, ninf)
 
 
 def _as_int32(v: int) -> int:
@@ -246,11 +334,45 @@ def _block_v(V: int) -> int:
     return min(cap, triton.next_power_of_2(V))
 
 
-def _triton_sample(logits, rows, valid, temp, topk, topp, minp, mode, seed, offset, flags):
-    """Passes over each valid row: 1 (greedy) to ~2 + 32 (top_k) + 32 (top_p) when filtering.
+def _block_s(V: int) -> int:
+    # The searches hold a [BLOCK_S, NPIV] tile: 256 x 16 keeps it in registers on a GPU.
+    return min(_block_v(V), 256 if not dispatch.triton_interpret() else 65536)
 
-    The floor is one read of the logits (R * V * itemsize bytes); the bisections re-read the
-    row once per step (from L2 on a GPU). A histogram/pivot search would cut the passes: not yet.
+
+def _sample_configs(V: int) -> list:
+    """Candidate (BLOCK_V, num_warps) for the autotuner; the first is the untuned default.
+
+    Every candidate compiles for sm_90 without register spills (checked offline with ptxas);
+    which is fastest is for the card to say (one row per program: the tile trades registers,
+    and so resident programs, against loop trips).
+    """
+    cands = [(2048, 8), (1024, 4), (4096, 8), (1024, 8), (512, 4)]
+    cap = triton.next_power_of_2(V)
+    out, seen = [], set()
+    for bv, nw in cands:
+        bv = min(bv, cap)
+        if (bv, nw) not in seen:
+            seen.add((bv, nw))
+            out.append(triton.Config({"BLOCK_V": bv, "BLOCK_S": min(bv, 256)}, num_warps=nw))
+    return out
+
+
+_TUNERS: dict = {}  # V bucket -> triton.autotune wrapper of _sample_rows_kernel
+
+
+def _autotune_on() -> bool:
+    return not dispatch.triton_interpret() and os.environ.get("DLM_KERNELS_AUTOTUNE", "1") != "0"
+
+
+def _triton_sample(logits, rows, valid, temp, topk, topp, minp, mode, seed, offset, flags):
+    """One program per row; passes over a valid row: 1 for a greedy row without filters (online
+    softmax), else 2 + the threshold searches (~log_17 of the key range passes each, fewer when
+    the values near the threshold are few) + the final pass.
+
+    The floor is one read of the logits (R * V * itemsize bytes); the searches re-read the row
+    (from L2 on a GPU). On a GPU the tile and warp count are autotuned at the first launch of
+    each (V, mode, filters) (DLM_KERNELS_AUTOTUNE=0: the default tile); under a CUDA graph
+    capture without a tuned entry, the default tile.
     """
     R, V = logits.shape
     tok = torch.empty(R, dtype=torch.int64, device=logits.device)
@@ -258,10 +380,28 @@ def _triton_sample(logits, rows, valid, temp, topk, topp, minp, mode, seed, offs
     if R == 0:
         return tok, conf
     has_topk, has_topp, has_minp = flags
+    args = (logits, logits.stride(0), rows, valid, temp, topk, topp, minp, tok, conf, V, seed,
+            _as_int32(offset))  # fmt: skip
+    meta = dict(MODE=mode, HAS_TOPK=has_topk, HAS_TOPP=has_topp, HAS_MINP=has_minp, NPIV=16)
+    capturing = logits.is_cuda and torch.cuda.is_current_stream_capturing()
+    if _autotune_on() and logits.is_cuda and not capturing:
+        bucket = triton.next_power_of_2(V)
+        tuner = _TUNERS.get(bucket)
+        if tuner is None:
+            tuner = triton.autotune(
+                _sample_configs(V), key=["V", "MODE", "HAS_TOPK", "HAS_TOPP", "HAS_MINP"]
+            )(_sample_rows_kernel)
+            _TUNERS[bucket] = tuner
+        tuner[(R,)](*args, **meta)
+        return tok, conf
+    _sample_rows_kernel[(R,)](*args, **meta, BLOCK_V=_block_v(V), BLOCK_S=_block_s(V),
+                              num_warps=8)  # fmt: skip
+    return tok, conf
+    has_topk, has_topp, has_minp = flags
     _sample_rows_kernel[(R,)](
         logits, logits.stride(0), rows, valid, temp, topk, topp, minp, tok, conf, V,
         seed, _as_int32(offset), MODE=mode, HAS_TOPK=has_topk, HAS_TOPP=has_topp,
-        HAS_MINP=has_minp, BLOCK_V=_block_v(V), num_warps=8,
+        HAS_MINP=has_minp, BLOCK_V=_block_v(V), BLOCK_S=_block_s(V), NPIV=16, num_warps=8,
     )  # fmt: skip
     return tok, conf
 

@@ -126,6 +126,32 @@ def test_greedy_ties_lowest_index():
         assert conf.tolist() == [0.0, 0.0, 0.0], name  # a tie at the top: margin 0
 
 
+@pytest.mark.parametrize("conf", CONFS)
+def test_triton_small_tiles(conf, monkeypatch):
+    # The interpreter's default tile holds a whole small row: force 64-wide tiles so that the
+    # cross-tile paths run (the online max of the one-pass greedy rows, with its rescaled sums;
+    # ties and maxima in later tiles; per-row filters that switch the one-pass path off for some
+    # rows only), greedy and sampled, against the reference.
+    skip_unless_available("triton")
+    import dlm_kernels.ops.unmask_sample as us
+
+    monkeypatch.setattr(us, "_block_v", lambda V: 64)
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(6, 301, generator=g, dtype=torch.float64) * 2
+    x[0] += torch.linspace(0, 20, 301, dtype=torch.float64)  # a new max in every tile
+    x[1, [70, 200]] = 12.0  # a tie across tiles: the lower index
+    x[2, :100] = float("-inf")  # -inf tiles before the first finite value
+    x[3, 5] = float("nan")
+    x[4, 64] = 10.0  # the first element of a tile
+    xs = x.to(torch.float32)
+    top_p = torch.tensor([1.0, 0.9, 1.0, 1.0, 0.7, 1.0])  # some rows filtered, some not
+    for kw in (dict(), dict(top_p=top_p), dict(top_k=torch.tensor([0, 5, 0, 301, 9, 0]))):
+        for T in (0.0, 0.8):
+            kw2 = dict(confidence=conf, temperature=T, seed=3, **kw)
+            ref = _run("reference", sample_tokens, xs, **kw2)
+            _check_same(_run("triton", sample_tokens, xs, **kw2), ref, f"triton-{conf}-{T}-{kw}")
+
+
 @pytest.mark.parametrize("conf", ["prob", "neg_entropy"])
 def test_greedy_cpp_across_blocks(conf):
     # The C++ greedy path reads a row in blocks of 1024 with a running max: maxima that grow
