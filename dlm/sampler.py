@@ -231,7 +231,6 @@ def _check_args(prompt, attention_mask, gen_length, steps, block_length, alg, sc
         raise ValueError(f"generate: cfg_scale must be >= 0, got {cfg_scale}")
 
 
-@torch.no_grad()
 def generate(
     model,
     prompt: Tensor,
@@ -299,6 +298,7 @@ def generate(
 
     Returns:
         (B, P + gen_length) int64 sequences; with output_history, (sequences, [x after each step]).
+        The loop runs under ``torch.inference_mode``; what it returns are ordinary tensors.
 
     Example:
         >>> x = generate(model, prompt, mask_id=mask, gen_length=64, steps=32, block_length=16)
@@ -308,7 +308,26 @@ def generate(
     return _generate(**locals())
 
 
-def _generate(
+def _generate(*args, **kwargs):
+    """The loop behind ``generate`` (see ``_loop`` for the hooks the compat wrappers use).
+
+    It runs under inference mode, which skips autograd's per-tensor bookkeeping (version
+    counters, views): on a small model the loop's own ops cost about as much as the forward,
+    and that bookkeeping is a fair part of them. The results are cloned on the way out so that
+    callers get ordinary tensors (an inference tensor cannot be edited in place, nor saved for
+    backward, outside inference mode).
+    """
+    with torch.inference_mode():
+        out = _loop(*args, **kwargs)
+    if torch.is_inference_mode_enabled():  # the caller's own inference mode: nothing to undo
+        return out
+    if isinstance(out, tuple):  # output_history
+        x, history = out
+        return x.clone(), [h.clone() for h in history]
+    return out.clone()
+
+
+def _loop(
     model, prompt, attention_mask=None, *, gen_length=128, steps=128, block_length=None,
     alg="low_confidence", temperature=0.0, top_k=None, top_p=None, min_p=None, alg_temp=None,
     threshold=None, factor=None, cfg_scale=0.0, mask_id, eos_id=None, stop_at_eos=False,
@@ -316,7 +335,8 @@ def _generate(
     generator=None, seed=None, forward_fn=None, logits_hook=None, tokens_hook=None,
     commit_fn=None, position_ids=True, counter=None, ban_mask=True, block_counts_only=False,
 ):  # fmt: skip
-    """The loop behind ``generate``, with the hooks the compat wrappers need:
+    """The loop behind ``generate``, with the hooks the compat wrappers need (run it through
+    ``_generate``, which sets inference mode):
     forward_fn(x, attention_mask (B, S) bool | None, position_ids | None) -> logits replaces
     the model call; logits_hook(step, x, logits) / tokens_hook(step, x) edit the logits / x
     (Dream's generation_*_hook_func); commit_fn(x, logits, cand, step, rows) replaces the
@@ -445,6 +465,15 @@ def _generate(
     pending = None  # (B,) bool: rows the last step changed, read with the next step's flags
     step = 0
     op_kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    # The even schedule's counts as a Python int when every row has the same number of masks
+    # in the block (same-length prompts): the op then skips building and range-checking a
+    # per-row tensor. The counts reach the host with the block's first read (no extra sync).
+    host_counts = (
+        schedule == "even" and not parallel and conf_mode is not None and commit_fn is None
+    )
+    thetas = (
+        [ancestral_theta(spb, i, schedule, eps) for i in range(spb)] if conf_mode is None else []
+    )
 
     for blk in range(n_blocks):
         s_blk, e_blk = P + blk * bl, P + (blk + 1) * bl
@@ -456,20 +485,29 @@ def _generate(
         counts = even_counts(n0, spb) if (schedule == "even" and not parallel) else None
         ts = dream_timesteps(spb, eps, dev) if schedule == "dream" else None
         cache = KVCache() if kv_cache is not None else None
+        # Where this block's candidates may be; recomputed only when rows finish (stop_at_eos).
+        reach = in_reach & ~done[:, None] if stop_at_eos else in_reach
+        n_host = None  # the block's per-row counts on the host when they are all equal
         i = 0
         while True:
-            masked = x == mask_id
-            cand = masked & in_reach & ~done[:, None]
-            # One host read per step: which rows still have candidates, and which rows the
-            # previous step changed (their cached prediction is stale).
+            cand = (x == mask_id) & reach
+            # One host read per step: which rows still have candidates, which rows the previous
+            # step changed (their cached prediction is stale) and, at a block's first step, its
+            # per-row mask counts.
+            parts = [cand.any(1)]
             if pending is not None:
-                has, changed = torch.stack([cand.any(1), pending]).tolist()
+                parts.append(pending)
+            if host_counts and i == 0:
+                parts.append(n0)
+            flags = torch.stack(parts).tolist() if len(parts) > 1 else [parts[0].tolist()]
+            has = flags[0]
+            if pending is not None:
                 pending = None
                 for b in range(B):
-                    if changed[b]:
+                    if flags[1][b]:
                         stale[b] = True
-            else:
-                has = cand.any(1).tolist()
+            if host_counts and i == 0:
+                n_host = flags[-1][0] if all(n == flags[-1][0] for n in flags[-1]) else None
             if (
                 (parallel and not any(has))
                 or (not parallel and i >= spb)
@@ -503,13 +541,16 @@ def _generate(
             # --- what this step commits -----------------------------------------------------
             rule = _Step()
             if conf_mode is None:
-                rule.theta = ancestral_theta(spb, i, schedule, eps)
+                rule.theta = thetas[i]
             elif not parallel:
-                if schedule == "even":
+                if n_host is not None:  # even_counts of one row, on the host
+                    rule.num_transfer = n_host // spb + int(i < n_host % spb)
+                elif schedule == "even":
                     rule.num_transfer = counts[:, i]
                 else:
                     rule.num_transfer = dream_count(cand.sum(1), ts[i], ts[i + 1], i == spb - 1)
-            xw, cw, lw = x[:, w0:w1], cand[:, w0:w1], logits
+            full = (w0, w1) == (0, L)
+            xw, cw, lw = (x, cand, logits) if full else (x[:, w0:w1], cand[:, w0:w1], logits)
             if commit_fn is not None:
                 xw_new, committed = commit_fn(xw, lw, cw, step, rule)
             elif not random_draws:
@@ -524,13 +565,14 @@ def _generate(
                     if not has[b]:
                         continue
                     o = max(pad[b] - w0, 0)
-                    nt = None if rule.num_transfer is None else rule.num_transfer[b : b + 1]
+                    nt = rule.num_transfer
+                    nt = nt[b : b + 1] if isinstance(nt, Tensor) else nt
                     rb = _Step(nt, rule.theta)
                     xb, cb = _commit(xw[b : b + 1, o:], lw[b : b + 1, o:], cw[b : b + 1, o:], rb,
                                      conf_mode, threshold, factor, alg_temp, mask_id, seeds[b],
                                      row_steps[b], _row_options(op_kw, b))  # fmt: skip
                     xw_new[b, o:], committed[b, o:] = xb[0], cb[0]
-            x = torch.cat([x[:, :w0], xw_new, x[:, w1:]], 1) if (w0, w1) != (0, L) else xw_new
+            x = xw_new if full else torch.cat([x[:, :w0], xw_new, x[:, w1:]], 1)
             pending = committed.any(1)  # read with the next step's flags
             for b in range(B):
                 if has[b]:
@@ -541,6 +583,7 @@ def _generate(
                 if bool(fin.any()):
                     x = fill_after_eos(x, masked, fin, P, eos_id)
                     done |= fin
+                    reach = in_reach & ~done[:, None]
             if tokens_hook is not None:
                 x = tokens_hook(step, x, logits)
                 stale = [True] * B  # the hook may have changed anything
