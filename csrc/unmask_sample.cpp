@@ -522,8 +522,11 @@ std::vector<at::Tensor> sample_rows(const at::Tensor& logits, const at::Tensor& 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "sample_rows",
                                   [&] {
     const scalar_t* base = logits.data_ptr<scalar_t>();
-    // One row is V work items or more: a grain of one row keeps both cores busy at 256 rows.
-    at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
+    // One row is V work items or more: a grain of one row keeps both cores busy at 256 rows
+    // of a real vocabulary; small vocabularies take rows in chunks of >= 32k logits so that a
+    // step over a few rows does not open a parallel region for microseconds of work.
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1));
+    at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
       Scratch s;
       for (int64_t i = begin; i < end; ++i) {
         if (!vd[i]) {

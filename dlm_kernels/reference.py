@@ -496,8 +496,8 @@ def select_commits(
         u = philox_uniform(pos[None, :], brow, STREAM_ALG_TEMP, seed, offset)
         key = key / alg_temp - torch.log(-torch.log(u))
     # Candidates first (a candidate at -inf still outranks every non-candidate), then the key.
-    lowest = torch.tensor(-torch.finfo(torch.float64).max, dtype=torch.float64, device=dev)
-    key = torch.where(cand, torch.maximum(key, lowest), torch.full_like(key, float("-inf")))
+    lowest = -torch.finfo(torch.float64).max
+    key = torch.where(cand, key.clamp_min(lowest), float("-inf"))
     order = torch.sort(key, dim=1, descending=True, stable=True).indices
     rank = torch.empty_like(order).scatter_(1, order, pos.expand(B, L).contiguous())
     n = cand.sum(dim=1)

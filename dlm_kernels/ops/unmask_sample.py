@@ -548,14 +548,20 @@ def _sample(logits2d, rows, valid, temp, tk, tp, mp, confidence, seed, offset):
         return torch.where(valid, tok, torch.zeros_like(tok)), torch.where(valid, conf, ninf)
     x = logits2d if logits2d.stride(-1) == 1 else logits2d.contiguous()
     dev = x.device
-    zero_i = torch.zeros(R, dtype=torch.int64, device=dev)
-    one_f = torch.ones(R, dtype=torch.float64, device=dev)
-    tok, conf = _sample_rows_op(
+    # Placeholders for the filters that are off (the kernels read them only when the flag is on).
+    args = (
         x, rows.contiguous(), valid.contiguous(), temp,
-        zero_i if tk is None else tk, one_f if tp is None else tp,
-        one_f * 0 if mp is None else mp, _CONF_MODES[confidence], seed, offset,
-        tk is not None, tp is not None, mp is not None, impl,
+        torch.zeros(R, dtype=torch.int64, device=dev) if tk is None else tk,
+        torch.ones(R, dtype=torch.float64, device=dev) if tp is None else tp,
+        torch.zeros(R, dtype=torch.float64, device=dev) if mp is None else mp,
+        _CONF_MODES[confidence], seed, offset, tk is not None, tp is not None, mp is not None,
     )  # fmt: skip
+    if impl == "cpp" and not torch.compiler.is_compiling():
+        # Eager CPU calls skip the custom op's Python layers (~40 us of a step that costs
+        # ~150 us at small vocabularies); torch.compile still sees the registered op.
+        tok, conf = dispatch.cpp_ops().sample_rows(*args)
+    else:
+        tok, conf = _sample_rows_op(*args, impl)
     if confidence == "random":
         u = reference.philox_uniform(torch.zeros_like(rows), rows, reference.STREAM_CONFIDENCE,
                                      seed, offset).to(torch.float32)  # fmt: skip
@@ -739,6 +745,7 @@ def unmask_step(
         logits2d = logits.reshape(B * L, V)
         pos = torch.arange(B * L, dtype=torch.int64, device=dev)
         valid = flat_cand
+        identity = True  # row i of logits2d is position i
     elif logits.dim() == 2:
         M, V = logits.shape
         flat_mask = masked.reshape(-1)
@@ -752,12 +759,15 @@ def unmask_step(
         pos = pos[:M]
         logits2d = logits
         valid = flat_cand[pos] if M else flat_cand[:0]
+        identity = False
     else:
         raise ValueError(f"{name}: logits must be (B, L, V) or (M, V), got {logits.dim()} dims")
 
     def per_pos(arg, value, dtype, **kw):
-        t = _per_row(name, arg, value, B, dtype, dev, **kw)
-        return t.repeat_interleave(L)[pos]
+        if not isinstance(value, Tensor):  # a checked scalar, one value per logits row
+            return _per_row(name, arg, value, logits2d.shape[0], dtype, dev, **kw)
+        t = _per_row(name, arg, value, B, dtype, dev, **kw).repeat_interleave(L)
+        return t if identity else t[pos]
 
     if confidence not in _CONF_MODES:
         raise ValueError(f"{name}: confidence must be one of {tuple(_CONF_MODES)}, got "
@@ -779,11 +789,15 @@ def unmask_step(
     offset = _check_offset(name, offset)
 
     tok, conf = _sample(logits2d, pos, valid, temp, tk, tp, mp, confidence, seed, offset)
-    # Back to (B, L): -inf confidence and mask_id where no token was drawn.
-    conf_full = torch.full((B * L,), float("-inf"), dtype=torch.float32, device=dev)
-    tok_full = torch.full((B * L,), mask_id, dtype=torch.int64, device=dev)
-    conf_full = conf_full.scatter(0, pos, conf).reshape(B, L)
-    tok_full = tok_full.scatter(0, pos, tok).reshape(B, L)
+    if identity:
+        # Already in (B, L) order, with -inf confidence wherever no token was drawn (the token
+        # there is never committed: commits are candidates).
+        conf_full, tok_full = conf.reshape(B, L), tok.reshape(B, L)
+    else:  # back to (B, L): -inf confidence and mask_id where no token was drawn
+        conf_full = torch.full((B * L,), float("-inf"), dtype=torch.float32, device=dev)
+        tok_full = torch.full((B * L,), mask_id, dtype=torch.int64, device=dev)
+        conf_full = conf_full.scatter(0, pos, conf).reshape(B, L)
+        tok_full = tok_full.scatter(0, pos, tok).reshape(B, L)
     commit = reference.select_commits(
         conf_full, cand, num_transfer=nt, threshold=th, factor=factor, alg_temp=alg_temp,
         theta=tt, seed=seed, offset=offset,
