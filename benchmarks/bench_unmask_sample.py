@@ -9,6 +9,7 @@ Providers (every position masked, logits given for the masked rows only, k = 8 c
   dlm_kernels    dlm_kernels.unmask_step (Triton on CUDA, C++ on CPU), confidence "prob".
   flashinfer     flashinfer.sampling.top_k_top_p_sampling_from_logits (the draw only), CUDA
                  and installed only; otherwise a "missing" row.
+  read floor     (greedy rows) torch.amax over the logits: not a sampler, the cost of one read.
 
 gbps: bytes of logits read once (M * V * itemsize) / time: the floor of any one-pass sampler.
 
@@ -135,6 +136,11 @@ def run(quick: bool = False, device: str = "cpu") -> list[dict]:
                          ("dlm_kernels", ours_step)]  # fmt: skip
             if case != "greedy" and "top_p" in kw:
                 providers[1] = ("llada", None)  # LLaDA has no top_p: not the same work
+            if case == "greedy":
+                # Not a sampler: one torch.amax over the logits, the time of reading them once
+                # with torch's own reduction. A greedy step that reports a softmax confidence
+                # reads every logit and takes one exp of each: it cannot beat this row.
+                providers.append(("read floor (amax)", lambda x, lg, **_: lg.amax(-1)))
             for prov, fn in providers:
                 if fn is None:
                     out.append(row(name, prov, shape, dtype, None, status="n/a (no top_p)"))
