@@ -69,6 +69,32 @@ def time_fn(fn: Callable[[], object], device: str, *, quick: bool = False) -> di
     return {"ms": statistics.median(times), "ms_p20": q[0], "ms_p80": q[3]}
 
 
+def time_fns(fns: list[Callable[[], object]], device: str, *, quick: bool = False) -> list[dict]:
+    """``time_fn`` of several callables, interleaved on the CPU (one call of each per round), so
+    that a load change on a shared machine hits every provider alike; on CUDA, one by one."""
+    if device.startswith("cuda") or len(fns) < 2:
+        return [time_fn(fn, device, quick=quick) for fn in fns]
+    check_time()
+    for fn in fns:
+        fn()  # warm-up
+    reps = 1 if quick else 7
+    times: list[list[float]] = [[] for _ in fns]
+    budget = time.perf_counter() + (0.5 if quick else 20.0) * len(fns)
+    for _ in range(reps):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            times[i].append((time.perf_counter() - t0) * 1e3)
+        if time.perf_counter() > budget and len(times[0]) >= 3:
+            break
+    out = []
+    for ts in times:
+        ts.sort()
+        q = statistics.quantiles(ts, n=5) if len(ts) >= 2 else [ts[0]] * 4
+        out.append({"ms": statistics.median(ts), "ms_p20": q[0], "ms_p80": q[3]})
+    return out
+
+
 def peak_memory_mb(fn: Callable[[], object], device: str) -> float | None:
     """Peak extra memory of one call of ``fn`` in MB (GPU: allocator peak above the baseline)."""
     check_time()
