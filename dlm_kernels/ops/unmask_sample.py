@@ -55,6 +55,12 @@ if triton is not None:
         return tl.where(x == 0.0, 0.0, x)
 
     @triton.jit
+    def _inv_temp(Te):
+        # 1 / T as a finite, normal float32 (T in (0, 2.9e-39) or above 8e37 would give inf or
+        # a denormal/zero, and then NaN weights from 0 * inf or -inf * 0).
+        return tl.minimum(tl.maximum(1.0 / Te, 1.2e-38), 3.0e38).to(tl.float32)
+
+    @triton.jit
     def _key(x):
         # Order-preserving int64 key of a float32 (negative floats have their low bits flipped).
         b = x.to(tl.int32, bitcast=True)
@@ -203,7 +209,7 @@ if triton is not None:
                     if HAS_TOPP:
                         p = tl.load(topp_ptr + r)
                         if p < 1.0:
-                            invT = (1.0 / Te).to(tl.float32)
+                            invT = _inv_temp(Te)
                             zs = tl.zeros([BLOCK_V], tl.float64)
                             for start in range(0, V, BLOCK_V):
                                 offs = start + cols0
@@ -215,7 +221,10 @@ if triton is not None:
                             lo = kk - 1
                             hi = kmax
                             while hi - lo > 1:
-                                piv = lo + ((hi - lo) * (ip + 1)) // (NPIV + 1)
+                                # Pivots in (lo, hi): lo itself is never tested (its mass
+                                # is the whole kept mass, which float32 tile sums could put
+                                # under a target within rounding of it).
+                                piv = lo + 1 + ((hi - lo - 1) * (ip + 1)) // (NPIV + 1)
                                 acc = tl.zeros([NPIV], tl.float64)
                                 up = tl.full([NPIV], 2**40, tl.int64)
                                 dn = tl.full([NPIV], -(2**40), tl.int64)
@@ -239,7 +248,7 @@ if triton is not None:
                                 lo_new = tl.max(tl.where(under, -(2**40), up), 0) - 1
                                 hi = tl.where(nund > 0, hi_new, hi)
                                 lo = tl.where(nund < NPIV, lo_new, lo)
-                            kk = hi
+                            kk = tl.maximum(hi, kk)  # never below top_k's threshold
                     lz = tl.full([], ninf, tl.float64)
                     if HAS_MINP:
                         mp = tl.load(minp_ptr + r)
@@ -250,7 +259,7 @@ if triton is not None:
                     c1 = (tl.zeros([BLOCK_V], tl.int64) + tl.load(rows_ptr + r)).to(tl.uint32)
                     c2 = (tl.zeros([BLOCK_V], tl.int32) + offset).to(tl.uint32, bitcast=True)
                     c3 = tl.zeros([BLOCK_V], tl.uint32)
-                    invT = (1.0 / Te).to(tl.float32)
+                    invT = _inv_temp(Te)
                     zf = tl.zeros([BLOCK_V], tl.float64)
                     ent = tl.zeros([BLOCK_V], tl.float64)
                     ntop = tl.zeros([BLOCK_V], tl.int32)
@@ -371,8 +380,9 @@ def _triton_sample(logits, rows, valid, temp, topk, topp, minp, mode, seed, offs
 
     The floor is one read of the logits (R * V * itemsize bytes); the searches re-read the row
     (from L2 on a GPU). On a GPU the tile and warp count are autotuned at the first launch of
-    each (V, mode, filters) (DLM_KERNELS_AUTOTUNE=0: the default tile); under a CUDA graph
-    capture without a tuned entry, the default tile.
+    each (V, mode, filters) (DLM_KERNELS_AUTOTUNE=0: the default tile); during a CUDA graph
+    capture, always the default tile (eager and replayed steps may then run different tiles:
+    the same tokens except at the rounding-level top-p boundaries the module doc describes).
     """
     R, V = logits.shape
     tok = torch.empty(R, dtype=torch.int64, device=logits.device)
@@ -396,13 +406,6 @@ def _triton_sample(logits, rows, valid, temp, topk, topp, minp, mode, seed, offs
         return tok, conf
     _sample_rows_kernel[(R,)](*args, **meta, BLOCK_V=_block_v(V), BLOCK_S=_block_s(V),
                               num_warps=8)  # fmt: skip
-    return tok, conf
-    has_topk, has_topp, has_minp = flags
-    _sample_rows_kernel[(R,)](
-        logits, logits.stride(0), rows, valid, temp, topk, topp, minp, tok, conf, V,
-        seed, _as_int32(offset), MODE=mode, HAS_TOPK=has_topk, HAS_TOPP=has_topp,
-        HAS_MINP=has_minp, BLOCK_V=_block_v(V), BLOCK_S=_block_s(V), NPIV=16, num_warps=8,
-    )  # fmt: skip
     return tok, conf
 
 

@@ -494,3 +494,23 @@ def test_custom_op_opcheck():
     )  # fmt: skip
     torch.library.opcheck(us._sample_rows_op, args, test_utils=("test_schema", "test_faketensor"))
     assert math.isfinite(float(us._sample_rows_op(*args)[1].sum()))
+
+
+@pytest.mark.parametrize("name", KERNELS)
+def test_top_k_survives_top_p_near_one_and_extreme_temperatures(name):
+    # Found in review: (1) the Triton top-p search once tested its lower end, whose float32 mass
+    # could fall under a top_p target within rounding of 1 and undo top_k (every token kept);
+    # (2) 1 / T in float32 overflowed (T < 2.9e-39) or vanished (T > 1.4e45), giving NaN weights.
+    skip_unless_available(name)
+    x = torch.full((1, 50), 4.5)
+    x[0, 10] = 5.0
+    x[0, 20] = torch.nextafter(torch.tensor(5.0), torch.tensor(0.0))  # 1 ulp below the max
+    for seed in range(4):
+        kw = dict(temperature=0.55, top_k=2, top_p=1 - 1e-9, seed=seed)
+        _check_same(_run(name, sample_tokens, x, **kw), _run("reference", sample_tokens, x, **kw),
+                    f"{name}-topk-{seed}")  # fmt: skip
+    y = _logits(3, 97)
+    y[:, 5] = float("-inf")
+    for kw in (dict(temperature=1e-39), dict(temperature=1e300, top_p=0.9)):
+        _check_same(_run(name, sample_tokens, y, seed=1, **kw),
+                    _run("reference", sample_tokens, y, seed=1, **kw), f"{name}-{kw}")  # fmt: skip
