@@ -55,6 +55,14 @@ if triton is not None:
         return tl.where(x == 0.0, 0.0, x)
 
     @triton.jit
+    def _snap_keys(kx, above, inr, up, dn):
+        # Per pivot (columns of above, [BLOCK_S, NPIV]): the smallest data key on the pivot's
+        # upper side and the largest on its lower side (in range), folded into up / dn.
+        up = tl.minimum(up, tl.min(tl.where(above, kx[:, None], 2**40), 0))
+        dn = tl.maximum(dn, tl.max(tl.where(~above & inr, kx[:, None], -(2**40)), 0))
+        return up, dn
+
+    @triton.jit
     def _inv_temp(Te):
         # 1 / T as a finite, normal float32 (T in (0, 2.9e-39) or above 8e37 would give inf or
         # a denormal/zero, and then NaN weights from 0 * inf or -inf * 0).
@@ -194,9 +202,7 @@ if triton is not None:
                                     inr = (offs < V)[:, None]
                                     ge = (kx[:, None] >= piv[None, :]) & inr
                                     cnt += tl.sum(ge.to(tl.int32), 0)
-                                    up = tl.minimum(up, tl.min(tl.where(ge, kx[:, None], 2**40), 0))
-                                    dn = tl.maximum(dn, tl.max(tl.where(~ge & inr, kx[:, None],
-                                                                        -(2**40)), 0))  # fmt: skip
+                                    up, dn = _snap_keys(kx, ge, inr, up, dn)
                                 # count(>= piv) falls with the pivot: the last pivot that keeps
                                 # k raises lo to its data key, the first that does not lowers hi.
                                 ok = cnt >= k
@@ -236,9 +242,7 @@ if triton is not None:
                                     w = tl.exp((x - mx) * invT)
                                     gt = (kx[:, None] > piv[None, :]) & inr
                                     acc += tl.sum(tl.where(gt, w[:, None], 0.0), 0).to(tl.float64)
-                                    up = tl.minimum(up, tl.min(tl.where(gt, kx[:, None], 2**40), 0))
-                                    dn = tl.maximum(dn, tl.max(tl.where(~gt & inr, kx[:, None],
-                                                                        -(2**40)), 0))  # fmt: skip
+                                    up, dn = _snap_keys(kx, gt, inr, up, dn)
                                 # mass(key > piv) falls with the pivot and only changes at data
                                 # keys: the first pivot under the target snaps hi down to a data
                                 # key, the last one at or over it snaps lo to just below one.
