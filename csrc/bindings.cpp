@@ -21,7 +21,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sample_rows", &dlm::sample_rows, "per-row filter + Gumbel-max draw + confidence",
         py::arg("logits"), py::arg("rows"), py::arg("valid"), py::arg("temperature"),
         py::arg("top_k"), py::arg("top_p"), py::arg("min_p"), py::arg("mode"), py::arg("seed"),
-        py::arg("offset"), py::arg("has_topk"), py::arg("has_topp"), py::arg("has_minp"));
+        py::arg("offset"), py::arg("seeds"), py::arg("offsets"), py::arg("has_topk"), py::arg("has_topp"), py::arg("has_minp"));
   m.def("philox4x32", &dlm::philox4x32, "Philox4x32-10 words (n, 4) for counters (c0, c1, c2, c3)",
         py::arg("c0"), py::arg("c1"), py::arg("c2"), py::arg("c3"), py::arg("seed"));
 

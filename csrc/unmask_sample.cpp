@@ -4,7 +4,7 @@
 //   1. one pass: sanitise (NaN -> -inf, +inf -> FLT_MAX) into a float buffer, max, argmax.
 //   2. weights w_j = exp(x_j / T - max / T) in float64 (only when a filter or the confidence
 //      needs the distribution).
-//   3. top_k: std::nth_element on a copy (O(V)); top_p: a 2048-bin mass histogram over the
+//   3. top_k: std::nth_element on a copy (O(V)); top_p: a mass histogram (<= 2048 bins) over the
 //      values that survive top_k picks the bin holding the threshold, then a weighted
 //      quickselect over that bin's (value, weight) pairs: exact, ties kept together.
 //   4. one pass over the kept tokens: normaliser, entropy / second value, and the Gumbel-max
@@ -329,7 +329,9 @@ void sample_row(const T* src, int64_t V, uint32_t row, double temp, int64_t topk
       // A histogram of the mass over kBins value bins (one pass, no data-dependent branches)
       // finds the bin that holds the threshold: every bin above it is kept, every bin below it
       // dropped. The exact quickselect then runs on that one bin's tokens.
-      constexpr int kBins = 2048;
+      // 2048 bins at real vocabularies; fewer for small ones, where clearing and scanning
+      // 2048 bins per row would cost more than the row itself.
+      const int kBins = static_cast<int>(std::min<int64_t>(2048, std::max<int64_t>(16, V / 8)));
       const float ninf = -std::numeric_limits<float>::infinity();
       // The kept mass and the lowest finite kept value, as vectorised reductions.
       double zk = 0.0;
@@ -481,8 +483,9 @@ std::vector<at::Tensor> sample_rows(const at::Tensor& logits, const at::Tensor& 
                                     const at::Tensor& valid, const at::Tensor& temperature,
                                     const at::Tensor& top_k, const at::Tensor& top_p,
                                     const at::Tensor& min_p, int64_t mode, int64_t seed,
-                                    int64_t offset, bool has_topk, bool has_topp,
-                                    bool has_minp) {
+                                    int64_t offset, const c10::optional<at::Tensor>& seeds,
+                                    const c10::optional<at::Tensor>& offsets, bool has_topk,
+                                    bool has_topp, bool has_minp) {
   TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1,
               "sample_rows: logits must be (R, V) with a contiguous last dim");
   TORCH_CHECK(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kBFloat16 ||
@@ -499,6 +502,15 @@ std::vector<at::Tensor> sample_rows(const at::Tensor& logits, const at::Tensor& 
   check(top_k, at::kLong, "top_k");
   check(top_p, at::kDouble, "top_p");
   check(min_p, at::kDouble, "min_p");
+  // Per-row Philox keys (a batch of rows that each carry their own seed and step count).
+  TORCH_CHECK(seeds.has_value() == offsets.has_value(),
+              "sample_rows: give both seeds and offsets or neither");
+  if (seeds.has_value()) {
+    check(*seeds, at::kLong, "seeds");
+    check(*offsets, at::kLong, "offsets");
+  }
+  const int64_t* sd = seeds.has_value() ? seeds->data_ptr<int64_t>() : nullptr;
+  const int64_t* od = offsets.has_value() ? offsets->data_ptr<int64_t>() : nullptr;
   TORCH_CHECK(mode >= 0 && mode <= 4, "sample_rows: mode must be in [0, 4]");
   auto tok = at::empty({R}, logits.options().dtype(at::kLong));
   auto conf = at::empty({R}, logits.options().dtype(at::kFloat));
@@ -528,14 +540,20 @@ std::vector<at::Tensor> sample_rows(const at::Tensor& logits, const at::Tensor& 
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1));
     at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
       Scratch s;
+      Params Q = P;
       for (int64_t i = begin; i < end; ++i) {
         if (!vd[i]) {
           to[i] = 0;
           co[i] = -std::numeric_limits<float>::infinity();
           continue;
         }
+        if (sd != nullptr) {
+          Q.k0 = static_cast<uint32_t>(static_cast<uint64_t>(sd[i]) & 0xFFFFFFFFu);
+          Q.k1 = static_cast<uint32_t>(static_cast<uint64_t>(sd[i]) >> 32);
+          Q.off = static_cast<uint32_t>(static_cast<uint64_t>(od[i]) & 0xFFFFFFFFu);
+        }
         sample_row<scalar_t>(base + i * stride, V, static_cast<uint32_t>(rw[i]), tp[i], kp[i],
-                             pp[i], mp[i], P, s, to + i, co + i);
+                             pp[i], mp[i], Q, s, to + i, co + i);
       }
     });
   });

@@ -12,7 +12,7 @@ row's output equals generating that prompt alone with the same seed:
   * the model sees each row's real tokens at the positions it would see alone (position ids
     restart at the first real token when the model takes ``position_ids``) and never a pad key;
   * every random draw is keyed by (seed, the row's own step count, the position counted from the
-    row's first real token) - see ``_commit``;
+    row's first real token): unmask_step's per-row seed, offset and left_pad, one call per step;
   * schedules count each row's own masked tokens (Dream counts the batch mean).
 This holds exactly up to floating-point differences of batched versus single matmuls, which only
 matter at ties.
@@ -356,6 +356,8 @@ def _loop(
     seeds = [int(v) for v in seed] if isinstance(seed, (list, tuple, Tensor)) else [seed] * B
     if len(seeds) != B:
         raise ValueError(f"generate: seed must be an int or a list of {B} ints, got {len(seeds)}")
+    if any(not 0 <= v < 2**63 for v in seeds):
+        raise ValueError(f"generate: seeds must lie in [0, 2**63), got {seeds}")
 
     # Padding, positions and the per-row start of real tokens (one host read, before the loop).
     am = am_fwd = None
@@ -458,7 +460,11 @@ def _loop(
     )
     pos = torch.arange(L, device=dev)[None, :]
     history: list[Tensor] = []
-    row_steps = [0] * B  # each row's own step count: the Philox offset of its draws
+    # Random draws are keyed per row (seed, the row's own step count, the position from its
+    # first real token), so that one call of the op serves the whole batch.
+    seeds_t = torch.tensor(seeds, dtype=torch.int64, device=dev)
+    row_steps = torch.zeros(B, dtype=torch.int64, device=dev)  # the Philox offset of each row
+    pad_t = torch.tensor(pad, dtype=torch.int64, device=dev)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     logits_all: Tensor | None = None  # (B, L, V) last prediction (no cache), for reuse
     stale = [True] * B
@@ -494,7 +500,8 @@ def _loop(
             # One host read per step: which rows still have candidates, which rows the previous
             # step changed (their cached prediction is stale) and, at a block's first step, its
             # per-row mask counts.
-            parts = [cand.any(1)]
+            has_t = cand.any(1)
+            parts = [has_t]
             if pending is not None:
                 parts.append(pending)
             if host_counts and i == 0:
@@ -557,26 +564,14 @@ def _loop(
                 xw_new, committed = _commit(xw, lw, cw, rule, conf_mode, threshold, factor,
                                             alg_temp, mask_id, seeds[0], 0, op_kw)  # fmt: skip
             else:
-                # One call per row on the row's unpadded window: the draws are then keyed by
-                # the position from the row's first real token and the row's own step count,
-                # exactly as when the row is generated alone.
-                xw_new, committed = xw.clone(), torch.zeros_like(cw)
-                for b in range(B):
-                    if not has[b]:
-                        continue
-                    o = max(pad[b] - w0, 0)
-                    nt = rule.num_transfer
-                    nt = nt[b : b + 1] if isinstance(nt, Tensor) else nt
-                    rb = _Step(nt, rule.theta)
-                    xb, cb = _commit(xw[b : b + 1, o:], lw[b : b + 1, o:], cw[b : b + 1, o:], rb,
-                                     conf_mode, threshold, factor, alg_temp, mask_id, seeds[b],
-                                     row_steps[b], _row_options(op_kw, b))  # fmt: skip
-                    xw_new[b, o:], committed[b, o:] = xb[0], cb[0]
+                # Keyed as if each row were generated alone: its seed, its own step count and
+                # the position from its first real token in the window.
+                xw_new, committed = _commit(xw, lw, cw, rule, conf_mode, threshold, factor,
+                                            alg_temp, mask_id, seeds_t, row_steps, op_kw,
+                                            left_pad=(pad_t - w0).clamp_min(0))  # fmt: skip
             x = xw_new if full else torch.cat([x[:, :w0], xw_new, x[:, w1:]], 1)
             pending = committed.any(1)  # read with the next step's flags
-            for b in range(B):
-                if has[b]:
-                    row_steps[b] += 1
+            row_steps += has_t
             if stop_at_eos:
                 masked = x == mask_id
                 fin = eos_finished(x, masked, P, eos_id) & ~done
@@ -597,16 +592,11 @@ def _loop(
     return (x, history) if output_history else x
 
 
-def _row_options(op_kw: dict, b: int) -> dict:
-    # Per-row (B,) tensor options (temperature, top_k, ...) sliced for a one-row call.
-    return {k: v[b : b + 1] if isinstance(v, Tensor) and v.dim() == 1 else v
-            for k, v in op_kw.items()}  # fmt: skip
-
-
 def _commit(xw, lw, cw, rule: _Step, conf_mode, threshold, factor, alg_temp, mask_id, seed, offset,
-            op_kw):  # fmt: skip
+            op_kw, left_pad=None):  # fmt: skip
     """One call of the fused op on a window: (new x window, committed)."""
-    kw = dict(op_kw, mask_id=mask_id, candidates=cw, seed=seed, offset=offset & 0xFFFFFFFF)
+    kw = dict(op_kw, mask_id=mask_id, candidates=cw, seed=seed, offset=offset & 0xFFFFFFFF,
+              left_pad=left_pad)  # fmt: skip
     if rule.theta is not None:
         return dlm_kernels.unmask_step(xw, lw, ancestral=True, theta=rule.theta, **kw)
     kw["confidence"] = conf_mode

@@ -332,10 +332,11 @@ STREAM_TOKEN, STREAM_CONFIDENCE, STREAM_ALG_TEMP, STREAM_ANCESTRAL = 0, 1, 2, 3
 UNMASK_CONFIDENCES = ("prob", "raw_prob", "margin", "neg_entropy", "random")
 
 
-def philox4x32(c0: Tensor, c1, c2, c3, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def philox4x32(c0: Tensor, c1, c2, c3, seed) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Philox4x32-10 (Salmon et al. 2011) on int64 tensors holding uint32 values.
 
-    Counter (c0, c1, c2, c3), key (seed mod 2^32, seed >> 32). The 32 x 32 -> 64-bit products are
+    Counter (c0, c1, c2, c3), key (seed mod 2^32, seed >> 32); seed an int or an int64 tensor
+    that broadcasts against the counters (one key per row). The 32 x 32 -> 64-bit products are
     formed in int64, whose wrap-around keeps the low 64 bits exact; (p >> 32) & mask recovers the
     high word whatever the sign. Matches Random123's philox4x32_10 (known answers in the tests),
     Triton's tl.philox and csrc/unmask_sample.cpp.
@@ -355,8 +356,10 @@ def philox4x32(c0: Tensor, c1, c2, c3, seed: int) -> tuple[Tensor, Tensor, Tenso
     return c[0], c[1], c[2], c[3]
 
 
-def philox_uniform(cols: Tensor, rows, stream: int, seed: int, offset: int) -> Tensor:
+def philox_uniform(cols: Tensor, rows, stream: int, seed, offset) -> Tensor:
     """Float64 uniforms in (0, 1) keyed by (seed, offset, row, column, stream).
+
+    seed and offset: ints, or int64 tensors that broadcast against cols and rows.
 
     u = (k + 1/2) / 2^52 with k the top 26 bits of words 0 and 1: exact in float64 on every path,
     never 0 or 1, so -log(-log u) is always finite.
@@ -381,12 +384,13 @@ def sample_tokens_rows(
     top_p: Tensor | None,
     min_p: Tensor | None,
     confidence: str,
-    seed: int,
-    offset: int,
+    seed: int | Tensor,
+    offset: int | Tensor,
 ) -> tuple[Tensor, Tensor]:
     """Reference of the per-row draw: (tokens int64 (R,), confidence float32 (R,)).
 
-    logits (R, V); rows (R,) int64 the counter's row of each logits row; temperature (R,)
+    logits (R, V); rows (R,) int64 the counter's row of each logits row; seed and offset ints
+    or (R,) int64 tensors (each row's own Philox key and counter word 2); temperature (R,)
     float64 (<= 0: argmax); top_k (R,) int64 (<= 0 or >= V: off); top_p (R,) float64 (>= 1: off);
     min_p (R,) float64 (<= 0: off). The rules, shared by every path:
       z = x / T (T = 1 for argmax rows); top_k keeps every x >= the k-th largest x (ties at the
@@ -437,7 +441,8 @@ def sample_tokens_rows(
     zf = torch.where(keep, z, ninf)
     q = torch.softmax(zf, dim=-1)  # the filtered, tempered distribution
     cols = torch.arange(V, device=dev, dtype=torch.int64)[None, :]
-    g = -torch.log(-torch.log(philox_uniform(cols, rows[:, None], STREAM_TOKEN, seed, offset)))
+    s2, o2 = (v[:, None] if isinstance(v, Tensor) else v for v in (seed, offset))
+    g = -torch.log(-torch.log(philox_uniform(cols, rows[:, None], STREAM_TOKEN, s2, o2)))
     drawn = torch.argmax(zf + g, dim=-1)  # argmax returns the first maximal index
     tokens = torch.where(greedy, torch.argmax(x, dim=-1), drawn)
     tokens = torch.where(finite_row, tokens, torch.zeros_like(tokens))
@@ -470,8 +475,9 @@ def select_commits(
     factor: float | None = None,
     alg_temp: float | None = None,
     theta: Tensor | None = None,
-    seed: int = 0,
-    offset: int = 0,
+    seed: int | Tensor = 0,
+    offset: int | Tensor = 0,
+    left_pad: Tensor | None = None,
 ) -> Tensor:
     """Which candidate positions commit: (B, L) bool. Torch ops only, no host sync.
 
@@ -483,17 +489,24 @@ def select_commits(
     factor (Fast-dLLM): with c_1 >= c_2 >= ... the sorted confidences, commit the longest prefix
     with c_i >= 1 - factor / (i + 1) (c_1 always), i.e. Fast-dLLM's rule without its quirk of
     also committing the last candidate when only that one fails.
+    The draws of position (b, l) have counter (column l, row b) and key (seed, offset); seed and
+    offset may be (B,) int64 tensors (per row); with left_pad (B,) the counter is (column
+    l - left_pad[b], row 0), as for row b alone and unpadded.
     """
     B, L = cand.shape
     dev = cand.device
     pos = torch.arange(L, device=dev, dtype=torch.int64)
-    brow = torch.arange(B, device=dev, dtype=torch.int64)[:, None]
+    if left_pad is None:
+        ccol, crow = pos[None, :], torch.arange(B, device=dev, dtype=torch.int64)[:, None]
+    else:
+        ccol, crow = (pos[None, :] - left_pad[:, None]).clamp_min(0), torch.zeros_like(pos[:1])
+    seed, offset = (v[:, None] if isinstance(v, Tensor) else v for v in (seed, offset))
     if theta is not None:
-        u = philox_uniform(pos[None, :], brow, STREAM_ANCESTRAL, seed, offset)
+        u = philox_uniform(ccol, crow, STREAM_ANCESTRAL, seed, offset)
         return cand & (u < theta.to(torch.float64)[:, None])
     key = conf.to(torch.float64)
     if alg_temp is not None and alg_temp > 0:
-        u = philox_uniform(pos[None, :], brow, STREAM_ALG_TEMP, seed, offset)
+        u = philox_uniform(ccol, crow, STREAM_ALG_TEMP, seed, offset)
         key = key / alg_temp - torch.log(-torch.log(u))
     # Candidates first (a candidate at -inf still outranks every non-candidate), then the key.
     lowest = -torch.finfo(torch.float64).max

@@ -191,8 +191,9 @@ def fused_head_unmask_step(
     min_p: float | Tensor | None = None,
     confidence: str = "prob",
     generator: torch.Generator | None = None,
-    seed: int | None = None,
-    offset: int | None = None,
+    seed: int | Tensor | None = None,
+    offset: int | Tensor | None = None,
+    left_pad: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """:func:`unmask_step` from the last hidden states, with the LM head run only where needed.
 
@@ -270,8 +271,7 @@ def fused_head_unmask_step(
         th = us._per_row(name, "threshold", threshold, B, torch.float64, dev)
     if ancestral:
         tt = us._per_row(name, "theta", theta, B, torch.float64, dev, lo=0.0, hi=1.0)
-    seed = us._draw_seed(name, seed, generator)
-    offset = us._check_offset(name, offset)
+    seed, offset, left_pad = us._step_keys(name, B, L, dev, seed, offset, left_pad, generator)
 
     # 1. Compaction: candidate positions first, in row-major order; no host sync.
     flat = cand.reshape(-1)
@@ -302,6 +302,8 @@ def fused_head_unmask_step(
     valid_all = torch.arange(N, dtype=torch.int64, device=dev) < count
     dst_all = torch.where(valid_all, order, torch.full_like(order, N))
     temp, tk, tp, mp = (None if t is None else t[order] for t in (temp, tk, tp, mp))
+    krows, kseed, koff = us._keys_at(order, L, seed, offset, left_pad)
+    per_row_seed, per_row_off = isinstance(kseed, Tensor), isinstance(koff, Tensor)
     for s in range(0, n_valid, chunk_rows):
         e = min(s + chunk_rows, n_valid)
         if use_triton:
@@ -310,7 +312,9 @@ def fused_head_unmask_step(
             logits = torch.nn.functional.linear(h2d[hrow[s:e]], W, bias)
         logits = _softcap(logits, softcap)
         opts = [None if t is None else t[s:e] for t in (temp, tk, tp, mp)]
-        tok, conf = us._sample(logits, order[s:e], valid_all[s:e], *opts, confidence, seed, offset)
+        tok, conf = us._sample(logits, krows[s:e], valid_all[s:e], *opts, confidence,
+                               kseed[s:e] if per_row_seed else kseed,
+                               koff[s:e] if per_row_off else koff)  # fmt: skip
         del logits  # the chunk's logits die here: peak extra memory is one chunk
         tok_full.scatter_(0, dst_all[s:e], tok)
         conf_full.scatter_(0, dst_all[s:e], conf)
@@ -320,6 +324,6 @@ def fused_head_unmask_step(
     conf_full = conf_full[:N].reshape(B, L)
     commit = reference.select_commits(
         conf_full, cand, num_transfer=nt, threshold=th, factor=factor, alg_temp=alg_temp,
-        theta=tt, seed=seed, offset=offset,
+        theta=tt, seed=seed, offset=offset, left_pad=left_pad,
     )  # fmt: skip
     return torch.where(commit, tok_full, x), commit

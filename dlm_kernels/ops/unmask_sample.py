@@ -89,10 +89,13 @@ if triton is not None:
         V,  # vocabulary size
         seed,  # Philox key (64 bits)
         offset,  # Philox counter word 2
+        seeds_ptr,  # (R,) int64 per-row keys (PER_ROW_KEY)
+        offsets_ptr,  # (R,) int32 per-row counter words 2 (PER_ROW_KEY)
         MODE: tl.constexpr,  # 0 prob, 1 raw_prob, 2 margin, 3 neg_entropy, 4 random
         HAS_TOPK: tl.constexpr,
         HAS_TOPP: tl.constexpr,
         HAS_MINP: tl.constexpr,
+        PER_ROW_KEY: tl.constexpr,  # seed / offset per row from seeds_ptr / offsets_ptr
         BLOCK_V: tl.constexpr,  # vocabulary tile
         BLOCK_S: tl.constexpr,  # vocabulary tile of the threshold searches
         NPIV: tl.constexpr,  # pivots per pass of the threshold searches
@@ -260,6 +263,9 @@ if triton is not None:
                             lz = tl.log(mp)
                     # Final pass: normaliser, entropy / second value, and the Gumbel-max draw.
                     # Philox counter words 1-3: the row, the offset, stream 0 (tokens).
+                    if PER_ROW_KEY:
+                        seed = tl.load(seeds_ptr + r)
+                        offset = tl.load(offsets_ptr + r)
                     c1 = (tl.zeros([BLOCK_V], tl.int64) + tl.load(rows_ptr + r)).to(tl.uint32)
                     c2 = (tl.zeros([BLOCK_V], tl.int32) + offset).to(tl.uint32, bitcast=True)
                     c3 = tl.zeros([BLOCK_V], tl.uint32)
@@ -377,7 +383,8 @@ def _autotune_on() -> bool:
     return not dispatch.triton_interpret() and os.environ.get("DLM_KERNELS_AUTOTUNE", "1") != "0"
 
 
-def _triton_sample(logits, rows, valid, temp, topk, topp, minp, mode, seed, offset, flags):
+def _triton_sample(logits, rows, valid, temp, topk, topp, minp, mode, seed, offset, seeds,
+                   offsets, flags):  # fmt: skip
     """One program per row; passes over a valid row: 1 for a greedy row without filters (online
     softmax), else 2 + the threshold searches (~log_17 of the key range passes each, fewer when
     the values near the threshold are few) + the final pass.
@@ -394,9 +401,15 @@ def _triton_sample(logits, rows, valid, temp, topk, topp, minp, mode, seed, offs
     if R == 0:
         return tok, conf
     has_topk, has_topp, has_minp = flags
+    per_row = seeds is not None
+    if per_row:  # counter word 2 as int32 bits (offsets lie in [0, 2**32))
+        offsets = torch.where(offsets >= 2**31, offsets - 2**32, offsets).to(torch.int32)
+    else:  # placeholders, never read
+        seeds, offsets = rows, valid
     args = (logits, logits.stride(0), rows, valid, temp, topk, topp, minp, tok, conf, V, seed,
-            _as_int32(offset))  # fmt: skip
-    meta = dict(MODE=mode, HAS_TOPK=has_topk, HAS_TOPP=has_topp, HAS_MINP=has_minp, NPIV=16)
+            _as_int32(offset), seeds, offsets)  # fmt: skip
+    meta = dict(MODE=mode, HAS_TOPK=has_topk, HAS_TOPP=has_topp, HAS_MINP=has_minp,
+                PER_ROW_KEY=per_row, NPIV=16)  # fmt: skip
     capturing = logits.is_cuda and torch.cuda.is_current_stream_capturing()
     if _autotune_on() and logits.is_cuda and not capturing:
         bucket = triton.next_power_of_2(V)
@@ -428,6 +441,8 @@ def _sample_rows_op(
     mode: int,
     seed: int,
     offset: int,
+    seeds: Tensor | None,
+    offsets: Tensor | None,
     has_topk: bool,
     has_topp: bool,
     has_minp: bool,
@@ -436,17 +451,17 @@ def _sample_rows_op(
     flags = (has_topk, has_topp, has_minp)
     if impl == "cpp":
         tok, conf = dispatch.cpp_ops().sample_rows(
-            logits, rows, valid, temperature, top_k, top_p, min_p, mode, seed, offset,
-            has_topk, has_topp, has_minp,
+            logits, rows, valid, temperature, top_k, top_p, min_p, mode, seed, offset, seeds,
+            offsets, has_topk, has_topp, has_minp,
         )  # fmt: skip
         return tok, conf
     return _triton_sample(logits, rows, valid, temperature, top_k, top_p, min_p, mode, seed,
-                          offset, flags)  # fmt: skip
+                          offset, seeds, offsets, flags)  # fmt: skip
 
 
 @_sample_rows_op.register_fake
-def _(logits, rows, valid, temperature, top_k, top_p, min_p, mode, seed, offset, has_topk,
-      has_topp, has_minp, impl):  # fmt: skip
+def _(logits, rows, valid, temperature, top_k, top_p, min_p, mode, seed, offset, seeds, offsets,
+      has_topk, has_topp, has_minp, impl):  # fmt: skip
     n = logits.shape[0]
     return logits.new_empty(n, dtype=torch.int64), logits.new_empty(n, dtype=torch.float32)
 
@@ -477,6 +492,52 @@ def _check_offset(name: str, offset) -> int:
     if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < 2**32:
         raise ValueError(f"{name}: offset must be an int in [0, 2**32), got {offset!r}")
     return offset
+
+
+def _key_tensor(name: str, arg: str, value: Tensor, n: int, device, hi: int | None) -> Tensor:
+    """A per-row seed / offset / left_pad: an (n,) integer tensor with values in [0, hi)."""
+    if value.dtype == torch.bool or value.dtype.is_floating_point or value.is_complex():
+        raise TypeError(f"{name}: {arg} must be an int or an ({n},) integer tensor, got "
+                        f"{value.dtype}")  # fmt: skip
+    if value.dim() != 1 or value.shape[0] != n:
+        raise ValueError(f"{name}: {arg} must be an int or an ({n},) tensor, got shape "
+                         f"{tuple(value.shape)}")  # fmt: skip
+    if value.device != device:
+        raise ValueError(f"{name}: {arg} is on {value.device}, expected {device}")
+    t = value.to(torch.int64).contiguous()
+    if _host_checkable(t) and n:
+        bad = (t < 0) if hi is None else (t < 0) | (t >= hi)
+        if bool(bad.any()):
+            raise ValueError(f"{name}: every {arg} must lie in [0, {hi or 2**63})")
+    return t
+
+
+def _step_keys(name, B, L, device, seed, offset, left_pad, generator):
+    """(seed, offset, left_pad) of a step over x (B, L): ints or checked (B,) int64 tensors."""
+    if isinstance(seed, Tensor):
+        seed = _key_tensor(name, "seed", seed, B, device, None)  # int64: < 2**63
+    else:
+        seed = _draw_seed(name, seed, generator)
+    if isinstance(offset, Tensor):
+        offset = _key_tensor(name, "offset", offset, B, device, 2**32)
+    else:
+        offset = _check_offset(name, offset)
+    if left_pad is not None:
+        if not isinstance(left_pad, Tensor):
+            raise TypeError(f"{name}: left_pad must be a ({B},) integer tensor, got "
+                            f"{type(left_pad).__name__}")  # fmt: skip
+        left_pad = _key_tensor(name, "left_pad", left_pad, B, device, L + 1)
+    return seed, offset, left_pad
+
+
+def _keys_at(pos: Tensor, L: int, seed, offset, left_pad):
+    """Counter rows and keys of the draws at flat positions pos (b * L + l), see unmask_step."""
+    if not isinstance(seed, Tensor) and not isinstance(offset, Tensor) and left_pad is None:
+        return pos, seed, offset
+    b = torch.div(pos, L, rounding_mode="floor") if L else pos
+    rows = pos if left_pad is None else (pos - b * L - left_pad[b]).clamp_min(0)
+    return (rows, seed[b] if isinstance(seed, Tensor) else seed,
+            offset[b] if isinstance(offset, Tensor) else offset)  # fmt: skip
 
 
 def _host_checkable(t: Tensor) -> bool:
@@ -545,8 +606,16 @@ def _check_logits(name: str, logits) -> None:
 
 
 def _sample(logits2d, rows, valid, temp, tk, tp, mp, confidence, seed, offset):
-    """Dispatch the per-row draw; (tokens int64 (R,), confidence float32 (R,))."""
+    """Dispatch the per-row draw; (tokens int64 (R,), confidence float32 (R,)).
+
+    seed and offset: ints (one Philox key for every row) or (R,) int64 tensors (per row).
+    """
     R, V = logits2d.shape
+    per_row = isinstance(seed, Tensor) or isinstance(offset, Tensor)
+    if per_row:
+        seed = (seed if isinstance(seed, Tensor) else torch.full_like(rows, seed)).contiguous()
+        offset = offset if isinstance(offset, Tensor) else torch.full_like(rows, offset)
+        offset = offset.contiguous()
     impl = dispatch.select(logits2d.device)
     if impl == "reference" or logits2d.dtype not in _KERNEL_DTYPES:
         tok, conf = reference.sample_tokens_rows(logits2d, rows, temp, tk, tp, mp, confidence,
@@ -561,7 +630,9 @@ def _sample(logits2d, rows, valid, temp, tk, tp, mp, confidence, seed, offset):
         torch.zeros(R, dtype=torch.int64, device=dev) if tk is None else tk,
         torch.ones(R, dtype=torch.float64, device=dev) if tp is None else tp,
         torch.zeros(R, dtype=torch.float64, device=dev) if mp is None else mp,
-        _CONF_MODES[confidence], seed, offset, tk is not None, tp is not None, mp is not None,
+        _CONF_MODES[confidence], 0 if per_row else seed, 0 if per_row else offset,
+        seed if per_row else None, offset if per_row else None,
+        tk is not None, tp is not None, mp is not None,
     )  # fmt: skip
     if impl == "cpp" and not torch.compiler.is_compiling():
         # Eager CPU calls skip the custom op's Python layers (~40 us of a step that costs
@@ -588,8 +659,8 @@ def sample_tokens(
     min_p: float | Tensor | None = None,
     confidence: str = "prob",
     generator: torch.Generator | None = None,
-    seed: int | None = None,
-    offset: int | None = None,
+    seed: int | Tensor | None = None,
+    offset: int | Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Draw one token per row of logits and score it (Dream's sample_tokens, fused).
 
@@ -611,7 +682,9 @@ def sample_tokens(
             its 1e-10), "random" (a Philox U(0, 1), LLaDA's random).
         generator: CPU torch.Generator to draw the seed from when ``seed`` is None.
         seed: int in [0, 2**63): the Philox key. None: drawn from ``generator`` / torch's RNG.
-        offset: int in [0, 2**32), default 0: the Philox counter's step word.
+            Or an (N,) integer tensor: one key per row.
+        offset: int in [0, 2**32), default 0: the Philox counter's step word; or an (N,)
+            integer tensor, one per row.
 
     Returns:
         (tokens int64 (N,), confidence float32 (N,)). NaN logits count as -inf; a row with no
@@ -629,8 +702,7 @@ def sample_tokens(
     N, V = logits.shape
     dev = logits.device
     temp, tk, tp, mp = _options(name, N, dev, temperature, top_k, top_p, min_p, confidence)
-    seed = _draw_seed(name, seed, generator)
-    offset = _check_offset(name, offset)
+    seed, offset, _ = _step_keys(name, N, 1, dev, seed, offset, None, generator)
     rows = torch.arange(N, dtype=torch.int64, device=dev)
     valid = torch.ones(N, dtype=torch.bool, device=dev)
     return _sample(logits, rows, valid, temp, tk, tp, mp, confidence, seed, offset)
@@ -689,8 +761,9 @@ def unmask_step(
     min_p: float | Tensor | None = None,
     confidence: str = "prob",
     generator: torch.Generator | None = None,
-    seed: int | None = None,
-    offset: int | None = None,
+    seed: int | Tensor | None = None,
+    offset: int | Tensor | None = None,
+    left_pad: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One unmasking step: draw a token at every candidate masked position, commit some of them.
 
@@ -715,8 +788,14 @@ def unmask_step(
             (B,) tensor in [0, 1]; the seed's algorithm, Dream's "origin"; theta = 1 commits all).
         temperature, top_k, top_p, min_p, confidence: as in :func:`sample_tokens` (per-row
             tensors are (B,)).
-        generator, seed, offset: as in :func:`sample_tokens`. Token draws use counter row
-            b * L + l for position (b, l) whatever the logits layout.
+        generator, seed, offset: as in :func:`sample_tokens`; per-row tensors are (B,) (row b's
+            key and step count). Token draws use counter row b * L + l for position (b, l)
+            whatever the logits layout.
+        left_pad: (B,) integer tensor in [0, L]: the draws of position (b, l) are then keyed as
+            position l - left_pad[b] of a batch of one row, so that with per-row seed and offset
+            a left-padded row draws what it would draw alone, unpadded, in one call for the
+            whole batch (rows with the same key and the same logits then draw the same;
+            positions before left_pad[b], padding that is never a candidate, count as 0).
 
     Returns:
         (new x (B, L) int64, committed (B, L) bool). Ties in confidence commit the lowest
@@ -792,10 +871,10 @@ def unmask_step(
         th = _per_row(name, "threshold", threshold, B, torch.float64, dev)
     if ancestral:
         tt = _per_row(name, "theta", theta, B, torch.float64, dev, lo=0.0, hi=1.0)
-    seed = _draw_seed(name, seed, generator)
-    offset = _check_offset(name, offset)
+    seed, offset, left_pad = _step_keys(name, B, L, dev, seed, offset, left_pad, generator)
 
-    tok, conf = _sample(logits2d, pos, valid, temp, tk, tp, mp, confidence, seed, offset)
+    krows, kseed, koff = _keys_at(pos, L, seed, offset, left_pad)
+    tok, conf = _sample(logits2d, krows, valid, temp, tk, tp, mp, confidence, kseed, koff)
     if identity:
         # Already in (B, L) order, with -inf confidence wherever no token was drawn (the token
         # there is never committed: commits are candidates).
@@ -807,6 +886,6 @@ def unmask_step(
         tok_full = tok_full.scatter(0, pos, tok).reshape(B, L)
     commit = reference.select_commits(
         conf_full, cand, num_transfer=nt, threshold=th, factor=factor, alg_temp=alg_temp,
-        theta=tt, seed=seed, offset=offset,
+        theta=tt, seed=seed, offset=offset, left_pad=left_pad,
     )  # fmt: skip
     return torch.where(commit, tok_full, x), commit

@@ -118,6 +118,20 @@ def test_triton_seeded(dtype):
            confidence="margin", seed=7, offset=2, **SAMPLED)  # fmt: skip
 
 
+@pytest.mark.parametrize("name", ["cpp", "triton", "reference"])
+def test_per_row_keys(name):
+    # Per-row seed / offset / left_pad (one call for a padded batch): the chunked path gathers
+    # each slot's key; it must agree with unmask_step on the full logits.
+    skip_unless_available(name)
+    x, _, mask_id, h, W, b = _batch(b=3, l=11 if name == "triton" else 29, v=203)
+    kw = dict(mask_id=mask_id, bias=b, chunk_rows=7, num_transfer=torch.tensor([2, 4, 1]),
+              alg_temp=0.5, confidence="random", seed=torch.tensor([5, 2**33, 5]),
+              offset=torch.tensor([1, 0, 2**32 - 1]), left_pad=torch.tensor([0, 3, 6]),
+              **SAMPLED)  # fmt: skip
+    got = _check(name, x, h, W, **kw)
+    assert bool(got[1].any())
+
+
 @pytest.mark.parametrize("name", ["cpp", "reference"])
 def test_bf16_softcap_shift(name):
     skip_unless_available(name)

@@ -29,13 +29,14 @@ signature = {
     "logits_ptr": "*bf16", "stride_row": "i64", "rows_ptr": "*i64", "valid_ptr": "*i1",
     "temp_ptr": "*fp64", "topk_ptr": "*i64", "topp_ptr": "*fp64", "minp_ptr": "*fp64",
     "tok_ptr": "*i64", "conf_ptr": "*fp32", "V": "i32", "seed": "i64", "offset": "i32",
+    "seeds_ptr": "*i64", "offsets_ptr": "*i32",
 }
 fn = us._sample_rows_kernel
 tmp = tempfile.mkdtemp()
-for mode, flags in ((0, (False, True, False)), (2, (True, True, True))):
+for mode, flags, per_row in ((0, (False, True, False), False), (2, (True, True, True), True)):
     for cfg in us._sample_configs(151936):
         consts = dict(MODE=mode, HAS_TOPK=flags[0], HAS_TOPP=flags[1], HAS_MINP=flags[2],
-                      NPIV=16, **cfg.kwargs)
+                      PER_ROW_KEY=per_row, NPIV=16, **cfg.kwargs)
         sig = dict(signature, **{k: "constexpr" for k in consts})
         src = ASTSource(fn=fn, signature=sig,
                         constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})

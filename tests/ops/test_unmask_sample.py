@@ -362,6 +362,91 @@ def test_unmask_step_paths(name, rule):
         assert bool((ref[0][ref[1]] != MASK_ID).all())
 
 
+def _left_padded(pads, l, v, pad_id=5):
+    """x (B, l) with pads[b] leading pad tokens, a few real tokens, then masks; logits."""
+    x = torch.full((len(pads), l), MASK_ID)
+    for b, p in enumerate(pads):
+        x[b, :p] = pad_id
+        x[b, p : p + 2] = 7
+    return x, _logits(len(pads) * l, v).reshape(len(pads), l, v)
+
+
+@pytest.mark.parametrize("name", ["reference"] + KERNELS)
+def test_per_row_keys_draw_what_each_row_draws_alone(name):
+    # One call over a left-padded batch with per-row seed, offset and left_pad must commit, in
+    # every row, what that row commits alone, unpadded, with its own seed and offset: the
+    # sampler batches T > 0 steps with this (each row's output independent of its batch).
+    skip_unless_available(name)
+    pads = torch.tensor([0, 4, 7])
+    x, logits = _left_padded(pads.tolist(), 13 if name == "triton" else 29, 203)
+    seeds = torch.tensor([11, 2**40 + 3, 11])
+    offs = torch.tensor([0, 5, 2**32 - 1])
+    rules = [(dict(num_transfer=torch.tensor([2, 3, 1])), "prob")]
+    if name != "triton":  # the interpreter is slow; the selection draws are torch code
+        rules += [
+            (dict(num_transfer=2, alg_temp=0.5), "random"),
+            (dict(ancestral=True, theta=0.4), "margin"),
+            (dict(threshold=0.2), "prob"),
+        ]
+    for rule, conf in rules:
+        kw = dict(mask_id=MASK_ID, temperature=0.8, top_p=0.9, confidence=conf, **rule)
+        xb, cb = _run(name, unmask_step, x, logits, seed=seeds, offset=offs, left_pad=pads, **kw)
+        masked = x == MASK_ID  # the masked-only layout gives the same
+        x2, c2 = _run(name, unmask_step, x, logits[masked], seed=seeds, offset=offs,
+                      left_pad=pads, **kw)  # fmt: skip
+        assert torch.equal(x2, xb) and torch.equal(c2, cb)
+        assert bool(cb.any())
+        for b, p in enumerate(pads.tolist()):
+            kwb = {k: v[b : b + 1] if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+            x1, c1 = _run(name, unmask_step, x[b : b + 1, p:], logits[b : b + 1, p:],
+                          seed=int(seeds[b]), offset=int(offs[b]), **kwb)  # fmt: skip
+            assert torch.equal(x1[0], xb[b, p:]) and torch.equal(c1[0], cb[b, p:]), (rule, b)
+            assert not bool(cb[b, :p].any())
+    if name != "reference":  # and the same tokens as the reference path
+        kw = dict(mask_id=MASK_ID, temperature=0.8, top_p=0.9, seed=seeds, offset=offs,
+                  left_pad=pads, **rules[0][0])  # fmt: skip
+        ref = _run("reference", unmask_step, x, logits, **kw)
+        out = _run(name, unmask_step, x, logits, **kw)
+        assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+
+
+@pytest.mark.parametrize("name", ["reference"] + KERNELS)
+def test_sample_tokens_per_row_seeds(name):
+    skip_unless_available(name)
+    x = _logits(4, 203)
+    seeds, offs = torch.tensor([3, 3, 2**62, 0]), torch.tensor([0, 1, 7, 2**32 - 1])
+    tok, conf = _run(name, sample_tokens, x, temperature=1.0, top_k=50, confidence="random",
+                     seed=seeds, offset=offs)  # fmt: skip
+    for i in range(4):  # row i is keyed (seeds[i], offs[i], counter row i)
+        t1, c1 = reference.sample_tokens_rows(
+            x[i : i + 1], torch.tensor([i]), torch.ones(1, dtype=torch.float64),
+            torch.tensor([50]), None, None, "random", int(seeds[i]), int(offs[i]),
+        )  # fmt: skip
+        assert int(t1) == int(tok[i]) and float(c1) == float(conf[i])
+    one = _run(name, sample_tokens, x, temperature=1.0, seed=3, offset=1)
+    both = _run(name, sample_tokens, x, temperature=1.0, seed=torch.full((4,), 3), offset=1)
+    assert torch.equal(one[0], both[0])
+
+
+def test_per_row_key_bad_inputs():
+    x, logits = _left_padded([0, 2], 9, 31)
+    kw = dict(mask_id=MASK_ID, num_transfer=1, temperature=1.0)
+    bad = [
+        (TypeError, "seed", dict(seed=torch.tensor([1.0, 2.0]))),
+        (ValueError, "seed", dict(seed=torch.tensor([1, 2, 3]))),
+        (ValueError, "seed", dict(seed=torch.tensor([1, -2]))),
+        (ValueError, "offset", dict(seed=1, offset=torch.tensor([0, 2**32]))),
+        (TypeError, "left_pad", dict(seed=1, left_pad=2)),
+        (ValueError, "left_pad", dict(seed=1, left_pad=torch.tensor([0, 10]))),
+        (TypeError, "left_pad", dict(seed=1, left_pad=torch.tensor([True, False]))),
+    ]
+    for err, arg, extra in bad:
+        with pytest.raises(err, match=arg):
+            unmask_step(x, logits, **kw, **extra)
+    with pytest.raises(ValueError, match="seed"):
+        sample_tokens(logits[0], seed=torch.tensor([1, 2]))
+
+
 def test_unmask_step_rules():
     x, mask, logits = _masked_batch(b=4, l=41, v=50)
     n = mask.sum(1)
@@ -483,14 +568,17 @@ def test_seed_from_generator():
     assert torch.equal(a, b) and not torch.equal(b, c)
 
 
-def test_custom_op_opcheck():
+@pytest.mark.parametrize("per_row", [False, True], ids=["one_key", "per_row_keys"])
+def test_custom_op_opcheck(per_row):
     skip_unless_available("cpp")
     n, v = 4, 33
+    keys = (torch.tensor([3, 1, 2**40, 0]), torch.tensor([0, 9, 2**32 - 1, 4])) if per_row else (
+        None, None)  # fmt: skip
     args = (
         _logits(n, v), torch.arange(n), torch.ones(n, dtype=torch.bool),
         torch.full((n,), 0.7, dtype=torch.float64), torch.full((n,), 5),
         torch.full((n,), 0.9, dtype=torch.float64), torch.zeros(n, dtype=torch.float64),
-        0, 1, 2, True, True, False, "cpp",
+        0, 1, 2, *keys, True, True, False, "cpp",
     )  # fmt: skip
     torch.library.opcheck(us._sample_rows_op, args, test_utils=("test_schema", "test_faketensor"))
     assert math.isfinite(float(us._sample_rows_op(*args)[1].sum()))
