@@ -79,8 +79,8 @@ def llada_generate(
         raise ValueError(f"llada_generate: steps {steps} must be a multiple of the number of "
                          f"blocks {gen_length // block_length}")  # fmt: skip
 
-    def forward_fn(x, am, _pos):
-        logits = call_model(model, x, attention_mask=am)
+    def forward_fn(x, am, _pos, **t):  # t: only for a time-conditioned model (dlm's own)
+        logits = call_model(model, x, attention_mask=am, **t)
         if logits_eos_inf:
             logits = logits.clone()
             logits[:, :, LLADA_EOS] = float("-inf")
@@ -225,15 +225,15 @@ def dream_generate(
     dream_native = hasattr(model, "diffusion_generate")
     has_pad = attention_mask is not None and bool((attention_mask == 0).any())
 
-    def forward_fn(x, am, _pos):
+    def forward_fn(x, am, _pos, **t):  # t: only for a time-conditioned model (dlm's own)
         if not has_pad:
-            return call_model(model, x, attention_mask="full" if dream_native else None)
+            return call_model(model, x, attention_mask="full" if dream_native else None, **t)
         tok_idx = am.long().cumsum(-1) - 1
         tok_idx = tok_idx.masked_fill(am == 0, 1)
         if dream_native:
             am4 = torch.logical_and(am[:, None, None, :].bool(), am[:, None, :, None].bool())
             return model(x, am4, tok_idx).logits
-        return call_model(model, x, attention_mask=am.bool(), position_ids=tok_idx)
+        return call_model(model, x, attention_mask=am.bool(), position_ids=tok_idx, **t)
 
     logits_hook = None
     if generation_logits_hook_func is not None:

@@ -337,14 +337,15 @@ def _loop(
 ):  # fmt: skip
     """The loop behind ``generate``, with the hooks the compat wrappers need (run it through
     ``_generate``, which sets inference mode):
-    forward_fn(x, attention_mask (B, S) bool | None, position_ids | None) -> logits replaces
-    the model call; logits_hook(step, x, logits) / tokens_hook(step, x) edit the logits / x
-    (Dream's generation_*_hook_func); commit_fn(x, logits, cand, step, rows) replaces the
-    commit rule; position_ids=False never passes position ids; counter (a list) gets one entry
-    per model forward (the number of rows run); ban_mask=False lets the mask token be drawn
-    (LLaDA and Dream do not forbid it); block_counts_only=True counts only the block's own
-    masks for the even schedule, as LLaDA does (ours counts every candidate, so masks left
-    before the block - prompt masks, a drawn mask token - are filled too)."""
+    forward_fn(x, attention_mask (B, S) bool | None, position_ids | None[, t=]) -> logits
+    replaces the model call (t, a (B,) float tensor, is passed when the model is
+    time-conditioned, see ``time_input``); logits_hook(step, x, logits) / tokens_hook(step, x)
+    edit the logits / x (Dream's generation_*_hook_func); commit_fn(x, logits, cand, step,
+    rows) replaces the commit rule; position_ids=False never passes position ids; counter (a
+    list) gets one entry per model forward (the number of rows run); ban_mask=False lets the
+    mask token be drawn (LLaDA and Dream do not forbid it); block_counts_only=True counts only
+    the block's own masks for the even schedule, as LLaDA does (ours counts every candidate, so
+    masks left before the block - prompt masks, a drawn mask token - are filled too)."""
     _check_args(prompt, attention_mask, gen_length, steps, block_length, alg, schedule, kv_cache,
                 mask_id, threshold, factor, stop_at_eos, eos_id, cfg_scale)  # fmt: skip
     dev = prompt.device
@@ -390,7 +391,7 @@ def _loop(
                              "(see dlm.sampler.KVCache)")  # fmt: skip
         if bool(((prompt == mask_id) & real_pos[:, :P]).any()):
             raise ValueError("generate: kv_cache cannot infill masks inside the prompt")
-    t_of = time_input(model) if forward_fn is None else None
+    t_of = time_input(model)
     if t_of is not None:
         # A time-conditioned model sees t of the masked fraction of the row's real tokens,
         # prompt included: dlm train masks whole sequences (no SFT prompt mask), so that is
@@ -424,7 +425,7 @@ def _loop(
         if counter is not None:
             counter.append(xs.shape[0])
         if forward_fn is not None:
-            logits = forward_fn(xs, ams, ps)
+            logits = forward_fn(xs, ams, ps) if t_in is None else forward_fn(xs, ams, ps, t=t_in)
         else:
             kw = {"attention_mask": ams}
             if ps is not None:

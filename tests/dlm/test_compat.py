@@ -313,3 +313,40 @@ def test_dream_hooks_history_and_lengths(dream_model):
     assert y.shape == (2, 15)
     with pytest.raises(ValueError, match="max_length"):
         dream_generate(dream_model, ids, max_length=8, steps=4, alg="maskgit_plus")
+
+
+class _TimeRecorder(torch.nn.Module):
+    """A time-conditioned model (as dlm trains with time_conditioning=True) that records t."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base, self.seen = base, []
+        self.cfg = ModelConfig(vocab_size=V, time_conditioning=True, mask_token_id=MASK)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, t=None):
+        assert t is not None, "a time-conditioned model must be given t"
+        self.seen.append(t.clone())
+        am = None if attention_mask is None else attention_mask.bool()  # LLaDA passes 0/1
+        out = self.base(input_ids, am, position_ids)
+        out[..., MASK] = -1e4
+        return out
+
+
+@pytest.mark.parametrize("which", ["llada", "dream"])
+def test_compat_wrappers_give_a_time_conditioned_model_t(model, which):
+    # t is the masked fraction of the row's real tokens (the linear schedule's map), as
+    # generate gives it: 8 generated tokens, 2 committed per step, prompts of 3 and 2 real tokens.
+    m = _TimeRecorder(model)
+    ids = torch.tensor([[5, 6, 7], [0, 8, 9]])
+    am = torch.tensor([[1, 1, 1], [0, 1, 1]])
+    if which == "llada":
+        llada_generate(m, ids, am, steps=4, gen_length=8, block_length=8, mask_id=MASK)
+    else:
+        dream_generate(m, ids, am, max_new_tokens=8, steps=4, alg="entropy", mask_token_id=MASK)
+    got = torch.stack(m.seen)  # (steps, B)
+    if which == "llada":
+        want = torch.tensor([8.0, 6.0, 4.0, 2.0])[:, None] / torch.tensor([11.0, 10.0])
+        torch.testing.assert_close(got.double(), want.double())
+    else:  # Dream's schedule commits floor(n (1 - s/t)) per step; t still falls to the end
+        assert got.shape == (4, 2) and bool((got[0] == torch.tensor([8 / 11, 8 / 10])).all())
+        assert bool((got[1:] <= got[:-1]).all()) and bool((got[-1] > 0).all())
