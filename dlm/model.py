@@ -224,6 +224,7 @@ class DiffusionLM(nn.Module):
         cu_seqlens: Tensor | None = None,
         max_seqlen: int | None = None,
         kv_cache=None,
+        return_hidden: bool = False,
     ) -> Tensor:
         """Logits, or the weighted masked cross-entropy when ``targets`` is given.
 
@@ -242,9 +243,11 @@ class DiffusionLM(nn.Module):
             kv_cache: a dlm.sampler.KVCache (sampling only): input_ids are the positions
                 [kv_cache.start, kv_cache.start + S) of a longer sequence whose keys/values the
                 cache holds; attention_mask then covers the whole sequence (B, S_total).
+            return_hidden: return the final hidden states h (B, S, d_model), logits being
+                ``lm_head(h)`` (the sampler then runs the head only for the positions it draws).
 
         Returns:
-            (B, S, V) float logits, or a float32 scalar loss.
+            (B, S, V) float logits, (B, S, d_model) hidden states, or a float32 scalar loss.
         """
         B, S = input_ids.shape
         x = self.tok_emb(input_ids)
@@ -274,6 +277,8 @@ class DiffusionLM(nn.Module):
             else:
                 x = block(x, cos, sin, attn)
         h = self.norm(x)
+        if return_hidden:
+            return h
         if targets is None:
             return self.lm_head(h)
         return self.loss(h, targets, loss_mask, loss_weight, normalizer)

@@ -487,3 +487,81 @@ def test_likelihood_gives_t_of_each_draw():
     maskable = torch.tensor([[False, False, True, True, True, True, True, True]])  # n = 6
     masked_nll_estimate(m, x, maskable, mask_id=10, mc_num=5, batch_size=2, seed=1)
     torch.testing.assert_close(torch.cat(m.seen).double(), torch.cat(seen_frac))
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused head: the LM head only for the positions a step draws
+# ---------------------------------------------------------------------------------------------
+CASES = {
+    "low_confidence-T0": dict(alg="low_confidence"),
+    "maskgit_plus-T0.8-shift": dict(
+        alg="maskgit_plus", temperature=0.8, top_p=0.9, logits_shift=True
+    ),
+    "entropy-dream": dict(alg="entropy", schedule="dream", temperature=0.5, top_k=20),
+    "ancestral": dict(alg="ancestral", temperature=1.0),
+    "topk_margin-alg_temp": dict(alg="topk_margin", alg_temp=0.5),
+    "threshold": dict(alg="low_confidence", threshold=0.3),
+    "stop_at_eos": dict(alg="low_confidence", stop_at_eos=True, eos_id=EOS),
+    "cfg": dict(alg="low_confidence", cfg_scale=1.5),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_fused_head_gives_the_logits_path_tokens(model, case):
+    # Same tokens as the logits path on a padded batch with blocks; at T > 0 too (the draws are
+    # keyed the same way). fused_head=False is the reference here.
+    ids, am, _ = _padded_batch()
+    kw = dict(gen_length=12, steps=6, block_length=6, mask_id=MASK, seed=3, **CASES[case])
+    out = generate(model, ids, am, fused_head=True, **kw)
+    ref = generate(model, ids, am, fused_head=False, **kw)
+    assert torch.equal(out, ref)
+    assert (out[:, 7:] != MASK).all()
+
+
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+@pytest.mark.parametrize("shift", [False, True], ids=["noshift", "shift"])
+def test_fused_head_with_kv_cache(model, mode, shift):
+    ids, am, _ = _padded_batch()
+    kw = dict(gen_length=12, steps=6, block_length=6, mask_id=MASK, seed=3, kv_cache=mode,
+              logits_shift=shift, alg="maskgit_plus", temperature=0.7)  # fmt: skip
+    out = generate(model, ids, am, fused_head=True, **kw)
+    assert torch.equal(out, generate(model, ids, am, fused_head=False, **kw))
+
+
+@pytest.mark.parametrize("vocab", [V, 4099], ids=["V53-forced", "V4099-default"])
+def test_fused_head_never_builds_full_logits(model, monkeypatch, vocab):
+    # With the fused head the model's own lm_head never runs, and the head runs for candidate
+    # rows only (at most one block of each row per step). It is the default from V 4096 up.
+    if vocab != V:
+        torch.manual_seed(1)
+        cfg = ModelConfig(vocab_size=vocab, d_model=16, n_layers=1, n_heads=2, max_seq_len=64,
+                          init_std=0.4, mask_token_id=vocab - 1)  # fmt: skip
+        model = DiffusionLM(cfg).eval()
+    mask = model.cfg.mask_token_id
+    ids, am, _ = _padded_batch()
+    rows = []
+    real_linear = F.linear
+
+    def spy(h, w, b=None):
+        if w is model.lm_head.weight:
+            rows.append(h.shape[0] if h.dim() == 2 else h.shape[0] * h.shape[1])
+        return real_linear(h, w, b)
+
+    monkeypatch.setattr(F, "linear", spy)
+    monkeypatch.setattr(model.lm_head, "forward", lambda h: pytest.fail("full logits built"))
+    out = generate(model, ids, am, gen_length=12, steps=6, block_length=6, mask_id=mask,
+                   fused_head=True if vocab == V else None)  # fmt: skip
+    assert (out[:, 7:] != mask).all()
+    assert rows and max(rows) <= 3 * 6  # B rows x one block of candidates
+    monkeypatch.undo()
+    assert torch.equal(out, generate(model, ids, am, gen_length=12, steps=6, block_length=6,
+                                     mask_id=mask, fused_head=False))  # fmt: skip
+
+
+def test_fused_head_arguments(model):
+    ids, am, _ = _padded_batch()
+    kw = dict(gen_length=4, steps=2, mask_id=MASK)
+    with pytest.raises(ValueError, match="lm_head"):
+        generate(FakeLM(), ids, am, fused_head=True, **kw)
+    with pytest.raises(TypeError, match="fused_head"):
+        generate(model, ids, am, fused_head="yes", **kw)
