@@ -303,7 +303,8 @@ def generate(
             ``return_hidden=True`` (DiffusionLM, hence Dream and LLaDA checkpoints loaded by
             dlm). None (default): whenever the model allows it and its vocabulary has at
             least 4096 tokens (below, the head costs less than the op's gathers: at V 67 on the
-            CPU the logits path is the faster one). The tokens are those of the logits path up
+            CPU the logits path is the faster one); the compat wrappers, which call the model
+            through their own forward, never use it. The tokens are those of the logits path up
             to rounding (a GEMM over fewer rows; guidance applied to the hidden states, the
             same map since the head is linear), which matters only at near-ties.
 
@@ -561,6 +562,10 @@ def _loop(
                 for b in need:
                     stale[b] = False
                 w0, w1, logits = 0, L, logits_all
+                if head is not None and e_blk < L:
+                    # Nothing past the block is a candidate: the fused op gets [0, e_blk) only
+                    # (on CUDA it walks every row it is given, in fixed chunks).
+                    w1, logits = e_blk, logits_all[:, :e_blk]
             else:
                 first = i == 0
                 q0 = 0 if first else (s_blk - 1 if logits_shift else s_blk)

@@ -217,8 +217,8 @@ def fused_head_unmask_step(
         num_transfer, threshold, factor, alg_temp, candidates, ancestral, theta: the commit
             rule, as in :func:`unmask_step` (exactly one of num_transfer / threshold / factor /
             ancestral=True).
-        temperature, top_k, top_p, min_p, confidence, generator, seed, offset: the draw, as in
-            :func:`unmask_step` (per-row tensors are (B,); Philox counter row b * L + l).
+        temperature, top_k, top_p, min_p, confidence, generator, seed, offset, left_pad: the
+            draw and its Philox keys, as in :func:`unmask_step` (per-row tensors are (B,)).
 
     Returns:
         (new x (B, L) int64, committed (B, L) bool), as :func:`unmask_step`.
@@ -272,6 +272,7 @@ def fused_head_unmask_step(
     if ancestral:
         tt = us._per_row(name, "theta", theta, B, torch.float64, dev, lo=0.0, hi=1.0)
     seed, offset, left_pad = us._step_keys(name, B, L, dev, seed, offset, left_pad, generator)
+    us._check_left_pad(name, cand, left_pad)
 
     # 1. Compaction: candidate positions first, in row-major order; no host sync.
     flat = cand.reshape(-1)

@@ -263,11 +263,16 @@ if triton is not None:
                             lz = tl.log(mp)
                     # Final pass: normaliser, entropy / second value, and the Gumbel-max draw.
                     # Philox counter words 1-3: the row, the offset, stream 0 (tokens).
+                    # New names: the compiler rejects an argument retyped in a branch (the
+                    # scalar seed is i32 when small, a loaded one int64).
                     if PER_ROW_KEY:
-                        seed = tl.load(seeds_ptr + r)
-                        offset = tl.load(offsets_ptr + r)
+                        key = tl.load(seeds_ptr + r)
+                        ctr = tl.load(offsets_ptr + r)
+                    else:
+                        key = seed
+                        ctr = offset
                     c1 = (tl.zeros([BLOCK_V], tl.int64) + tl.load(rows_ptr + r)).to(tl.uint32)
-                    c2 = (tl.zeros([BLOCK_V], tl.int32) + offset).to(tl.uint32, bitcast=True)
+                    c2 = (tl.zeros([BLOCK_V], tl.int32) + ctr).to(tl.uint32, bitcast=True)
                     c3 = tl.zeros([BLOCK_V], tl.uint32)
                     invT = _inv_temp(Te)
                     zf = tl.zeros([BLOCK_V], tl.float64)
@@ -292,7 +297,7 @@ if triton is not None:
                             sec = tl.maximum(sec, tl.where(keep & (x != mx), x, ninf))
                         if T > 0.0:
                             c0 = offs.to(tl.uint32)
-                            w0, w1, _, _ = tl.philox(seed, c0, c1, c2, c3)
+                            w0, w1, _, _ = tl.philox(key, c0, c1, c2, c3)
                             # Token j beats the best score only if u > exp(-c), c = exp(z - best);
                             # exp(-c) >= 1 - c, and u < u_up = (top 24 bits + 1) 2^-24. A tile
                             # where no kept token has u_up > 1 - c cannot change the best: it
@@ -528,6 +533,17 @@ def _step_keys(name, B, L, device, seed, offset, left_pad, generator):
                             f"{type(left_pad).__name__}")  # fmt: skip
         left_pad = _key_tensor(name, "left_pad", left_pad, B, device, L + 1)
     return seed, offset, left_pad
+
+
+def _check_left_pad(name: str, cand: Tensor, left_pad) -> None:
+    """Positions before left_pad[b] are padding: none may be a candidate (checked on the CPU,
+    where it costs no sync; their draws would share the counter of the row's first position)."""
+    if left_pad is None or not _host_checkable(cand) or not cand.numel():
+        return
+    pos = torch.arange(cand.shape[1], device=cand.device)
+    if bool((cand & (pos[None, :] < left_pad[:, None])).any()):
+        raise ValueError(f"{name}: a position before left_pad is a candidate (masked and allowed "
+                         "by candidates); exclude the padding with candidates=")  # fmt: skip
 
 
 def _keys_at(pos: Tensor, L: int, seed, offset, left_pad):
@@ -794,8 +810,8 @@ def unmask_step(
         left_pad: (B,) integer tensor in [0, L]: the draws of position (b, l) are then keyed as
             position l - left_pad[b] of a batch of one row, so that with per-row seed and offset
             a left-padded row draws what it would draw alone, unpadded, in one call for the
-            whole batch (rows with the same key and the same logits then draw the same;
-            positions before left_pad[b], padding that is never a candidate, count as 0).
+            whole batch (rows with the same key and the same logits then draw the same).
+            Positions before left_pad[b] must not be candidates (a ValueError on the CPU).
 
     Returns:
         (new x (B, L) int64, committed (B, L) bool). Ties in confidence commit the lowest
@@ -872,6 +888,7 @@ def unmask_step(
     if ancestral:
         tt = _per_row(name, "theta", theta, B, torch.float64, dev, lo=0.0, hi=1.0)
     seed, offset, left_pad = _step_keys(name, B, L, dev, seed, offset, left_pad, generator)
+    _check_left_pad(name, cand, left_pad)
 
     krows, kseed, koff = _keys_at(pos, L, seed, offset, left_pad)
     tok, conf = _sample(logits2d, krows, valid, temp, tk, tp, mp, confidence, kseed, koff)

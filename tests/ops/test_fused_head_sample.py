@@ -124,9 +124,11 @@ def test_per_row_keys(name):
     # each slot's key; it must agree with unmask_step on the full logits.
     skip_unless_available(name)
     x, _, mask_id, h, W, b = _batch(b=3, l=11 if name == "triton" else 29, v=203)
+    pads = torch.tensor([0, 3, 6])
+    cand = torch.arange(x.shape[1])[None, :] >= pads[:, None]  # padding is never a candidate
     kw = dict(mask_id=mask_id, bias=b, chunk_rows=7, num_transfer=torch.tensor([2, 4, 1]),
               alg_temp=0.5, confidence="random", seed=torch.tensor([5, 2**33, 5]),
-              offset=torch.tensor([1, 0, 2**32 - 1]), left_pad=torch.tensor([0, 3, 6]),
+              offset=torch.tensor([1, 0, 2**32 - 1]), left_pad=pads, candidates=cand,
               **SAMPLED)  # fmt: skip
     got = _check(name, x, h, W, **kw)
     assert bool(got[1].any())

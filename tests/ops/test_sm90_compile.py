@@ -22,22 +22,29 @@ import os, re, subprocess, sys, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.runtime.jit import mangle_type
 import dlm_kernels.ops.unmask_sample as us
 
 ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 signature = {
     "logits_ptr": "*bf16", "stride_row": "i64", "rows_ptr": "*i64", "valid_ptr": "*i1",
     "temp_ptr": "*fp64", "topk_ptr": "*i64", "topp_ptr": "*fp64", "minp_ptr": "*fp64",
-    "tok_ptr": "*i64", "conf_ptr": "*fp32", "V": "i32", "seed": "i64", "offset": "i32",
+    "tok_ptr": "*i64", "conf_ptr": "*fp32", "V": "i32", "offset": "i32",
     "seeds_ptr": "*i64", "offsets_ptr": "*i32",
 }
 fn = us._sample_rows_kernel
 tmp = tempfile.mkdtemp()
-for mode, flags, per_row in ((0, (False, True, False), False), (2, (True, True, True), True)):
-    for cfg in us._sample_configs(151936):
+configs = us._sample_configs(151936)
+# The scalar seed's type is what the launcher gets: i64 for a drawn 62-bit seed, i32 for a small
+# one and for the 0 passed with per-row keys (a kernel that retypes it does not compile).
+cases = [(0, (False, True, False), False, 2**40, configs),
+         (2, (True, True, True), True, 0, configs),
+         (2, (True, True, True), False, 7, configs[:1])]
+for mode, flags, per_row, seed, cfgs in cases:
+    for cfg in cfgs:
         consts = dict(MODE=mode, HAS_TOPK=flags[0], HAS_TOPP=flags[1], HAS_MINP=flags[2],
                       PER_ROW_KEY=per_row, NPIV=16, **cfg.kwargs)
-        sig = dict(signature, **{k: "constexpr" for k in consts})
+        sig = dict(signature, seed=mangle_type(seed), **{k: "constexpr" for k in consts})
         src = ASTSource(fn=fn, signature=sig,
                         constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
         out = triton.compile(src, target=GPUTarget("cuda", 90, 32),
@@ -67,4 +74,4 @@ def test_sampler_compiles_for_sm90_without_spills():
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     import dlm_kernels.ops.unmask_sample as us
 
-    assert res.stdout.count("ok") == 2 * len(us._sample_configs(151936)), res.stdout
+    assert res.stdout.count("ok") == 2 * len(us._sample_configs(151936)) + 1, res.stdout

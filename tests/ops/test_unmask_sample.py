@@ -445,6 +445,14 @@ def test_per_row_key_bad_inputs():
             unmask_step(x, logits, **kw, **extra)
     with pytest.raises(ValueError, match="seed"):
         sample_tokens(logits[0], seed=torch.tensor([1, 2]))
+    # a masked position inside the padding would share the first real position's draw
+    xp = x.clone()
+    xp[1, 0] = MASK_ID
+    with pytest.raises(ValueError, match="left_pad"):
+        unmask_step(xp, logits, **kw, seed=1, left_pad=torch.tensor([0, 2]))
+    cand = torch.ones_like(xp, dtype=torch.bool)
+    cand[1, :2] = False  # excluded by candidates: fine
+    unmask_step(xp, logits, **kw, seed=1, left_pad=torch.tensor([0, 2]), candidates=cand)
 
 
 def test_unmask_step_rules():
