@@ -595,14 +595,14 @@ def _loop(
             elif not random_draws:
                 xw_new, committed = _commit(xw, lw, cw, rule, conf_mode, threshold, factor,
                                             alg_temp, mask_id, seeds[0], 0, op_kw,
-                                            op=step_op)  # fmt: skip
+                                            step_op)  # fmt: skip
             else:
                 # Keyed as if each row were generated alone: its seed, its own step count and
                 # the position from its first real token in the window.
                 xw_new, committed = _commit(xw, lw, cw, rule, conf_mode, threshold, factor,
                                             alg_temp, mask_id, seeds_t, row_steps, op_kw,
-                                            left_pad=(pad_t - w0).clamp_min(0),
-                                            op=step_op)  # fmt: skip
+                                            step_op,
+                                            left_pad=(pad_t - w0).clamp_min(0))  # fmt: skip
             x = xw_new if full else torch.cat([x[:, :w0], xw_new, x[:, w1:]], 1)
             pending = committed.any(1)  # read with the next step's flags
             row_steps += has_t
@@ -627,10 +627,9 @@ def _loop(
 
 
 def _commit(xw, lw, cw, rule: _Step, conf_mode, threshold, factor, alg_temp, mask_id, seed, offset,
-            op_kw, left_pad=None, op=None):  # fmt: skip
+            op_kw, op, left_pad=None):  # fmt: skip
     """One call of the fused op on a window: (new x window, committed). op: unmask_step
     (lw logits) or fused_head_unmask_step with the head bound (lw hidden states)."""
-    op = op or dlm_kernels.unmask_step
     kw = dict(op_kw, mask_id=mask_id, candidates=cw, seed=seed, offset=offset & 0xFFFFFFFF,
               left_pad=left_pad)  # fmt: skip
     if rule.theta is not None:
