@@ -154,23 +154,31 @@ def test_triton_small_tiles(conf, monkeypatch):
 
 @pytest.mark.parametrize("conf", ["prob", "neg_entropy"])
 def test_greedy_cpp_across_blocks(conf):
-    # The C++ greedy path reads a row in blocks of 1024 with a running max: maxima that grow
-    # from block to block (the running sums are rescaled), ties in different blocks (the lowest
-    # index wins), and a bf16 row.
+    # The C++ greedy path reads a row in blocks of 2048 with a running max (AVX2 where built
+    # with it): maxima that grow from block to block (the running sums are rescaled), ties in
+    # different blocks (the lowest index wins), the first element of a block, a ragged last
+    # block (5003 = 2 x 2048 + 907, not a multiple of the 32-wide unroll), a first block of
+    # -inf only, scattered -inf, large logits (the exps are taken of x - max, never of x), and
+    # every input dtype.
     skip_unless_available("cpp")
     g = torch.Generator().manual_seed(11)
-    x = torch.randn(4, 3001, generator=g, dtype=torch.float64)
-    x[0, [2500, 2999]] = 9.0
-    x[1] += torch.linspace(0, 30, 3001, dtype=torch.float64)  # a new max in every block
-    x[2, [5, 2100]] = 7.0
-    x[3, 1024] = 6.0  # the first element of a block
-    for dtype in (torch.float32, torch.bfloat16):
+    v = 5003
+    x = torch.randn(8, v, generator=g, dtype=torch.float64)
+    x[0, [2500, 4999]] = 9.0
+    x[1] += torch.linspace(0, 30, v, dtype=torch.float64)  # a new max in every block
+    x[2, [5, 4100]] = 7.0
+    x[3, 2048] = 6.0  # the first element of a block
+    x[4, :2048] = float("-inf")  # nothing but -inf in the first block
+    x[5, ::7] = float("-inf")
+    x[6] = x[6] * 3 + 80.0  # large logits, the max near float32 exp's own overflow point
+    x[7, v - 1] = 8.0  # the max in the ragged tail
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
         xd = x.to(dtype)
         ref = _run("reference", sample_tokens, xd, confidence=conf)
         got = _run("cpp", sample_tokens, xd, confidence=conf)
         _check_same(got, ref, f"cpp-{conf}-{dtype}")
         if dtype == torch.float32:
-            assert got[0].tolist()[:4:2] == [2500, 5]
+            assert got[0][0] == 2500 and got[0][2] == 5 and got[0][3] == 2048 and got[0][7] == v - 1
 
 
 # ---------------------------------------------------------------------------------------------
