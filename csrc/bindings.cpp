@@ -22,6 +22,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("logits"), py::arg("rows"), py::arg("valid"), py::arg("temperature"),
         py::arg("top_k"), py::arg("top_p"), py::arg("min_p"), py::arg("mode"), py::arg("seed"),
         py::arg("offset"), py::arg("seeds"), py::arg("offsets"), py::arg("has_topk"), py::arg("has_topp"), py::arg("has_minp"));
+  m.def("commit_rows", &dlm::commit_rows, "the commit rule of unmask_step over (B, L)",
+        py::arg("x"), py::arg("tok"), py::arg("conf"), py::arg("cand"), py::arg("rule"),
+        py::arg("num_transfer"), py::arg("threshold"), py::arg("factor"), py::arg("alg_temp"),
+        py::arg("theta"), py::arg("seed"), py::arg("offset"), py::arg("seeds"),
+        py::arg("offsets"), py::arg("left_pad"));
+  m.def("simd_path", &dlm::simd_path, "\"avx2\" if the explicit AVX2 paths were compiled in");
   m.def("philox4x32", &dlm::philox4x32, "Philox4x32-10 words (n, 4) for counters (c0, c1, c2, c3)",
         py::arg("c0"), py::arg("c1"), py::arg("c2"), py::arg("c3"), py::arg("seed"));
 

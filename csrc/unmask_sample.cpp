@@ -37,6 +37,9 @@ namespace {
 constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;  // Philox round multipliers
 constexpr uint32_t kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;  // Weyl key increments
 constexpr double kInf = std::numeric_limits<double>::infinity();
+// Philox streams (counter word 3), as reference.STREAM_*: token draws, the "random" confidence,
+// alg_temp's Gumbel-top-k and the ancestral rule's coin flips.
+constexpr uint32_t kStreamToken = 0, kStreamAlgTemp = 2, kStreamAncestral = 3;
 
 inline void philox10(uint32_t c[4], uint32_t k0, uint32_t k1) {
   for (int r = 0; r < 10; ++r) {
@@ -212,19 +215,22 @@ inline float hmax8(__m256 v) {
   return _mm_cvtss_f32(_mm_max_ss(a, _mm_movehdup_ps(a)));
 }
 
-// 2^y for y in [-125, 0] (the caller clamps): n = round(y), 2^(y - n) by a degree-5 polynomial
-// fitted for relative error on [-1/2, 1/2] (1.04e-7, under float32's 2^-23), the exponent n
-// added into its bits. In base 2 the range reduction is one exact subtraction.
-inline __m256 exp2_8(__m256 y) {
-  const __m256 n = _mm256_round_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m256 r = _mm256_sub_ps(y, n);
+// exp(d) for d in [-86, 0] (the caller clamps) as 2^y, y = d log2 e: n = round(y) by the
+// 1.5 * 2^23 trick (whose low mantissa bits, shifted, are also n's exponent bits), r = y - n in
+// one FMA, 2^r by a degree-5 polynomial fitted for relative error on [-1/2, 1/2] (1.04e-7, under
+// float32's 2^-23), then n added into the exponent bits. exp(0) = 1 exactly.
+inline __m256 exp8(__m256 d) {
+  const __m256 l2e = _mm256_set1_ps(1.44269504088896341f);
+  const __m256 magic = _mm256_set1_ps(12582912.0f);
+  const __m256 nm = _mm256_fmadd_ps(d, l2e, magic);
+  const __m256 r = _mm256_fmsub_ps(d, l2e, _mm256_sub_ps(nm, magic));
   __m256 p = _mm256_set1_ps(1.33079e-3f);
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(9.67156e-3f));
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.550585e-2f));
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(2.4022241e-1f));
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(6.9314709e-1f));
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  const __m256i e = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
+  const __m256i e = _mm256_slli_epi32(_mm256_castps_si256(nm), 23);
   return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
 }
 
@@ -246,14 +252,13 @@ inline bool block_max32(const float* x, int64_t n, float* out) {
   return _mm256_movemask_ps(bad) != 0;
 }
 
-// sum_j 2^y_j and sum_j 2^y_j y_j (the latter only if kEnt), y_j = max((x_j - m) log2 e,
-// -125), over x[0..n) (n a multiple of 32). pf/pf_bytes: the next block, prefetched meanwhile.
+// sum_j exp(d_j) and sum_j exp(d_j) d_j (the latter only if kEnt), d_j = max(x_j - m, -86), over
+// x[0..n) (n a multiple of 32). pf/pf_bytes: the next block, prefetched meanwhile.
 template <bool kEnt>
-inline void block_exp2_sums32(const float* x, int64_t n, float m, const char* pf,
-                              int64_t pf_bytes, float* z_out, float* e_out) {
-  const __m256 l2e = _mm256_set1_ps(1.44269504088896341f);
+inline void block_exp_sums32(const float* x, int64_t n, float m, const char* pf, int64_t pf_bytes,
+                             float* z_out, float* e_out) {
   const __m256 mv = _mm256_set1_ps(m);
-  const __m256 lo = _mm256_set1_ps(-125.0f);
+  const __m256 lo = _mm256_set1_ps(-86.0f);
   __m256 z[4], e[4];
   for (int q = 0; q < 4; ++q) z[q] = e[q] = _mm256_setzero_ps();
   const int64_t pf_step = pf_bytes / (n / 32);  // bytes of the next block per iteration
@@ -262,12 +267,14 @@ inline void block_exp2_sums32(const float* x, int64_t n, float m, const char* pf
       for (int64_t b = 0; b < pf_step; b += 64) _mm_prefetch(pf + k + b, _MM_HINT_T0);
     }
     for (int q = 0; q < 4; ++q) {
-      // (x - m) first: exact for x near m, and y = 0, w = 1 exactly at the max
-      const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(x + j + 8 * q), mv);
-      const __m256 y = _mm256_max_ps(_mm256_mul_ps(d, l2e), lo);
-      const __m256 w = exp2_8(y);
+      const __m256 dx = _mm256_sub_ps(_mm256_loadu_ps(x + j + 8 * q), mv);
+      const __m256 d = _mm256_max_ps(dx, lo);
+      __m256 w = exp8(d);
+      // The entropy needs exact zeros below the clamp (a one-hot row has entropy 0, not
+      // -86 e^-86 per -inf logit); the normaliser Z >= 1 cannot see weights of e^-86.
+      if (kEnt) w = _mm256_and_ps(w, _mm256_cmp_ps(dx, lo, _CMP_GE_OQ));
       z[q] = _mm256_add_ps(z[q], w);
-      if (kEnt) e[q] = _mm256_fmadd_ps(w, y, e[q]);
+      if (kEnt) e[q] = _mm256_fmadd_ps(w, d, e[q]);
     }
   }
   *z_out = hsum8(_mm256_add_ps(_mm256_add_ps(z[0], z[1]), _mm256_add_ps(z[2], z[3])));
@@ -279,9 +286,9 @@ inline void block_exp2_sums32(const float* x, int64_t n, float m, const char* pf
 // the row, by blocks of kGBlk logits (float rows are read in place, others are converted into an
 // L1-resident buffer): the block's max and NaN check, then its sums of w = exp(x - m) and
 // w (x - m) relative to the running max m (online softmax: the running sums are rescaled when
-// the max grows), as 2^y with y = (x - m) log2 e. float lanes inside a block, double across
-// blocks; the confidence is a float32 output. A ragged end is padded with -inf (each pad adds
-// 2^-125 to the block's sum: nothing at float32 precision). Returns false, having written
+// the max grows). float lanes inside a block, double across blocks; the confidence is a float32
+// output. x - m is clamped at -86: in Z a weight of 4e-38 instead of 0 (nothing next to the
+// max's 1), in the entropy sums an exact 0. A ragged end is padded with -inf. Returns false, having written
 // nothing, if the row holds a NaN or +inf or is all -inf: the general path sanitises those.
 template <typename T>
 bool greedy_row(const T* src, int64_t V, int mode, int64_t* tok_out, float* conf_out) {
@@ -322,12 +329,12 @@ bool greedy_row(const T* src, int64_t V, int mode, int64_t* tok_out, float* conf
     const char* pf = next > 0 ? reinterpret_cast<const char*>(src + b + kGBlk) : nullptr;
     float zb, eb;
     if (mode == 3) {
-      block_exp2_sums32<true>(x, n32, m, pf, next * static_cast<int64_t>(sizeof(T)), &zb, &eb);
+      block_exp_sums32<true>(x, n32, m, pf, next * static_cast<int64_t>(sizeof(T)), &zb, &eb);
     } else {
-      block_exp2_sums32<false>(x, n32, m, pf, next * static_cast<int64_t>(sizeof(T)), &zb, &eb);
+      block_exp_sums32<false>(x, n32, m, pf, next * static_cast<int64_t>(sizeof(T)), &zb, &eb);
     }
     Z += zb;
-    ent += static_cast<double>(eb) * 0.69314718055994531;  // sum w y ln 2 = sum w (x - m)
+    ent += eb;
   }
   if (m == ninf) return false;
   *tok_out = amax;
@@ -569,7 +576,7 @@ void sample_row(const T* src, int64_t V, uint32_t row, double temp, int64_t topk
       unsigned char cand[kBlk];
       for (int64_t b = 0; b < nk; b += kBlk) {
         const int64_t n = std::min<int64_t>(kBlk, nk - b);
-        philox_uniforms(idx + b, n, row, P.off, 0, P.k0, P.k1, ub);  // the block's uniforms
+        philox_uniforms(idx + b, n, row, P.off, kStreamToken, P.k0, P.k1, ub);  // the block's uniforms
         // A token beats the best only if -log u < c = exp(z - best); since exp(-c) >= 1 - c,
         // u <= 1 - c rules it out (the 1e-9 relative and 1e-12 absolute slack cover rounding).
         // The test runs vectorised over the block with the best as of the block's start, then
@@ -699,6 +706,136 @@ std::vector<at::Tensor> sample_rows(const at::Tensor& logits, const at::Tensor& 
     });
   });
   return {tok, conf};
+}
+
+const char* simd_path() {
+#if defined(__AVX2__) && defined(__FMA__)
+  return "avx2";
+#else
+  return "scalar";
+#endif
+}
+
+std::vector<at::Tensor> commit_rows(const at::Tensor& x, const at::Tensor& tok,
+                                    const at::Tensor& conf, const at::Tensor& cand, int64_t rule,
+                                    const c10::optional<at::Tensor>& num_transfer,
+                                    const c10::optional<at::Tensor>& threshold, double factor,
+                                    double alg_temp, const c10::optional<at::Tensor>& theta,
+                                    int64_t seed, int64_t offset,
+                                    const c10::optional<at::Tensor>& seeds,
+                                    const c10::optional<at::Tensor>& offsets,
+                                    const c10::optional<at::Tensor>& left_pad) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kLong && x.is_contiguous(),
+              "commit_rows: x must be a contiguous (B, L) int64 tensor");
+  const int64_t B = x.size(0), L = x.size(1);
+  auto check2 = [B, L](const at::Tensor& t, at::ScalarType st, const char* name) {
+    TORCH_CHECK(t.dim() == 2 && t.size(0) == B && t.size(1) == L && t.scalar_type() == st &&
+                    t.is_contiguous(),
+                "commit_rows: ", name, " must be a contiguous (", B, ", ", L, ") ", st, " tensor");
+  };
+  // Data pointers of the optional (B,) arguments; given-ness is read from has_value(), since an
+  // empty tensor's pointer may be null.
+  auto check1 = [B](const c10::optional<at::Tensor>& t, at::ScalarType st,
+                    const char* name) -> const void* {
+    if (!t.has_value()) return nullptr;
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == B && t->scalar_type() == st && t->is_contiguous(),
+                "commit_rows: ", name, " must be a contiguous (", B, ",) ", st, " tensor");
+    return t->data_ptr();
+  };
+  check2(tok, at::kLong, "tok");
+  check2(conf, at::kFloat, "conf");
+  check2(cand, at::kBool, "cand");
+  TORCH_CHECK(rule >= 0 && rule <= 3, "commit_rows: rule must be in [0, 3]");
+  const auto* nt = static_cast<const int64_t*>(check1(num_transfer, at::kLong, "num_transfer"));
+  const auto* th = static_cast<const double*>(check1(threshold, at::kDouble, "threshold"));
+  const auto* tt = static_cast<const double*>(check1(theta, at::kDouble, "theta"));
+  const auto* sd = static_cast<const int64_t*>(check1(seeds, at::kLong, "seeds"));
+  const auto* od = static_cast<const int64_t*>(check1(offsets, at::kLong, "offsets"));
+  const auto* lp = static_cast<const int64_t*>(check1(left_pad, at::kLong, "left_pad"));
+  TORCH_CHECK(rule != 0 || num_transfer.has_value(), "commit_rows: rule 0 needs num_transfer");
+  TORCH_CHECK(rule != 1 || threshold.has_value(), "commit_rows: rule 1 needs threshold");
+  TORCH_CHECK(rule != 3 || theta.has_value(), "commit_rows: rule 3 needs theta");
+  TORCH_CHECK(seeds.has_value() == offsets.has_value(),
+              "commit_rows: give both seeds and offsets or neither");
+  auto out = x.clone();
+  auto commit = at::zeros({B, L}, x.options().dtype(at::kBool));
+  const int64_t* xt = tok.data_ptr<int64_t>();
+  const float* cf = conf.data_ptr<float>();
+  const bool* cd = cand.data_ptr<bool>();
+  int64_t* xo = out.data_ptr<int64_t>();
+  bool* cm = commit.data_ptr<bool>();
+  const bool gumbel = rule == 0 && alg_temp > 0.0;
+  // Rows are independent and short (L positions): one thread per chunk of rows.
+  at::parallel_for(0, B, std::max<int64_t>(1, 16384 / std::max<int64_t>(L, 1)),
+                   [&](int64_t begin, int64_t end) {
+    std::vector<std::pair<double, int64_t>> ks;  // (rank key, position) of a row's candidates
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t s64 = sd != nullptr ? sd[b] : seed;
+      const uint32_t k0 = static_cast<uint32_t>(static_cast<uint64_t>(s64) & 0xFFFFFFFFu);
+      const uint32_t k1 = static_cast<uint32_t>(static_cast<uint64_t>(s64) >> 32);
+      const uint32_t off =
+          static_cast<uint32_t>(static_cast<uint64_t>(od != nullptr ? od[b] : offset));
+      // The counter of position l: (column l, row b), or (l - left_pad[b], 0) as for row b alone.
+      auto uniform = [&](int64_t l, uint32_t stream) {
+        const int64_t col = lp != nullptr ? std::max<int64_t>(l - lp[b], 0) : l;
+        const uint32_t row = lp != nullptr ? 0u : static_cast<uint32_t>(b);
+        return philox_uniform(static_cast<uint32_t>(col), row, off, stream, k0, k1);
+      };
+      const bool* c = cd + b * L;
+      const float* f = cf + b * L;
+      bool* m = cm + b * L;
+      if (rule == 3) {  // ancestral: each candidate independently with probability theta
+        for (int64_t l = 0; l < L; ++l) m[l] = c[l] && uniform(l, kStreamAncestral) < tt[b];
+      } else {
+        // Rank keys: the confidence (float64), or conf / alg_temp + Gumbel noise; -inf is
+        // clamped to the lowest double so that every candidate outranks non-candidates.
+        ks.clear();
+        for (int64_t l = 0; l < L; ++l) {
+          if (!c[l]) continue;
+          double k = static_cast<double>(f[l]);
+          if (gumbel) k = k / alg_temp - std::log(-std::log(uniform(l, kStreamAlgTemp)));
+          ks.emplace_back(std::max(k, -std::numeric_limits<double>::max()), l);
+        }
+        const int64_t n = static_cast<int64_t>(ks.size());
+        // Descending key, ties to the lowest position (the reference's stable sort); a NaN
+        // key ranks above every number, as in torch's descending sort (the samplers never
+        // emit one, but a caller's confidences might hold one).
+        auto before = [](const std::pair<double, int64_t>& a, const std::pair<double, int64_t>& o) {
+          const bool an = std::isnan(a.first), on = std::isnan(o.first);
+          if (an || on) return an && (!on || a.second < o.second);
+          return a.first > o.first || (a.first == o.first && a.second < o.second);
+        };
+        int64_t count = 0;  // commit the first `count` of the ranking
+        if (rule == 0) {
+          count = std::min(std::max<int64_t>(nt[b], 0), n);
+          if (count > 0 && count < n) {
+            std::nth_element(ks.begin(), ks.begin() + (count - 1), ks.end(), before);
+          }
+        } else if (rule == 1) {  // every candidate with conf >= tau, and the best one
+          if (n > 0) {
+            auto best = std::min_element(ks.begin(), ks.end(), before);
+            m[best->second] = true;
+          }
+          for (const auto& kv : ks) {
+            if (static_cast<double>(f[kv.second]) >= th[b]) m[kv.second] = true;
+          }
+        } else {  // factor: the longest prefix of the ranking with c_i >= 1 - factor / (i + 1)
+          std::sort(ks.begin(), ks.end(), before);
+          count = n > 0 ? 1 : 0;
+          while (count < n &&
+                 static_cast<double>(f[ks[count].second]) >=
+                     1.0 - factor / (static_cast<double>(count + 1) + 1.0)) {
+            ++count;
+          }
+        }
+        for (int64_t i = 0; i < count; ++i) m[ks[i].second] = true;
+      }
+      const int64_t* t = xt + b * L;
+      int64_t* o = xo + b * L;
+      for (int64_t l = 0; l < L; ++l) o[l] = m[l] ? t[l] : o[l];
+    }
+  });
+  return {out, commit};
 }
 
 at::Tensor philox4x32(const at::Tensor& c0, int64_t c1, int64_t c2, int64_t c3, int64_t seed) {

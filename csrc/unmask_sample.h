@@ -21,6 +21,27 @@ std::vector<at::Tensor> sample_rows(const at::Tensor& logits, const at::Tensor& 
                                     const c10::optional<at::Tensor>& offsets, bool has_topk,
                                     bool has_topp, bool has_minp);
 
+// The commit half of unmask_step for B rows of L positions (reference.select_commits, then
+// torch.where(commit, tok, x)), one pass per row with no (B, L) sort. x, tok (B, L) int64; conf
+// (B, L) float32; cand (B, L) bool. rule 0: num_transfer (B,) int64, the most confident
+// candidates (alg_temp > 0: ranked by conf / alg_temp + Gumbel noise); 1: threshold (B,)
+// float64, every candidate with conf >= tau and the best one; 2: factor; 3: theta (B,) float64,
+// each candidate with probability theta. Philox keys as sample_rows, per row when seeds/offsets
+// are given; left_pad (B,) int64 keys position l as l - left_pad[b] of a batch of one row.
+// Returns {new x, commit (B, L) bool}.
+std::vector<at::Tensor> commit_rows(const at::Tensor& x, const at::Tensor& tok,
+                                    const at::Tensor& conf, const at::Tensor& cand, int64_t rule,
+                                    const c10::optional<at::Tensor>& num_transfer,
+                                    const c10::optional<at::Tensor>& threshold, double factor,
+                                    double alg_temp, const c10::optional<at::Tensor>& theta,
+                                    int64_t seed, int64_t offset,
+                                    const c10::optional<at::Tensor>& seeds,
+                                    const c10::optional<at::Tensor>& offsets,
+                                    const c10::optional<at::Tensor>& left_pad);
+
+// "avx2" if the explicit AVX2 paths (greedy rows, Philox) were compiled in, else "scalar".
+const char* simd_path();
+
 // Philox4x32-10 words for counters (c0[i], c1, c2, c3) and key (seed lo, seed hi): (n, 4) int64.
 // Exposed for the tests that check all paths share one generator.
 at::Tensor philox4x32(const at::Tensor& c0, int64_t c1, int64_t c2, int64_t c3, int64_t seed);

@@ -522,9 +522,10 @@ def select_commits(
         return cand & ((conf.to(torch.float64) >= tau) | (rank == 0))
     if factor is not None:
         sc = conf.to(torch.float64).gather(1, order)
-        i = pos + 1.0
+        i = pos.to(torch.float64) + 1.0  # the thresholds in float64, as the comparison
         ok = (sc >= 1.0 - factor / (i + 1.0)) & (pos[None, :] < n[:, None])
-        ok[:, 0] = n > 0
+        if L:
+            ok[:, 0] = n > 0
         count = torch.cumprod(ok.to(torch.int64), dim=1).sum(dim=1)
         return cand & (rank < count[:, None])
     raise ValueError("select_commits: give one of num_transfer, threshold, factor or theta")

@@ -24,8 +24,9 @@ Design (one function, three pieces, no sampling code of its own):
      at once, and the sampler skips rows flagged invalid, so chunks past the count cost two
      empty launches each. CUDA graphs and torch.compile see a fixed launch sequence.
    - "reference" on CUDA: the same fixed loop with torch.mm on every chunk (no sync, no saving).
-3. Selection: the chunk results are scattered back to (B, L) and ``reference.select_commits``
-   picks the commits, as in ``unmask_step``.
+3. Selection: the chunk results are scattered back to (B, L) and the commits are picked as in
+   ``unmask_step`` (``select_and_commit``: the C++ pass on the CPU, the reference's torch ops
+   elsewhere).
 
 Equality with ``unmask_step`` on materialised logits is exact when the two GEMMs agree bit for
 bit; a different GEMM (another row count, cuBLAS vs the Triton kernel) may change the last bit
@@ -43,7 +44,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dlm_kernels import dispatch, reference
+from dlm_kernels import dispatch
 from dlm_kernels.ops import unmask_sample as us
 from dlm_kernels.ops.linear_cross_entropy import _check_head
 
@@ -323,8 +324,5 @@ def fused_head_unmask_step(
     # 3. Selection over (B, L), as unmask_step.
     tok_full = tok_full[:N].reshape(B, L)
     conf_full = conf_full[:N].reshape(B, L)
-    commit = reference.select_commits(
-        conf_full, cand, num_transfer=nt, threshold=th, factor=factor, alg_temp=alg_temp,
-        theta=tt, seed=seed, offset=offset, left_pad=left_pad,
-    )  # fmt: skip
-    return torch.where(commit, tok_full, x), commit
+    return us.select_and_commit(x, tok_full, conf_full, cand, nt, th, factor, alg_temp, tt, seed,
+                                offset, left_pad)  # fmt: skip

@@ -556,6 +556,12 @@ def _keys_at(pos: Tensor, L: int, seed, offset, left_pad):
             offset[b] if isinstance(offset, Tensor) else offset)  # fmt: skip
 
 
+def _plain_eager() -> bool:
+    """True outside torch.compile and outside any tracer or dispatch mode (make_fx, fake
+    tensors): only then may a step call the C++ functions directly, which tracers cannot see."""
+    return not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
+
+
 def _host_checkable(t: Tensor) -> bool:
     return t.device.type == "cpu" and not torch.compiler.is_compiling()
 
@@ -650,9 +656,9 @@ def _sample(logits2d, rows, valid, temp, tk, tp, mp, confidence, seed, offset):
         seed if per_row else None, offset if per_row else None,
         tk is not None, tp is not None, mp is not None,
     )  # fmt: skip
-    if impl == "cpp" and not torch.compiler.is_compiling():
+    if impl == "cpp" and _plain_eager():
         # Eager CPU calls skip the custom op's Python layers (~40 us of a step that costs
-        # ~150 us at small vocabularies); torch.compile still sees the registered op.
+        # ~150 us at small vocabularies); torch.compile and tracers still see the registered op.
         tok, conf = dispatch.cpp_ops().sample_rows(*args)
     else:
         tok, conf = _sample_rows_op(*args, impl)
@@ -722,6 +728,43 @@ def sample_tokens(
     rows = torch.arange(N, dtype=torch.int64, device=dev)
     valid = torch.ones(N, dtype=torch.bool, device=dev)
     return _sample(logits, rows, valid, temp, tk, tp, mp, confidence, seed, offset)
+
+
+def select_and_commit(x, tok, conf, cand, nt, th, factor, alg_temp, tt, seed, offset, left_pad):
+    """(new x, commit) of a step from its drawn tokens and confidences, all (B, L): the rule of
+    reference.select_commits, then tok where committed. Eager CPU calls with the C++ extension
+    run it as one C++ pass per row (commit_rows: ~20 ops and a (B, L) sort fewer, which is most
+    of a small-vocabulary step's own time); elsewhere the torch ops of the reference, which need
+    no host sync."""
+    if (
+        x.device.type != "cpu"
+        or not _plain_eager()
+        or dispatch.select(x.device, has_triton=False) != "cpp"
+    ):
+        commit = reference.select_commits(
+            conf, cand, num_transfer=nt, threshold=th, factor=factor, alg_temp=alg_temp,
+            theta=tt, seed=seed, offset=offset, left_pad=left_pad,
+        )  # fmt: skip
+        return torch.where(commit, tok, x), commit
+    # the reference's order of precedence (only one is ever given: check_rules)
+    rule = 3 if tt is not None else 0 if nt is not None else 1 if th is not None else 2
+    per_row = isinstance(seed, Tensor) or isinstance(offset, Tensor)
+    B = x.shape[0]
+    seeds = offsets = None
+    if per_row:
+        i64 = torch.int64
+        seeds = seed if isinstance(seed, Tensor) else torch.full((B,), seed, dtype=i64)
+        offsets = offset if isinstance(offset, Tensor) else torch.full((B,), offset, dtype=i64)
+    new_x, commit = dispatch.cpp_ops().commit_rows(
+        x.contiguous(), tok.contiguous(), conf.contiguous(), cand.contiguous(), rule,
+        None if nt is None else nt.contiguous(), None if th is None else th.contiguous(),
+        float(factor or 0.0), float(alg_temp or 0.0), None if tt is None else tt.contiguous(),
+        0 if per_row else seed, 0 if per_row else offset,
+        None if seeds is None else seeds.contiguous(),
+        None if offsets is None else offsets.contiguous(),
+        None if left_pad is None else left_pad.contiguous(),
+    )  # fmt: skip
+    return new_x, commit
 
 
 def check_rules(name, num_transfer, threshold, factor, alg_temp, ancestral, theta) -> None:
@@ -901,8 +944,5 @@ def unmask_step(
         tok_full = torch.full((B * L,), mask_id, dtype=torch.int64, device=dev)
         conf_full = conf_full.scatter(0, pos, conf).reshape(B, L)
         tok_full = tok_full.scatter(0, pos, tok).reshape(B, L)
-    commit = reference.select_commits(
-        conf_full, cand, num_transfer=nt, threshold=th, factor=factor, alg_temp=alg_temp,
-        theta=tt, seed=seed, offset=offset, left_pad=left_pad,
-    )  # fmt: skip
-    return torch.where(commit, tok_full, x), commit
+    return select_and_commit(x, tok_full, conf_full, cand, nt, th, factor, alg_temp, tt, seed,
+                             offset, left_pad)  # fmt: skip

@@ -9,6 +9,7 @@ The Triton interpreter is slow, so its shapes are small (V 203, a few rows).
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -499,6 +500,115 @@ def test_unmask_step_rules():
     block[:, 10:20] = True
     _, done = unmask_step(x, logits, num_transfer=100, candidates=block, **conf_kw)
     assert torch.equal(done, mask & block)
+
+
+@pytest.mark.parametrize("keys", ["scalar", "per_row", "left_pad"])
+def test_cpp_commit_matches_reference_select(keys):
+    # The C++ commit pass (eager CPU steps) against reference.select_commits + torch.where on
+    # every rule, with ties (confidences on a coarse grid), -inf confidences, candidates that
+    # exclude masked positions, per-row counts from 0 to past the candidate count, and the
+    # draws of alg_temp and the ancestral rule keyed per row and from each row's left padding.
+    skip_unless_available("cpp")
+    g = torch.Generator().manual_seed(3)
+    B, L = 6, 45
+    x = torch.randint(0, 50, (B, L), generator=g)
+    tok = torch.randint(0, 50, (B, L), generator=g)
+    conf = torch.randint(0, 6, (B, L), generator=g).float() / 5  # many ties
+    conf[torch.rand(B, L, generator=g) < 0.1] = float("-inf")
+    cand = torch.rand(B, L, generator=g) < 0.7
+    cand[1] = False  # a row with no candidate
+    cand[2] = True
+    left_pad = None
+    if keys == "scalar":
+        seed, offset = 2**40 + 9, 3
+    else:
+        seed = torch.tensor([1, 2**62, 7, 7, 0, 5])
+        offset = torch.tensor([0, 2**32 - 1, 4, 4, 9, 1])
+        if keys == "left_pad":
+            left_pad = torch.tensor([0, 3, 0, 7, L, 1])
+            cand &= torch.arange(L)[None, :] >= left_pad[:, None]
+    nt = torch.tensor([0, 3, 100, 5, 2, 1])
+    rules = [
+        dict(nt=nt), dict(nt=nt, alg_temp=0.3), dict(nt=torch.full((B,), L)),
+        dict(th=torch.tensor([0.5, 0.1, 0.9, 1.1, 0.0, 0.6], dtype=torch.float64)),
+        dict(factor=1.0), dict(factor=0.2),
+        dict(tt=torch.tensor([0.0, 0.5, 1.0, 0.3, 0.7, 0.5], dtype=torch.float64)),
+    ]  # fmt: skip
+    # Row 5 sits on the factor rule's thresholds 1 - f / (r + 2) rounded to float32 (computed
+    # in float64, one float32 ulp decides), row 0 holds NaN confidences (never emitted by the
+    # samplers; they rank first, as in torch's descending sort).
+    r = torch.arange(L, dtype=torch.float64)
+    conf5 = conf.clone()
+    conf5[5] = (1 - 0.2 / (r + 2)).float()
+    conf5[5, 1::3] = torch.nextafter(conf5[5, 1::3], torch.tensor(0.0))
+    conf5[0, [4, 9]] = float("nan")
+    for rule in rules + [dict(factor=0.2)]:
+        args = [rule.get(k) for k in ("nt", "th", "factor", "alg_temp", "tt")]
+        for c in (conf, conf5):
+            with dispatch.use("reference"):
+                ref = us.select_and_commit(x, tok, c, cand, *args, seed, offset, left_pad)
+            with dispatch.use("cpp"):
+                out = us.select_and_commit(x, tok, c, cand, *args, seed, offset, left_pad)
+            assert torch.equal(out[1], ref[1]), (keys, rule)
+            assert torch.equal(out[0], ref[0]), (keys, rule)
+            assert not bool((out[1] & ~cand).any())
+    with pytest.raises(RuntimeError, match="num_transfer"):
+        dispatch.cpp_ops().commit_rows(x, tok, conf, cand, 0, None, None, 0.0, 0.0, None, 0, 0,
+                                       None, None, None)  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["reference", "cpp"])
+def test_unmask_step_empty_batch(name):
+    skip_unless_available(name)
+    x, logits = torch.zeros(0, 8, dtype=torch.int64), torch.randn(0, 8, 11)
+    for rule in RULES.values():
+        rule = {k: v[:0] if isinstance(v, torch.Tensor) else v for k, v in rule.items()}
+        new, done = _run(name, unmask_step, x, logits, mask_id=0, seed=1, **rule)
+        assert new.shape == (0, 8) and done.shape == (0, 8)
+
+
+def test_cpp_greedy_one_hot_rows_exact():
+    # One finite logit among -inf: probability exactly 1 and entropy exactly 0 on the greedy
+    # fast path too (its -inf lanes and ragged-tail padding must weigh exactly 0 there).
+    skip_unless_available("cpp")
+    for v in (2, 64, 2048 + 37):
+        x = torch.full((3, v), float("-inf"))
+        x[0, 0], x[1, v // 2], x[2, v - 1] = 1.5, -3.0, 80.0
+        for conf in ("prob", "neg_entropy"):
+            tok, c = _run("cpp", sample_tokens, x, confidence=conf)
+            assert tok.tolist() == [0, v // 2, v - 1]
+            assert c.tolist() == ([1.0] * 3 if conf == "prob" else [0.0] * 3), (v, conf, c)
+
+
+def test_cpp_simd_path_built():
+    # The default build (-march=native) on an AVX2 machine compiles the explicit AVX2 paths:
+    # without this check a build that lost them would pass every test on the scalar ones.
+    skip_unless_available("cpp")
+    if os.environ.get("DLM_KERNELS_CPU_ARCH") is not None:
+        pytest.skip("built for a chosen -march")
+    try:
+        flags = open("/proc/cpuinfo").read().split()
+    except OSError:
+        pytest.skip("no /proc/cpuinfo")
+    if "avx2" not in flags or "fma" not in flags:
+        pytest.skip("this CPU has no AVX2/FMA")
+    assert dispatch.cpp_ops().simd_path() == "avx2"
+
+
+def test_traced_step_matches_eager():
+    # make_fx records the registered custom ops, never the direct C++ calls of eager steps
+    # (a trace of those would replay the commits of the example inputs).
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x, mask, logits = _masked_batch(b=2, l=16, v=23)
+
+    def step(x, logits):
+        return unmask_step(x, logits, mask_id=MASK_ID, num_transfer=3, seed=4)
+
+    gm = make_fx(step, tracing_mode="real")(x, logits)
+    x2, _, logits2 = _masked_batch(b=2, l=16, v=23)
+    for got, want in zip(gm(x2, logits2), step(x2, logits2)):
+        assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("name", ["reference"] + KERNELS)
