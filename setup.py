@@ -16,6 +16,12 @@ Environment switches (read at build time):
                                other machines, or "" to pass no -march at all.
     DLM_KERNELS_DEBUG=1        -O0 -g instead of -O3, for gdb and sanitizers.
     DLM_KERNELS_NO_OPENMP=1    build without OpenMP (single-threaded kernels).
+    DLM_KERNELS_REQUIRE_EXT=1  fail the install if the extension does not build (`make` sets it).
+
+Where the compiler rejects -march=ARCH or -fopenmp (Apple clang, for one, has no OpenMP), the
+flag is dropped with a message; where the extension does not build at all, the package installs
+without it (the CPU ops then run the PyTorch reference, and warn once at first use) unless
+DLM_KERNELS_REQUIRE_EXT=1.
 
 Why --no-build-isolation: pip's isolated build environment would install a fresh torch (a CUDA
 build, gigabytes) that may not match the one you run with; the extension must be built against
@@ -24,7 +30,10 @@ the torch it is loaded into.
 
 import glob
 import os
+import shlex
+import subprocess
 import sys
+import tempfile
 
 from setuptools import find_packages, setup
 
@@ -58,6 +67,8 @@ def _ext_modules():
     arch = os.environ.get("DLM_KERNELS_CPU_ARCH", "native")
     if arch:
         cxx.append(f"-march={arch}")
+        if arch == "native":  # read by a test: such a build on an AVX2 machine must use AVX2
+            cxx.append("-DDLM_KERNELS_MARCH_NATIVE=1")
     if not _flag("DLM_KERNELS_NO_OPENMP"):
         cxx.append("-fopenmp")
         ldflags.append("-fopenmp")
@@ -69,7 +80,64 @@ def _ext_modules():
         extra_compile_args={"cxx": cxx},
         extra_link_args=ldflags,
     )
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    return [ext], {"build_ext": _build_ext_class(BuildExtension.with_options(use_ninja=True))}
+
+
+_PROBE_PLAIN = "int main() { return 0; }\n"
+_PROBE_OPENMP = "#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n"
+
+
+def _compiler_accepts(cxx: str, flags: list, source: str) -> bool:
+    """True if the C++ compiler compiles and links ``source`` with ``flags``."""
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "probe.cpp")
+        with open(src, "w") as f:
+            f.write(source)
+        cmd = [*shlex.split(cxx), *flags, src, "-o", os.path.join(d, "probe")]
+        try:
+            return subprocess.run(cmd, capture_output=True, timeout=120).returncode == 0
+        except (OSError, subprocess.SubprocessError):
+            return False
+
+
+def _build_ext_class(base):
+    class BuildExt(base):
+        """torch's BuildExtension, with the optional flags probed first and, unless
+        DLM_KERNELS_REQUIRE_EXT=1, a pure-Python install when the extension does not build."""
+
+        def build_extensions(self):
+            from torch.utils.cpp_extension import get_cxx_compiler
+
+            cxx = get_cxx_compiler()
+            for ext in self.extensions:
+                args = ext.extra_compile_args["cxx"]
+                for flag in [a for a in args if a.startswith("-march=")]:
+                    if not _compiler_accepts(cxx, [flag], _PROBE_PLAIN):
+                        self._note(f"{cxx} rejects {flag}: building for its default target")
+                        args.remove(flag)
+                        if "-DDLM_KERNELS_MARCH_NATIVE=1" in args:
+                            args.remove("-DDLM_KERNELS_MARCH_NATIVE=1")
+                if "-fopenmp" in args and not _compiler_accepts(cxx, ["-fopenmp"], _PROBE_OPENMP):
+                    self._note(f"{cxx} cannot build OpenMP code: the CPU kernels run on one thread")
+                    args.remove("-fopenmp")
+                    ext.extra_link_args = [a for a in ext.extra_link_args if a != "-fopenmp"]
+            try:
+                super().build_extensions()
+            except Exception as e:  # compiler errors surface as several exception types
+                if _flag("DLM_KERNELS_REQUIRE_EXT"):
+                    raise
+                self._note(
+                    f"the C++ extension did not build ({type(e).__name__}: {e}). Installing "
+                    "without it: the CPU ops run the PyTorch reference (slower). Set "
+                    "DLM_KERNELS_REQUIRE_EXT=1 to make this an error."
+                )
+                self.extensions = []
+
+        @staticmethod
+        def _note(msg: str) -> None:
+            print(f"dlm-kernels: {msg}", file=sys.stderr)
+
+    return BuildExt
 
 
 ext_modules, cmdclass = _ext_modules()

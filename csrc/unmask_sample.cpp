@@ -716,6 +716,14 @@ const char* simd_path() {
 #endif
 }
 
+bool built_for_native() {
+#if defined(DLM_KERNELS_MARCH_NATIVE)
+  return true;
+#else
+  return false;
+#endif
+}
+
 std::vector<at::Tensor> commit_rows(const at::Tensor& x, const at::Tensor& tok,
                                     const at::Tensor& conf, const at::Tensor& cand, int64_t rule,
                                     const c10::optional<at::Tensor>& num_transfer,

@@ -41,6 +41,8 @@ std::vector<at::Tensor> commit_rows(const at::Tensor& x, const at::Tensor& tok,
 
 // "avx2" if the explicit AVX2 paths (greedy rows, Philox) were compiled in, else "scalar".
 const char* simd_path();
+// True if built with -march=native (setup.py's default, when the compiler accepts it).
+bool built_for_native();
 
 // Philox4x32-10 words for counters (c0[i], c1, c2, c3) and key (seed lo, seed hi): (n, 4) int64.
 // Exposed for the tests that check all paths share one generator.
