@@ -15,13 +15,15 @@ Environment switches (read at build time):
                                vector units). Set e.g. "x86-64-v3" when building a wheel for
                                other machines, or "" to pass no -march at all.
     DLM_KERNELS_DEBUG=1        -O0 -g instead of -O3, for gdb and sanitizers.
-    DLM_KERNELS_NO_OPENMP=1    build without OpenMP (single-threaded kernels).
-    DLM_KERNELS_REQUIRE_EXT=1  fail the install if the extension does not build (`make` sets it).
+    DLM_KERNELS_NO_OPENMP=1    build without OpenMP (single-threaded kernels; the vectorisation
+                               hints stay, through -fopenmp-simd).
 
-Where the compiler rejects -march=ARCH or -fopenmp (Apple clang, for one, has no OpenMP), the
-flag is dropped with a message; where the extension does not build at all, the package installs
-without it (the CPU ops then run the PyTorch reference, and warn once at first use) unless
-DLM_KERNELS_REQUIRE_EXT=1.
+The two defaults that not every compiler takes are tried first on a small program, with the
+compile and link flags of the environment (CXX, CPPFLAGS, CXXFLAGS, LDFLAGS): a compiler that
+rejects -march=native builds for its default target (the scalar code paths instead of AVX2),
+one without OpenMP (Apple clang) builds single-threaded kernels with -fopenmp-simd. Each is a
+warning. An explicit DLM_KERNELS_CPU_ARCH is never dropped, and any other build error fails the
+install (DLM_KERNELS_SKIP_EXT=1 installs without the extension on purpose).
 
 Why --no-build-isolation: pip's isolated build environment would install a fresh torch (a CUDA
 build, gigabytes) that may not match the one you run with; the extension must be built against
@@ -34,6 +36,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import warnings
 
 from setuptools import find_packages, setup
 
@@ -64,12 +67,14 @@ def _ext_modules():
     # (branch-free exp in csrc/common.h); unlike -ffast-math they keep NaN and inf semantics.
     cxx += ["-std=c++17", "-fno-math-errno", "-fno-trapping-math", "-Wall", "-Wno-unknown-pragmas"]
     ldflags = []
-    arch = os.environ.get("DLM_KERNELS_CPU_ARCH", "native")
+    arch = os.environ.get("DLM_KERNELS_CPU_ARCH")
     if arch:
         cxx.append(f"-march={arch}")
-        if arch == "native":  # read by a test: such a build on an AVX2 machine must use AVX2
-            cxx.append("-DDLM_KERNELS_MARCH_NATIVE=1")
-    if not _flag("DLM_KERNELS_NO_OPENMP"):
+    if (arch or "native") == "native":
+        cxx += ([] if arch else [_NATIVE]) + [_NATIVE_DEFINE]
+    if _flag("DLM_KERNELS_NO_OPENMP"):
+        cxx.append("-fopenmp-simd")
+    else:  # replaced by -fopenmp-simd if the compiler cannot build and link OpenMP code
         cxx.append("-fopenmp")
         ldflags.append("-fopenmp")
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
@@ -80,30 +85,37 @@ def _ext_modules():
         extra_compile_args={"cxx": cxx},
         extra_link_args=ldflags,
     )
+    ext.dlm_probe_march = arch is None  # only the default -march=native may be dropped
     return [ext], {"build_ext": _build_ext_class(BuildExtension.with_options(use_ninja=True))}
 
 
+_NATIVE = "-march=native"
+_NATIVE_DEFINE = "-DDLM_KERNELS_MARCH_NATIVE=1"  # read by a test: such a build uses AVX2 if any
 _PROBE_PLAIN = "int main() { return 0; }\n"
 _PROBE_OPENMP = "#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n"
 
 
-def _compiler_accepts(cxx: str, flags: list, source: str) -> bool:
-    """True if the C++ compiler compiles and links ``source`` with ``flags``."""
+def _probe(cxx: str, flags: list, source: str) -> tuple[bool, str]:
+    """(ok, the compiler's last output lines): compile and link ``source`` with ``flags`` and
+    the environment's own flags, as the real build will."""
+    env_flags = [f for v in ("CPPFLAGS", "CXXFLAGS") for f in shlex.split(os.environ.get(v, ""))]
+    ld_flags = shlex.split(os.environ.get("LDFLAGS", ""))
     with tempfile.TemporaryDirectory() as d:
         src = os.path.join(d, "probe.cpp")
         with open(src, "w") as f:
             f.write(source)
-        cmd = [*shlex.split(cxx), *flags, src, "-o", os.path.join(d, "probe")]
+        cmd = [cxx, *env_flags, *flags, src, "-o", os.path.join(d, "probe"), *ld_flags]
         try:
-            return subprocess.run(cmd, capture_output=True, timeout=120).returncode == 0
-        except (OSError, subprocess.SubprocessError):
-            return False
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=d)
+        except (OSError, subprocess.SubprocessError) as e:
+            return False, f"{type(e).__name__}: {e}"
+        tail = " | ".join((r.stderr or r.stdout).strip().splitlines()[-3:])
+        return r.returncode == 0, tail
 
 
 def _build_ext_class(base):
     class BuildExt(base):
-        """torch's BuildExtension, with the optional flags probed first and, unless
-        DLM_KERNELS_REQUIRE_EXT=1, a pure-Python install when the extension does not build."""
+        """torch's BuildExtension, with the optional default flags probed first."""
 
         def build_extensions(self):
             from torch.utils.cpp_extension import get_cxx_compiler
@@ -111,33 +123,31 @@ def _build_ext_class(base):
             cxx = get_cxx_compiler()
             for ext in self.extensions:
                 args = ext.extra_compile_args["cxx"]
-                for flag in [a for a in args if a.startswith("-march=")]:
-                    if not _compiler_accepts(cxx, [flag], _PROBE_PLAIN):
-                        self._note(f"{cxx} rejects {flag}: building for its default target")
-                        args.remove(flag)
-                        if "-DDLM_KERNELS_MARCH_NATIVE=1" in args:
-                            args.remove("-DDLM_KERNELS_MARCH_NATIVE=1")
-                if "-fopenmp" in args and not _compiler_accepts(cxx, ["-fopenmp"], _PROBE_OPENMP):
-                    self._note(f"{cxx} cannot build OpenMP code: the CPU kernels run on one thread")
-                    args.remove("-fopenmp")
-                    ext.extra_link_args = [a for a in ext.extra_link_args if a != "-fopenmp"]
-            try:
-                super().build_extensions()
-            except Exception as e:  # compiler errors surface as several exception types
-                if _flag("DLM_KERNELS_REQUIRE_EXT"):
-                    raise
-                self._note(
-                    f"the C++ extension did not build ({type(e).__name__}: {e}). Installing "
-                    "without it: the CPU ops run the PyTorch reference (slower). Set "
-                    "DLM_KERNELS_REQUIRE_EXT=1 to make this an error."
-                )
-                self.extensions = []
-
-        @staticmethod
-        def _note(msg: str) -> None:
-            print(f"dlm-kernels: {msg}", file=sys.stderr)
+                if getattr(ext, "dlm_probe_march", False) and _NATIVE in args:
+                    ok, why = _probe(cxx, [_NATIVE], _PROBE_PLAIN)
+                    if not ok:
+                        _warn(f"{cxx} rejects {_NATIVE} ({why}); building for its default "
+                              "target: the scalar code paths, not AVX2")  # fmt: skip
+                        args.remove(_NATIVE)
+                        args.remove(_NATIVE_DEFINE)
+                if "-fopenmp" in args:
+                    ok, why = _probe(cxx, ["-fopenmp"], _PROBE_OPENMP)
+                    if not ok:
+                        _warn(f"{cxx} cannot build and link OpenMP code ({why}); the CPU "
+                              "kernels will run on one thread")  # fmt: skip
+                        args[args.index("-fopenmp")] = "-fopenmp-simd"
+                        ext.extra_link_args = [a for a in ext.extra_link_args if a != "-fopenmp"]
+                if "-fopenmp-simd" in args and not _probe(cxx, ["-fopenmp-simd"], _PROBE_PLAIN)[0]:
+                    args.remove("-fopenmp-simd")  # only hints: the loops stay correct without
+            super().build_extensions()
 
     return BuildExt
+
+
+def _warn(msg: str) -> None:
+    # warnings.warn reaches the user through pip even without -v; the print, build logs.
+    print(f"dlm-kernels: {msg}", file=sys.stderr)
+    warnings.warn(f"dlm-kernels: {msg}", stacklevel=2)
 
 
 ext_modules, cmdclass = _ext_modules()

@@ -21,7 +21,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sample_rows", &dlm::sample_rows, "per-row filter + Gumbel-max draw + confidence",
         py::arg("logits"), py::arg("rows"), py::arg("valid"), py::arg("temperature"),
         py::arg("top_k"), py::arg("top_p"), py::arg("min_p"), py::arg("mode"), py::arg("seed"),
-        py::arg("offset"), py::arg("seeds"), py::arg("offsets"), py::arg("has_topk"), py::arg("has_topp"), py::arg("has_minp"));
+        py::arg("offset"), py::arg("seeds"), py::arg("offsets"), py::arg("has_topk"),
+        py::arg("has_topp"), py::arg("has_minp"));
   m.def("commit_rows", &dlm::commit_rows, "the commit rule of unmask_step over (B, L)",
         py::arg("x"), py::arg("tok"), py::arg("conf"), py::arg("cand"), py::arg("rule"),
         py::arg("num_transfer"), py::arg("threshold"), py::arg("factor"), py::arg("alg_temp"),

@@ -199,6 +199,23 @@ float top_p_threshold(std::vector<std::pair<float, double>>& c, double target, f
   return best;
 }
 
+// The greedy pass found a block (x, starting at logit b) whose max bm beats the running max m:
+// record bm's first index and rescale the running sums Z = sum exp(x - m) and
+// ent = sum exp(x - m) (x - m) from m to bm (online softmax).
+inline void raise_max(const float* x, int64_t b, float bm, float* m, int64_t* amax, double* Z,
+                      double* ent) {
+  int64_t i = 0;
+  while (x[i] != bm) ++i;
+  *amax = b + i;
+  if (*Z > 0.0) {
+    const double dm = static_cast<double>(*m) - static_cast<double>(bm);
+    const double r = std::exp(dm);
+    *ent = r * (*ent + dm * *Z);
+    *Z *= r;
+  }
+  *m = bm;
+}
+
 #if defined(__AVX2__) && defined(__FMA__)
 // Explicit AVX2 for the greedy pass: gcc's vectorisation of the scalar loop below ran at ~16
 // cycles per 8 logits; these run at ~5, and the next block is prefetched while the exps of this
@@ -288,8 +305,9 @@ inline void block_exp_sums32(const float* x, int64_t n, float m, const char* pf,
 // w (x - m) relative to the running max m (online softmax: the running sums are rescaled when
 // the max grows). float lanes inside a block, double across blocks; the confidence is a float32
 // output. x - m is clamped at -86: in Z a weight of 4e-38 instead of 0 (nothing next to the
-// max's 1), in the entropy sums an exact 0. A ragged end is padded with -inf. Returns false, having written
-// nothing, if the row holds a NaN or +inf or is all -inf: the general path sanitises those.
+// max's 1), in the entropy sums an exact 0. A ragged end is padded with -inf. Returns false,
+// having written nothing, if the row holds a NaN or +inf or is all -inf: the general path
+// sanitises those.
 template <typename T>
 bool greedy_row(const T* src, int64_t V, int mode, int64_t* tok_out, float* conf_out) {
   constexpr int64_t kGBlk = 2048;
@@ -312,18 +330,7 @@ bool greedy_row(const T* src, int64_t V, int mode, int64_t* tok_out, float* conf
     }
     float bm;
     if (block_max32(x, n32, &bm) || bm == -ninf) return false;
-    if (bm > m) {  // a new max: its first index, and the running sums rescaled to it
-      int64_t i = 0;
-      while (x[i] != bm) ++i;
-      amax = b + i;
-      if (Z > 0.0) {
-        const double dm = static_cast<double>(m) - static_cast<double>(bm);
-        const double r = std::exp(dm);
-        ent = r * (ent + dm * Z);
-        Z *= r;
-      }
-      m = bm;
-    }
+    if (bm > m) raise_max(x, b, bm, &m, &amax, &Z, &ent);
     if (m == ninf) continue;  // every logit so far is -inf: nothing to add
     const int64_t next = b + kGBlk < V ? std::min(kGBlk, V - b - kGBlk) : 0;
     const char* pf = next > 0 ? reinterpret_cast<const char*>(src + b + kGBlk) : nullptr;
@@ -368,18 +375,7 @@ bool greedy_row(const T* src, int64_t V, int mode, int64_t* tok_out, float* conf
       bm = v > bm ? v : bm;
     }
     if (bad) return false;
-    if (bm > m) {  // a new max: its first index, and the running sums rescaled to it
-      int64_t i = 0;
-      while (buf[i] != bm) ++i;
-      amax = b + i;
-      if (Z > 0.0) {
-        const double dm = static_cast<double>(m) - static_cast<double>(bm);
-        const double r = std::exp(dm);
-        ent = r * (ent + dm * Z);
-        Z *= r;
-      }
-      m = bm;
-    }
+    if (bm > m) raise_max(buf, b, bm, &m, &amax, &Z, &ent);
     float zb = 0.0f, eb = 0.0f;
     if (mode == 3) {
 #pragma omp simd reduction(+ : zb, eb)
@@ -576,7 +572,8 @@ void sample_row(const T* src, int64_t V, uint32_t row, double temp, int64_t topk
       unsigned char cand[kBlk];
       for (int64_t b = 0; b < nk; b += kBlk) {
         const int64_t n = std::min<int64_t>(kBlk, nk - b);
-        philox_uniforms(idx + b, n, row, P.off, kStreamToken, P.k0, P.k1, ub);  // the block's uniforms
+        // the block's uniforms
+        philox_uniforms(idx + b, n, row, P.off, kStreamToken, P.k0, P.k1, ub);
         // A token beats the best only if -log u < c = exp(z - best); since exp(-c) >= 1 - c,
         // u <= 1 - c rules it out (the 1e-9 relative and 1e-12 absolute slack cover rounding).
         // The test runs vectorised over the block with the best as of the block's start, then
