@@ -67,11 +67,11 @@ def _ext_modules():
     # (branch-free exp in csrc/common.h); unlike -ffast-math they keep NaN and inf semantics.
     cxx += ["-std=c++17", "-fno-math-errno", "-fno-trapping-math", "-Wall", "-Wno-unknown-pragmas"]
     ldflags = []
-    arch = os.environ.get("DLM_KERNELS_CPU_ARCH")
-    if arch:
-        cxx.append(f"-march={arch}")
-    if (arch or "native") == "native":
-        cxx += ([] if arch else [_NATIVE]) + [_NATIVE_DEFINE]
+    arch = os.environ.get("DLM_KERNELS_CPU_ARCH")  # unset: native; "": no -march at all
+    if arch is None:
+        cxx += [_NATIVE, _NATIVE_DEFINE]
+    elif arch:
+        cxx += [f"-march={arch}"] + ([_NATIVE_DEFINE] if arch == "native" else [])
     if _flag("DLM_KERNELS_NO_OPENMP"):
         cxx.append("-fopenmp-simd")
     else:  # replaced by -fopenmp-simd if the compiler cannot build and link OpenMP code
