@@ -153,8 +153,11 @@ def _warn(msg: str) -> None:
 ext_modules, cmdclass = _ext_modules()
 
 setup(
-    packages=find_packages(include=["dlm_kernels", "dlm_kernels.*", "dlm", "dlm.*"]),
-    package_data={"dlm": ["corpus/*.gz", "corpus/*.tsv", "corpus/*.md"]},
+    # dlm/corpus holds data only; named as a package so that setuptools keeps shipping it (it
+    # warns that a data directory left out of `packages` will be ignored).
+    packages=find_packages(include=["dlm_kernels", "dlm_kernels.*", "dlm", "dlm.*"])
+    + ["dlm.corpus"],
+    package_data={"dlm.corpus": ["*.gz", "*.tsv", "*.md"]},
     include_package_data=True,
     ext_modules=ext_modules,
     cmdclass=cmdclass,
