@@ -541,7 +541,7 @@ def test_cpp_commit_matches_reference_select(keys):
     conf5[5] = (1 - 0.2 / (r + 2)).float()
     conf5[5, 1::3] = torch.nextafter(conf5[5, 1::3], torch.tensor(0.0))
     conf5[0, [4, 9]] = float("nan")
-    for rule in rules + [dict(factor=0.2)]:
+    for rule in rules:
         args = [rule.get(k) for k in ("nt", "th", "factor", "alg_temp", "tt")]
         for c in (conf, conf5):
             with dispatch.use("reference"):
