@@ -6,10 +6,15 @@ Providers (every position masked, logits given for the masked rows only, k = 8 c
                  torch.topk over (B, L). The baseline every speed-up is measured against.
   llada          LLaDA's chain: float64 Gumbel noise (exp(l) / (-log u)^T), argmax, float64
                  softmax for low_confidence, a Python loop of per-row torch.topk (no top_p).
-  dlm_kernels    dlm_kernels.unmask_step (Triton on CUDA, C++ on CPU), confidence "prob".
+  dlm_kernels    dlm_kernels.unmask_step (Triton on CUDA, C++ on CPU), confidence "prob"
+                 ("margin" in the greedy-margin case).
   flashinfer     flashinfer.sampling.top_k_top_p_sampling_from_logits (the draw only), CUDA
                  and installed only; otherwise a "missing" row.
   read floor     (greedy rows) torch.amax over the logits: not a sampler, the cost of one read.
+
+Cases: T 0.7 with top_p 0.95; greedy (Dream's maskgit_plus; LLaDA's low_confidence, the same
+confidence at T = 0); greedy-margin (Dream's topk_margin: its chain sorts each row's
+probabilities for the top two; LLaDA has no margin rule).
 
 gbps: bytes of logits read once (M * V * itemsize) / time: the floor of any one-pass sampler.
 
@@ -39,7 +44,11 @@ K = 8
 GPU_SHAPES = [(8, 512, 151936)]
 CPU_SHAPES = [(2, 128, 32000), (2, 128, 151936)]  # 256 rows, the CPU goal
 QUICK_CPU_SHAPES = [(2, 128, 32000)]
-CASES = {"T0.7-top_p0.95": dict(temperature=0.7, top_p=0.95), "greedy": dict(temperature=0.0)}
+CASES = {
+    "T0.7-top_p0.95": dict(temperature=0.7, top_p=0.95),
+    "greedy": dict(temperature=0.0),
+    "greedy-margin": dict(temperature=0.0, confidence="margin"),
+}
 
 
 def _dream_top_p(logits, top_p):
@@ -52,8 +61,9 @@ def _dream_top_p(logits, top_p):
     return logits.masked_fill(mask, torch.finfo(logits.dtype).min)
 
 
-def dream_step(x, logits, temperature, top_p=None):
-    """Dream's maskgit_plus step (generation_utils.sample_tokens + topk), as Dream writes it."""
+def dream_step(x, logits, temperature, top_p=None, confidence="prob"):
+    """Dream's maskgit_plus step (generation_utils.sample_tokens + topk), as Dream writes it;
+    confidence="margin": its topk_margin step (a full sort of each row's probabilities)."""
     mask_index = x == MASK_ID
     lg = logits.float()
     if temperature > 0:
@@ -66,6 +76,9 @@ def dream_step(x, logits, temperature, top_p=None):
         conf = torch.gather(probs, -1, x0[:, None]).squeeze(-1)
     else:
         conf, x0 = probs.max(dim=-1)
+    if confidence == "margin":
+        top2 = torch.sort(probs, dim=-1, descending=True).values
+        conf = top2[:, 0] - top2[:, 1]
     full = torch.full(x.shape, float("-inf"), device=x.device, dtype=conf.dtype)
     full[mask_index] = conf
     _, idx = torch.topk(full, K)
@@ -103,9 +116,10 @@ def llada_step(x, logits, temperature, top_p=None):
     return out
 
 
-def ours_step(x, logits, temperature, top_p=None):
+def ours_step(x, logits, temperature, top_p=None, confidence="prob"):
     return dlm_kernels.unmask_step(x, logits, mask_id=MASK_ID, num_transfer=K,
-                                   temperature=temperature, top_p=top_p, seed=0)  # fmt: skip
+                                   temperature=temperature, top_p=top_p, confidence=confidence,
+                                   seed=0)  # fmt: skip
 
 
 def _flashinfer():
@@ -134,16 +148,17 @@ def run(quick: bool = False, device: str = "cpu") -> list[dict]:
             name = f"unmask_step {case}"
             providers = [("reference", dream_step), ("llada", llada_step),
                          ("dlm_kernels", ours_step)]  # fmt: skip
-            if case != "greedy" and "top_p" in kw:
-                providers[1] = ("llada", None)  # LLaDA has no top_p: not the same work
-            if case == "greedy":
+            if "top_p" in kw or "confidence" in kw:
+                providers[1] = ("llada", None)  # LLaDA has no top_p or margin: not the same work
+            if kw["temperature"] == 0:
                 # Not a sampler: one torch.amax over the logits, the time of reading them once
                 # with torch's own reduction. A greedy step that reports a softmax confidence
                 # reads every logit and takes one exp of each: it cannot beat this row.
                 providers.append(("read floor (amax)", lambda x, lg, **_: lg.amax(-1)))
             for prov, fn in providers:
                 if fn is None:
-                    out.append(row(name, prov, shape, dtype, None, status="n/a (no top_p)"))
+                    why = "n/a (no top_p)" if "top_p" in kw else "n/a (no margin rule)"
+                    out.append(row(name, prov, shape, dtype, None, status=why))
                     continue
                 call = functools.partial(fn, x, logits, **kw)
                 try:
@@ -191,7 +206,8 @@ def _fused_head_rows(quick: bool, device: str) -> list[dict]:
         x = x.to(device)
         mask = x == MASK_ID
         shape = f"{B}x{L}x{H}x{V}-m{int(mask.sum())}"
-        for case, kw in CASES.items():
+        for case in ("T0.7-top_p0.95", "greedy"):  # the issue's two cases (time on a GPU)
+            kw = CASES[case]
             name = f"fused_head {case}"
             step = dict(mask_id=MASK_ID, num_transfer=K, seed=0, **kw)
 

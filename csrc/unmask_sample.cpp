@@ -216,6 +216,15 @@ inline void raise_max(const float* x, int64_t b, float bm, float* m, int64_t* am
   *m = bm;
 }
 
+// The greedy confidence from the pass's sums: mode 0 "prob" p1 = 1 / Z, 2 "margin" p1 - p2 =
+// (1 - exp(sec - m)) / Z (0 when the max occurs twice), 3 "neg_entropy" ent / Z - log Z.
+inline float greedy_conf(int mode, float m, float sec, double Z, double ent) {
+  if (mode == 2)
+    return static_cast<float>(
+        sec == m ? 0.0 : (1.0 - std::exp(static_cast<double>(sec) - static_cast<double>(m))) / Z);
+  return static_cast<float>(mode == 0 ? 1.0 / Z : ent / Z - std::log(Z));
+}
+
 #if defined(__AVX2__) && defined(__FMA__)
 // Explicit AVX2 for the greedy pass: gcc's vectorisation of the scalar loop below ran at ~16
 // cycles per 8 logits; these run at ~5, and the next block is prefetched while the exps of this
@@ -251,21 +260,55 @@ inline __m256 exp8(__m256 d) {
   return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
 }
 
-// Max of x[0..n) (n a multiple of 32); true if some element is NaN.
-inline bool block_max32(const float* x, int64_t n, float* out) {
+// Top two of (m1, s1) and (m2, s2), each a largest value and the next one with multiplicity
+// (the second equals the first when the first occurs twice).
+inline void merge_top2(__m256 m1, __m256 s1, __m256 m2, __m256 s2, __m256* m, __m256* s) {
+  *m = _mm256_max_ps(m1, m2);
+  *s = _mm256_max_ps(_mm256_min_ps(m1, m2), _mm256_max_ps(s1, s2));
+}
+
+// Max of x[0..n) (n a multiple of 32); true if some element is NaN. With kTop2, *sec gets the
+// second value with multiplicity (the max again if it occurs twice): per lane s = max(s,
+// min(m, x)) before m = max(m, x), two more instructions per vector.
+template <bool kTop2>
+inline bool block_max32(const float* x, int64_t n, float* out, float* sec) {
   const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-  __m256 m0 = ninf, m1 = ninf, m2 = ninf, m3 = ninf, bad = _mm256_setzero_ps();
+  __m256 m[4] = {ninf, ninf, ninf, ninf}, s[4] = {ninf, ninf, ninf, ninf};
+  __m256 bad = _mm256_setzero_ps();
   for (int64_t j = 0; j < n; j += 32) {
     const __m256 a = _mm256_loadu_ps(x + j), b = _mm256_loadu_ps(x + j + 8);
     const __m256 c = _mm256_loadu_ps(x + j + 16), d = _mm256_loadu_ps(x + j + 24);
-    m0 = _mm256_max_ps(m0, a);
-    m1 = _mm256_max_ps(m1, b);
-    m2 = _mm256_max_ps(m2, c);
-    m3 = _mm256_max_ps(m3, d);
+    if (kTop2) {
+      s[0] = _mm256_max_ps(s[0], _mm256_min_ps(m[0], a));
+      s[1] = _mm256_max_ps(s[1], _mm256_min_ps(m[1], b));
+      s[2] = _mm256_max_ps(s[2], _mm256_min_ps(m[2], c));
+      s[3] = _mm256_max_ps(s[3], _mm256_min_ps(m[3], d));
+    }
+    m[0] = _mm256_max_ps(m[0], a);
+    m[1] = _mm256_max_ps(m[1], b);
+    m[2] = _mm256_max_ps(m[2], c);
+    m[3] = _mm256_max_ps(m[3], d);
     bad = _mm256_or_ps(bad, _mm256_or_ps(_mm256_cmp_ps(a, b, _CMP_UNORD_Q),
                                          _mm256_cmp_ps(c, d, _CMP_UNORD_Q)));
   }
-  *out = hmax8(_mm256_max_ps(_mm256_max_ps(m0, m1), _mm256_max_ps(m2, m3)));
+  if (kTop2) {
+    __m256 m01, s01, m23, s23, mv, sv;
+    merge_top2(m[0], s[0], m[1], s[1], &m01, &s01);
+    merge_top2(m[2], s[2], m[3], s[3], &m23, &s23);
+    merge_top2(m01, s01, m23, s23, &mv, &sv);
+    alignas(32) float ml[8], sl[8];
+    _mm256_store_ps(ml, mv);
+    _mm256_store_ps(sl, sv);
+    float bm = ml[0], bs = sl[0];
+    for (int q = 1; q < 8; ++q) {
+      bs = std::max(std::min(bm, ml[q]), std::max(bs, sl[q]));
+      bm = std::max(bm, ml[q]);
+    }
+    *out = bm;
+    *sec = bs;
+  } else {
+    *out = hmax8(_mm256_max_ps(_mm256_max_ps(m[0], m[1]), _mm256_max_ps(m[2], m[3])));
+  }
   return _mm256_movemask_ps(bad) != 0;
 }
 
@@ -299,11 +342,12 @@ inline void block_exp_sums32(const float* x, int64_t n, float m, const char* pf,
                 : 0.0f;
 }
 
-// The common greedy step (T = 0, no filter, confidence "prob" or "neg_entropy") in one pass over
-// the row, by blocks of kGBlk logits (float rows are read in place, others are converted into an
-// L1-resident buffer): the block's max and NaN check, then its sums of w = exp(x - m) and
-// w (x - m) relative to the running max m (online softmax: the running sums are rescaled when
-// the max grows). float lanes inside a block, double across blocks; the confidence is a float32
+// The common greedy step (T = 0, no filter, confidence "prob", "margin" or "neg_entropy"; the
+// caller maps "raw_prob" to "prob") in one pass over the row, by blocks of kGBlk logits (float
+// rows are read in place, others are converted into an L1-resident buffer): the block's max (and
+// for margin its second value), NaN check, then its sums of w = exp(x - m) and w (x - m)
+// relative to the running max m (online softmax: the running sums are rescaled when the max
+// grows). float lanes inside a block, double across blocks; the confidence is a float32
 // output. x - m is clamped at -86: in Z a weight of 4e-38 instead of 0 (nothing next to the
 // max's 1), in the entropy sums an exact 0. A ragged end is padded with -inf. Returns false,
 // having written nothing, if the row holds a NaN or +inf or is all -inf: the general path
@@ -314,7 +358,7 @@ bool greedy_row(const T* src, int64_t V, int mode, int64_t* tok_out, float* conf
   constexpr bool kInPlace = std::is_same<T, float>::value;
   alignas(32) float buf[kGBlk];
   const float ninf = -std::numeric_limits<float>::infinity();
-  float m = ninf;
+  float m = ninf, sec = ninf;  // the running max and second value (with multiplicity)
   int64_t amax = 0;
   double Z = 0.0, ent = 0.0;  // sum w and sum w (x - m), w = exp(x - m), m the running max
   for (int64_t b = 0; b < V; b += kGBlk) {
@@ -328,8 +372,11 @@ bool greedy_row(const T* src, int64_t V, int mode, int64_t* tok_out, float* conf
       for (int64_t j = n; j < n32; ++j) buf[j] = ninf;
       x = buf;
     }
-    float bm;
-    if (block_max32(x, n32, &bm) || bm == -ninf) return false;
+    float bm, bs = ninf;
+    const bool bad = mode == 2 ? block_max32<true>(x, n32, &bm, &bs)
+                               : block_max32<false>(x, n32, &bm, nullptr);
+    if (bad || bm == -ninf) return false;
+    if (mode == 2) sec = std::max(std::min(m, bm), std::max(sec, bs));
     if (bm > m) raise_max(x, b, bm, &m, &amax, &Z, &ent);
     if (m == ninf) continue;  // every logit so far is -inf: nothing to add
     const int64_t next = b + kGBlk < V ? std::min(kGBlk, V - b - kGBlk) : 0;
@@ -345,22 +392,23 @@ bool greedy_row(const T* src, int64_t V, int mode, int64_t* tok_out, float* conf
   }
   if (m == ninf) return false;
   *tok_out = amax;
-  *conf_out = static_cast<float>(mode == 0 ? 1.0 / Z : ent / Z - std::log(Z));
+  *conf_out = greedy_conf(mode, m, sec, Z, ent);
   return true;
 }
 #else
-// The common greedy step (T = 0, no filter, confidence "prob" or "neg_entropy") in one pass over
-// the row: blocks of kGBlk elements are converted into an L1-resident buffer, then max and argmax
-// of the block and the block's exp sum relative to the running max (online softmax: the running
-// sums are rescaled when the max grows). float exp (~2 ulp) inside a block, double across
-// blocks: the confidence is a float32 output. Returns false, having written nothing, if the row
-// holds a NaN or an inf: the general path sanitises those.
+// The common greedy step (T = 0, no filter, confidence "prob", "margin" or "neg_entropy"; the
+// caller maps "raw_prob" to "prob") in one pass over the row: blocks of kGBlk elements are
+// converted into an L1-resident buffer, then max and argmax of the block (for margin also its
+// second value, with multiplicity) and the block's exp sum relative to the running max (online
+// softmax: the running sums are rescaled when the max grows). float exp (~2 ulp) inside a
+// block, double across blocks: the confidence is a float32 output. Returns false, having
+// written nothing, if the row holds a NaN or an inf: the general path sanitises those.
 template <typename T>
 bool greedy_row(const T* src, int64_t V, int mode, int64_t* tok_out, float* conf_out) {
   constexpr int64_t kGBlk = 1024;
   float buf[kGBlk];
   const float ninf = -std::numeric_limits<float>::infinity();
-  float m = ninf;
+  float m = ninf, sec = ninf;  // the running max and second value (with multiplicity)
   int64_t amax = 0;
   double Z = 0.0, ent = 0.0;  // sum w and sum w (x - m), w = exp(x - m), m the running max
   for (int64_t b = 0; b < V; b += kGBlk) {
@@ -375,6 +423,18 @@ bool greedy_row(const T* src, int64_t V, int mode, int64_t* tok_out, float* conf
       bm = v > bm ? v : bm;
     }
     if (bad) return false;
+    if (mode == 2) {
+      float bs = ninf;
+      int ntop = 0;
+#pragma omp simd reduction(max : bs) reduction(+ : ntop)
+      for (int64_t j = 0; j < n; ++j) {
+        const float v = buf[j];
+        ntop += v == bm;
+        bs = v != bm && v > bs ? v : bs;
+      }
+      if (ntop >= 2) bs = bm;
+      sec = std::max(std::min(m, bm), std::max(sec, bs));
+    }
     if (bm > m) raise_max(buf, b, bm, &m, &amax, &Z, &ent);
     float zb = 0.0f, eb = 0.0f;
     if (mode == 3) {
@@ -393,7 +453,7 @@ bool greedy_row(const T* src, int64_t V, int mode, int64_t* tok_out, float* conf
     ent += eb;
   }
   *tok_out = amax;
-  *conf_out = static_cast<float>(mode == 0 ? 1.0 / Z : ent / Z - std::log(Z));
+  *conf_out = greedy_conf(mode, m, sec, Z, ent);
   return true;
 }
 #endif
@@ -404,7 +464,10 @@ void sample_row(const T* src, int64_t V, uint32_t row, double temp, int64_t topk
   const bool greedy = !(temp > 0.0);
   const bool any_filter = (P.has_topk && topk > 0 && topk < V) || (P.has_topp && topp < 1.0) ||
                           (P.has_minp && minp > 0.0);
-  if (greedy && !any_filter && (P.mode == 0 || P.mode == 3) &&
+  // At T = 0 the token is the row's argmax whatever the filters (they keep the max), so
+  // "raw_prob" (the unfiltered softmax's) is the unfiltered "prob": one greedy pass.
+  if (greedy && P.mode == 1 && greedy_row(src, V, 0, tok_out, conf_out)) return;
+  if (greedy && !any_filter && (P.mode == 0 || P.mode == 2 || P.mode == 3) &&
       greedy_row(src, V, P.mode, tok_out, conf_out))
     return;
   s.x.resize(V);

@@ -105,9 +105,11 @@ if triton is not None:
         cols0 = tl.arange(0, BLOCK_V)
         ninf = float("-inf")
         T = tl.load(temp_ptr + r)
-        # The common greedy row (T = 0, no active filter, confidence prob or neg_entropy) in one
-        # pass: an online softmax (running max, per-lane sums rescaled when it grows).
-        one_pass = (T <= 0.0) & ((MODE == 0) | (MODE == 3))
+        # The common greedy row (T = 0, no active filter, confidence prob, margin or
+        # neg_entropy) in one pass: an online softmax (running max, per-lane sums rescaled when
+        # it grows). raw_prob at T = 0 is always one pass: the token is the row's argmax
+        # whatever the filters (they keep the max), and its confidence the unfiltered prob.
+        one_pass = (T <= 0.0) & ((MODE == 0) | (MODE == 2) | (MODE == 3))
         if HAS_TOPK:
             kf = tl.load(topk_ptr + r)
             one_pass = one_pass & ((kf <= 0) | (kf >= V))
@@ -115,6 +117,8 @@ if triton is not None:
             one_pass = one_pass & (tl.load(topp_ptr + r) >= 1.0)
         if HAS_MINP:
             one_pass = one_pass & (tl.load(minp_ptr + r) <= 0.0)
+        if MODE == 1:
+            one_pass = T <= 0.0
         if not tl.load(valid_ptr + r):
             tl.store(tok_ptr + r, 0)
             tl.store(conf_ptr + r, ninf)
@@ -122,6 +126,7 @@ if triton is not None:
             # exp in float32 (the confidence is a float32 output; float64 exp costs ~10x the
             # read on a GPU), sums in float64 lanes.
             mx = tl.full([], ninf, tl.float32)
+            sec = tl.full([], ninf, tl.float32)  # the second value, with multiplicity (margin)
             amax = tl.full([], 0, tl.int64)
             zs = tl.zeros([BLOCK_V], tl.float64)  # sum exp(x - mx)
             es = tl.zeros([BLOCK_V], tl.float64)  # sum exp(x - mx) (x - mx)
@@ -130,6 +135,13 @@ if triton is not None:
                 x = _load_x(base, offs, V)
                 tm = tl.max(x, 0)
                 ti = tl.min(tl.where(x == tm, offs, 2147483647), 0).to(tl.int64)
+                if MODE == 2:
+                    # The tile's second value (tm again if tm occurs twice), merged with the
+                    # running pair: the top two of (mx, sec) and (tm, ts).
+                    ntm = tl.sum((x == tm).to(tl.int32), 0)
+                    ts = tl.max(tl.where(x != tm, x, ninf), 0)
+                    ts = tl.where(ntm >= 2, tm, ts)
+                    sec = tl.maximum(tl.minimum(mx, tm), tl.maximum(sec, ts))
                 amax = tl.where(tm > mx, ti, amax)
                 nm = tl.maximum(mx, tm)
                 if nm > mx:
@@ -151,8 +163,12 @@ if triton is not None:
                 tl.store(conf_ptr + r, ninf)
             else:
                 tl.store(tok_ptr + r, amax)
-                if MODE == 0:
+                if (MODE == 0) | (MODE == 1):
                     tl.store(conf_ptr + r, (1.0 / Z).to(tl.float32))
+                elif MODE == 2:
+                    # p1 - p2 = (1 - exp(sec - mx)) / Z, 0 for a tie at the top.
+                    e2 = tl.exp(sec.to(tl.float64) - mx.to(tl.float64))
+                    tl.store(conf_ptr + r, tl.where(sec == mx, 0.0, (1.0 - e2) / Z).to(tl.float32))
                 else:
                     tl.store(conf_ptr + r, (tl.sum(es, 0) / Z - tl.log(Z)).to(tl.float32))
         else:

@@ -100,9 +100,11 @@ def test_greedy_cpp(conf, filt):
     assert torch.equal(ref[0], x.argmax(-1))
 
 
-TRITON_GREEDY = [(c, "all") for c in CONFS] + [
-    ("prob", f) for f in ("none", "topk", "topp", "minp")
-]
+TRITON_GREEDY = (
+    [(c, "all") for c in CONFS]
+    + [("prob", f) for f in ("none", "topk", "topp", "minp")]
+    + [("margin", "none"), ("raw_prob", "none")]
+)
 
 
 @pytest.mark.parametrize("conf,filt", TRITON_GREEDY)
@@ -152,18 +154,22 @@ def test_triton_small_tiles(conf, monkeypatch):
             _check_same(_run("triton", sample_tokens, xs, **kw2), ref, f"triton-{conf}-{T}-{kw}")
 
 
-@pytest.mark.parametrize("conf", ["prob", "neg_entropy"])
+@pytest.mark.parametrize("conf", ["prob", "raw_prob", "margin", "neg_entropy"])
 def test_greedy_cpp_across_blocks(conf):
     # The C++ greedy path reads a row in blocks of 2048 with a running max (AVX2 where built
     # with it): maxima that grow from block to block (the running sums are rescaled), ties in
     # different blocks (the lowest index wins), the first element of a block, a ragged last
     # block (5003 = 2 x 2048 + 907, not a multiple of the 32-wide unroll), a first block of
     # -inf only, scattered -inf, large logits (the exps are taken of x - max, never of x), and
-    # every input dtype.
+    # every input dtype. For margin, the per-lane second values: a second value in the max's
+    # own SIMD lane (positions 32 apart), in an earlier block, and a tie in one lane (margin 0).
     skip_unless_available("cpp")
     g = torch.Generator().manual_seed(11)
     v = 5003
-    x = torch.randn(8, v, generator=g, dtype=torch.float64)
+    x = torch.randn(11, v, generator=g, dtype=torch.float64)
+    x[8, [100, 132]] = torch.tensor([9.0, 8.5], dtype=torch.float64)
+    x[9, [10, 3000]] = torch.tensor([8.0, 9.0], dtype=torch.float64)
+    x[10, [64, 96]] = 9.0
     x[0, [2500, 4999]] = 9.0
     x[1] += torch.linspace(0, 30, v, dtype=torch.float64)  # a new max in every block
     x[2, [5, 4100]] = 7.0
@@ -567,16 +573,17 @@ def test_unmask_step_empty_batch(name):
 
 
 def test_cpp_greedy_one_hot_rows_exact():
-    # One finite logit among -inf: probability exactly 1 and entropy exactly 0 on the greedy
-    # fast path too (its -inf lanes and ragged-tail padding must weigh exactly 0 there).
+    # One finite logit among -inf: probability (and margin) exactly 1 and entropy exactly 0 on
+    # the greedy fast path too (its -inf lanes and ragged-tail padding must weigh exactly 0 there).
     skip_unless_available("cpp")
     for v in (2, 64, 2048 + 37):
         x = torch.full((3, v), float("-inf"))
         x[0, 0], x[1, v // 2], x[2, v - 1] = 1.5, -3.0, 80.0
-        for conf in ("prob", "neg_entropy"):
+        for conf in ("prob", "raw_prob", "margin", "neg_entropy"):
             tok, c = _run("cpp", sample_tokens, x, confidence=conf)
             assert tok.tolist() == [0, v // 2, v - 1]
-            assert c.tolist() == ([1.0] * 3 if conf == "prob" else [0.0] * 3), (v, conf, c)
+            one = [0.0] * 3 if conf == "neg_entropy" else [1.0] * 3
+            assert c.tolist() == one, (v, conf, c)
 
 
 def test_cpp_simd_path_built():
