@@ -56,6 +56,10 @@ def plot(path: str) -> list[str]:
             providers = sorted({r["provider"] for r in op_rows})
             fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(cases)), 4))
             width = 0.8 / max(1, len(providers))
+            values = [r[metric] for r in have if r[metric] > 0]
+            # Speed-ups that span more than 30x (a 1x baseline next to a 200x op) on a log axis,
+            # or the small bars vanish.
+            log = metric == "speedup_vs_baseline" and values and max(values) > 30 * min(values)
             for i, p in enumerate(providers):
                 xs, ys = [], []
                 for j, c in enumerate(cases):
@@ -66,10 +70,16 @@ def plot(path: str) -> list[str]:
                             if isinstance(v, (int, float)):
                                 xs.append(j + i * width)
                                 ys.append(v)
-                            else:
-                                ax.annotate(r.get("status", "n/a"), (j + i * width, 0),
-                                            rotation=90, fontsize=6)  # fmt: skip
-                ax.bar(xs, ys, width=width, label=p)
+                            else:  # at the axis' foot, in axes units (log axes have no 0)
+                                ax.annotate(r.get("status", "n/a"), (j + i * width, 0.01),
+                                            xycoords=("data", "axes fraction"), rotation=90,
+                                            fontsize=6)  # fmt: skip
+                # One fixed color per provider; a provider without a single figure (a missing
+                # peer) gets no bar and no legend entry, only its status text.
+                if ys:
+                    ax.bar(xs, ys, width=width, label=p, color=f"C{i % 10}")
+            if log:
+                ax.set_yscale("log")
             ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))])
             ax.set_xticklabels(cases, rotation=30, ha="right", fontsize=7)
             ax.set_ylabel(label)
