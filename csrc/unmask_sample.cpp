@@ -395,6 +395,21 @@ bool greedy_row(const T* src, int64_t V, int mode, int64_t* tok_out, float* conf
   *conf_out = greedy_conf(mode, m, sec, Z, ent);
   return true;
 }
+// sum_j exp(x_j - m) over a sanitised float row (x_j <= m, -inf allowed): float exps (relative
+// error ~1e-7) summed in float within blocks of 2048, in double across them.
+inline double exp_sum(const float* x, int64_t V, float m) {
+  constexpr int64_t kBlk = 2048;
+  const int64_t n32 = V & ~int64_t(31);
+  double Z = 0.0;
+  for (int64_t b = 0; b < n32; b += kBlk) {
+    float zb, eb;
+    block_exp_sums32<false>(x + b, std::min(kBlk, n32 - b), m, nullptr, 0, &zb, &eb);
+    Z += zb;
+  }
+  float zt = 0.0f;
+  for (int64_t j = n32; j < V; ++j) zt += exp_nonpos(x[j] - m);
+  return Z + zt;
+}
 #else
 // The common greedy step (T = 0, no filter, confidence "prob", "margin" or "neg_entropy"; the
 // caller maps "raw_prob" to "prob") in one pass over the row: blocks of kGBlk elements are
@@ -455,6 +470,19 @@ bool greedy_row(const T* src, int64_t V, int mode, int64_t* tok_out, float* conf
   *tok_out = amax;
   *conf_out = greedy_conf(mode, m, sec, Z, ent);
   return true;
+}
+// sum_j exp(x_j - m) over a sanitised float row (x_j <= m, -inf allowed): float exps summed in
+// float within blocks of 1024, in double across them.
+inline double exp_sum(const float* x, int64_t V, float m) {
+  double Z = 0.0;
+  for (int64_t b = 0; b < V; b += 1024) {
+    const int64_t e = std::min<int64_t>(b + 1024, V);
+    float zb = 0.0f;
+#pragma omp simd reduction(+ : zb)
+    for (int64_t j = b; j < e; ++j) zb += exp_nonpos(x[j] - m);
+    Z += zb;
+  }
+  return Z;
 }
 #endif
 
@@ -675,11 +703,8 @@ void sample_row(const T* src, int64_t V, uint32_t row, double temp, int64_t topk
     }
   }
   if (P.mode == 1) {  // untempered, unfiltered softmax (LLaDA low_confidence)
-    double zr = 0.0;
-    const double dm = static_cast<double>(mx);
-#pragma omp simd reduction(+ : zr)
-    for (int64_t j = 0; j < V; ++j) zr += exp_d(static_cast<double>(x[j]) - dm);
-    conf = std::exp(static_cast<double>(x[tok]) - dm) / zr;
+    // float exps as on the greedy path (a float64 exp pass cost as much as the draw itself)
+    conf = std::exp(static_cast<double>(x[tok]) - static_cast<double>(mx)) / exp_sum(x, V, mx);
   }
   *tok_out = tok;
   *conf_out = static_cast<float>(conf);

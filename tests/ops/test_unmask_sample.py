@@ -209,6 +209,22 @@ def test_seeded_same_tokens(name, filt, dtype):
     assert torch.equal(_run(name, sample_tokens, x, **kw)[0], ref[0])
 
 
+@pytest.mark.parametrize("conf", CONFS)
+@pytest.mark.parametrize("name", KERNELS)
+def test_sampled_confidences(name, conf):
+    # T > 0: every confidence against the reference, unfiltered and with every filter (raw_prob's
+    # unfiltered, untempered sum runs its own pass; V 2048 + 37 crosses the C++ 2048-blocks).
+    skip_unless_available(name)
+    n, v = (3, 203) if name == "triton" else (16, 2048 + 37)
+    x = _logits(n, v)
+    x[0, ::3] = float("-inf")
+    filts = ["none", "all"] if name == "triton" else list(FILTERS)
+    for filt in filts:
+        kw = dict(temperature=0.8, confidence=conf, seed=29, **FILTERS[filt])
+        ref = _run("reference", sample_tokens, x, **kw)
+        _check_same(_run(name, sample_tokens, x, **kw), ref, f"{name}-{conf}-{filt}")
+
+
 def test_cpp_thread_count_invariant():
     skip_unless_available("cpp")
     x = _logits(16, 1003, scale=1.0)
