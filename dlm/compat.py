@@ -8,9 +8,10 @@ Same arguments, same defaults, same semantics, on the fused sampler (``dlm.sampl
 temperature 0 the outputs are token for token those of the original code, including the
 algorithms whose position choice is random (LLaDA ``random``, Dream ``origin``): those draw their
 positions from torch's global RNG exactly as the originals do, so the same ``torch.manual_seed``
-gives the same output. Known differences (beyond confidences that tie to within an ulp or two:
-the originals round theirs in float32 or bfloat16 arithmetic, the op in its own, with float32
-exps, float64 sums and a float32 result, so such near-ties may be ordered differently):
+gives the same output. Known differences (beyond confidences that tie to within a few float32
+ulps: the originals round theirs in float32 or bfloat16 arithmetic, the op in its own (float32
+exps and float64 sums on its unfiltered greedy pass, float64 elsewhere, a float32 result), so
+such near-ties may be ordered differently):
   * temperature > 0: tokens come from the op's Philox Gumbel draw, not torch's RNG (same
     distribution, different stream);
   * Dream with alg_temp > 0: positions from the op's Gumbel-top-k (the distribution of Dream's
