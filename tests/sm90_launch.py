@@ -79,8 +79,12 @@ def _compile_hook(key, repr, fn, compile, is_manual_warmup, already_compiled):  
                               capture_output=True, text=True, check=True).stderr  # fmt: skip
         regs = max([int(n) for n in re.findall(r"Used (\d+) registers", info)] or [0])
         spill = max([int(n) for n in re.findall(r"(\d+) bytes spill stores", info)] or [0])
+        # Tensor-core instructions: Hopper's wgmma, or the older mma.sync a dot falls back to
+        # (half wgmma's rate on an H100): which one each dot became is read from the PTX.
+        ptx = out.asm["ptx"]
+        mma = f"wgmma {ptx.count('wgmma.mma_async'):3d} mma.sync {ptx.count('mma.sync'):3d}"
         RESULTS[ident] = ("ok", fn.name, f"regs {regs:3d} spill {spill:5d} smem "
-                          f"{out.metadata.shared:6d}  {label}")  # fmt: skip
+                          f"{out.metadata.shared:6d} {mma}  {label}")  # fmt: skip
     except Exception as e:  # noqa: BLE001 - report every failure, then fail at the end
         RESULTS[ident] = ("FAIL", fn.name, f"{label}: {type(e).__name__}: {str(e)[-800:]}")
     return True  # compiled (or failed): never launch

@@ -15,6 +15,7 @@ the kernels are decorated, and an interpreted kernel cannot be compiled.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -105,3 +106,13 @@ def test_every_kernel_compiles_as_launched():
     summary = res.stdout.strip().splitlines()[-1]
     missing = [k for k in _KERNELS if k not in summary]  # an op that skipped its Triton path
     assert not missing, f"never launched: {missing}\n{tail}"
+    # Every 16-bit matmul kernel at head dims up to 128 (all of LLaDA's and Dream's) must use
+    # Hopper's wgmma: a dot that falls back to mma.sync runs at about half the tensor-core rate.
+    slow = [
+        line for line in res.stdout.splitlines()
+        if line.startswith("ok ") and re.search(r" s\d+ (bf16|fp16)(/fp32)? \{", line)
+        and re.search(r"_(attn_fwd|attn_bwd_dkdv|attn_bwd_dq|lce_\w+|head_rows)_kernel", line)
+        and int(re.search(r"'HEAD_DIM': (\d+)", line).group(1) if "HEAD_DIM" in line else 0) <= 128
+        and not re.search(r"wgmma +[1-9]", line)
+    ]  # fmt: skip
+    assert not slow, "no wgmma in:\n" + "\n".join(slow)
