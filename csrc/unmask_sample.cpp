@@ -486,6 +486,79 @@ inline double exp_sum(const float* x, int64_t V, float m) {
 }
 #endif
 
+// The first j in [0, V) with x[j] == v (v is the row's max, so one exists; V - 1 otherwise).
+inline int64_t first_index_of(const float* x, int64_t V, float v) {
+  int64_t j = 0;
+#if defined(__AVX2__)
+  const __m256 vv = _mm256_set1_ps(v);
+  for (; j + 8 <= V; j += 8) {
+    const int hit = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + j), vv, _CMP_EQ_OQ));
+    if (hit) return j + __builtin_ctz(static_cast<unsigned>(hit));
+  }
+#endif
+  while (j < V - 1 && x[j] != v) ++j;
+  return j;
+}
+
+#if defined(__AVX2__)
+// For each 8-bit mask, the positions of its set bits, lowest first (the left-pack table).
+struct PackTable {
+  alignas(32) uint32_t pos[256][8];
+  PackTable() {
+    for (int m = 0; m < 256; ++m) {
+      int n = 0;
+      for (int b = 0; b < 8; ++b)
+        if (m >> b & 1) pos[m][n++] = static_cast<uint32_t>(b);
+      for (; n < 8; ++n) pos[m][n] = 0;
+    }
+  }
+};
+const PackTable kPack;
+#endif
+
+// idx[0..n) = the j in [0, V) with x[j] >= thr, ascending; returns n. idx has room for V + 8
+// entries (the vector path stores 8 at a time).
+inline int64_t compact_ge(const float* x, int64_t V, float thr, uint32_t* idx) {
+  int64_t nk = 0, j = 0;
+#if defined(__AVX2__)
+  const __m256 tv = _mm256_set1_ps(thr);
+  for (; j + 8 <= V; j += 8) {
+    const int m = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + j), tv, _CMP_GE_OQ));
+    const __m256i p = _mm256_load_si256(reinterpret_cast<const __m256i*>(kPack.pos[m]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(idx + nk),
+                        _mm256_add_epi32(p, _mm256_set1_epi32(static_cast<int>(j))));
+    nk += __builtin_popcount(static_cast<unsigned>(m));
+  }
+#endif
+  for (; j < V; ++j) {
+    idx[nk] = static_cast<uint32_t>(j);
+    nk += x[j] >= thr;
+  }
+  return nk;
+}
+
+// Appends (x[j], w[j]) for every j with bin[j] == b, ascending.
+inline void collect_bin(const int16_t* bin, const float* x, const double* w, int64_t V,
+                        int16_t b, std::vector<std::pair<float, double>>& out) {
+  int64_t j = 0;
+#if defined(__AVX2__)
+  const __m256i bv = _mm256_set1_epi16(b);
+  for (; j + 16 <= V; j += 16) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bin + j));
+    // two mask bits per 16-bit lane: keep the low one of each pair
+    unsigned m = static_cast<unsigned>(_mm256_movemask_epi8(_mm256_cmpeq_epi16(v, bv))) &
+                 0x55555555u;
+    while (m) {
+      const int64_t q = j + (__builtin_ctz(m) >> 1);
+      out.emplace_back(x[q], w[q]);
+      m &= m - 1;
+    }
+  }
+#endif
+  for (; j < V; ++j)
+    if (bin[j] == b) out.emplace_back(x[j], w[j]);
+}
+
 template <typename T>
 void sample_row(const T* src, int64_t V, uint32_t row, double temp, int64_t topk, double topp,
                 double minp, const Params& P, Scratch& s, int64_t* tok_out, float* conf_out) {
@@ -513,8 +586,7 @@ void sample_row(const T* src, int64_t V, uint32_t row, double temp, int64_t topk
     x[j] = v;
     mx = v > mx ? v : mx;
   }
-  int64_t amax = 0;
-  while (amax < V - 1 && x[amax] != mx) ++amax;
+  const int64_t amax = first_index_of(x, V, mx);
   if (mx == -std::numeric_limits<float>::infinity()) {  // no finite logit
     *tok_out = 0;
     *conf_out = -std::numeric_limits<float>::infinity();
@@ -609,8 +681,7 @@ void sample_row(const T* src, int64_t V, uint32_t row, double temp, int64_t topk
           above = A;
           A += hist[b];
         }
-        for (int64_t j = 0; j < V; ++j)
-          if (bin[j] == bs) s.c.emplace_back(x[j], w[j]);
+        collect_bin(bin, x, w, V, static_cast<int16_t>(bs), s.c);
       } else {
         for (int64_t j = 0; j < V; ++j)
           if (x[j] >= thr) s.c.emplace_back(x[j], w[j]);
@@ -626,14 +697,11 @@ void sample_row(const T* src, int64_t V, uint32_t row, double temp, int64_t topk
     // The kept tokens in ascending order, by a branch-free compaction: the Philox rounds (the
     // bulk of a sampled row's cost) then run for kept tokens only, a tenth of the row under a
     // typical top_p. The order of the sums and of the draw is that of a scan over j.
-    s.idx.resize(V);
+    s.idx.resize(V + 8);
     uint32_t* idx = s.idx.data();
     int64_t nk = 0;
     if (lz == -kInf) {
-      for (int64_t j = 0; j < V; ++j) {
-        idx[nk] = static_cast<uint32_t>(j);
-        nk += x[j] >= thr;
-      }
+      nk = compact_ge(x, V, thr, idx);
     } else {
       for (int64_t j = 0; j < V; ++j) {
         idx[nk] = static_cast<uint32_t>(j);

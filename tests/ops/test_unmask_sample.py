@@ -128,6 +128,30 @@ def test_greedy_ties_lowest_index():
         assert conf.tolist() == [0.0, 0.0, 0.0], name  # a tie at the top: margin 0
 
 
+def test_cpp_general_path_argmax_and_kept_set_edges():
+    # The C++ general path (any filter, or T > 0) finds the max's first index and compacts the
+    # kept tokens 8 at a time, and top_p's threshold bin 16 at a time (AVX2): maxima at 0, at a
+    # vector's last lane, tied across vectors and in the ragged tail; V 1003 = 62 x 16 + 11.
+    skip_unless_available("cpp")
+    v = 1003
+    x = _logits(6, v)
+    x[0, 0] = 9.0
+    x[1, [7, 8]] = 9.0  # a tie across two 8-wide vectors: the lower index
+    x[2, [15, 1000]] = 9.0
+    x[3, v - 1] = 9.0  # in the ragged tail
+    x[4, [999, 1002]] = 9.0
+    x[5, 500:] = float("-inf")  # the kept set ends mid-row
+    for kw in (dict(top_k=40), dict(temperature=0.6, top_p=0.9), dict(temperature=0.6),
+               dict(top_p=0.5, min_p=0.01)):  # fmt: skip
+        for conf in ("prob", "margin"):
+            kw2 = dict(confidence=conf, seed=4, **kw)
+            ref = _run("reference", sample_tokens, x, **kw2)
+            got = _run("cpp", sample_tokens, x, **kw2)
+            _check_same(got, ref, f"cpp-{conf}-{kw}")
+            if "temperature" not in kw:
+                assert got[0][:5].tolist() == [0, 7, 15, v - 1, 999]
+
+
 @pytest.mark.parametrize("conf", CONFS)
 def test_triton_small_tiles(conf, monkeypatch):
     # The interpreter's default tile holds a whole small row: force 64-wide tiles so that the
