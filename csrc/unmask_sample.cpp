@@ -159,7 +159,7 @@ struct Params {
 struct Scratch {
   std::vector<float> x;                     // sanitised row
   std::vector<double> w;                    // exp(z - max z)
-  std::vector<float> sel;                   // nth_element copy
+  std::vector<float> sel;                   // top_k's heap or nth_element copy
   std::vector<uint32_t> idx;                // kept token indices
   std::vector<std::pair<float, double>> c;  // (value, weight) for the top-p quickselect
   std::vector<double> hist;                 // mass per value bin (top-p)
@@ -559,6 +559,43 @@ inline void collect_bin(const int16_t* bin, const float* x, const double* w, int
     if (bin[j] == b) out.emplace_back(x[j], w[j]);
 }
 
+// The k-th largest of x[0..V), duplicates counted (1 <= k < V; x holds no NaN). Small k (the
+// usual top_k): a min-heap of the k largest so far, fed only by values above its top, which
+// an 8-wide compare rules out for almost every vector; a few hundred pushes per row instead of
+// nth_element's passes over a copy of the row. Large k: nth_element. `buf` is scratch.
+inline float kth_largest(const float* x, int64_t V, int64_t k, std::vector<float>& buf) {
+  if (k > 1024 || k * 16 > V) {
+    buf.assign(x, x + V);
+    std::nth_element(buf.begin(), buf.begin() + (k - 1), buf.end(), std::greater<float>());
+    return buf[k - 1];
+  }
+  buf.assign(x, x + k);
+  std::make_heap(buf.begin(), buf.end(), std::greater<float>());  // min at the front
+  float top = buf.front();
+  auto push = [&](float v) {
+    std::pop_heap(buf.begin(), buf.end(), std::greater<float>());
+    buf.back() = v;
+    std::push_heap(buf.begin(), buf.end(), std::greater<float>());
+    top = buf.front();
+  };
+  int64_t j = k;
+#if defined(__AVX2__)
+  for (; j + 8 <= V; j += 8) {
+    const __m256 xv = _mm256_loadu_ps(x + j);
+    unsigned m = static_cast<unsigned>(
+        _mm256_movemask_ps(_mm256_cmp_ps(xv, _mm256_set1_ps(top), _CMP_GT_OQ)));
+    while (m) {
+      const float v = x[j + __builtin_ctz(m)];
+      if (v > top) push(v);
+      m &= m - 1;
+    }
+  }
+#endif
+  for (; j < V; ++j)
+    if (x[j] > top) push(x[j]);
+  return top;
+}
+
 template <typename T>
 void sample_row(const T* src, int64_t V, uint32_t row, double temp, int64_t topk, double topp,
                 double minp, const Params& P, Scratch& s, int64_t* tok_out, float* conf_out) {
@@ -627,10 +664,7 @@ void sample_row(const T* src, int64_t V, uint32_t row, double temp, int64_t topk
     for (int64_t j = 0; j < V; ++j) w[j] = exp_d(static_cast<double>(x[j]) / Te - m);
     float thr = -std::numeric_limits<float>::infinity();  // keep x >= thr
     if (P.has_topk && topk > 0 && topk < V) {
-      s.sel.assign(x, x + V);
-      std::nth_element(s.sel.begin(), s.sel.begin() + (topk - 1), s.sel.end(),
-                       std::greater<float>());
-      thr = s.sel[topk - 1];
+      thr = kth_largest(x, V, topk, s.sel);
     }
     if (P.has_topp && topp < 1.0) {
       // A histogram of the mass over kBins value bins (one pass, no data-dependent branches)

@@ -152,6 +152,24 @@ def test_cpp_general_path_argmax_and_kept_set_edges():
                 assert got[0][:5].tolist() == [0, 7, 15, v - 1, 999]
 
 
+def test_cpp_top_k_threshold_with_ties():
+    # top_k's threshold is the k-th largest value counting duplicates, as the reference's sort:
+    # small integer logits tie at every threshold. Small k over a long row takes the C++ heap
+    # (k <= 1024 and 16 k <= V), large k nth_element; -inf entries and k = 1 included.
+    skip_unless_available("cpp")
+    g = torch.Generator().manual_seed(21)
+    x = torch.randint(-6, 7, (5, 4099), generator=g).to(torch.float32)
+    x[1, ::3] = float("-inf")
+    x[2, 100:110] = 7.0  # ten tied maxima
+    x[3, 4098] = 9.0  # the largest values in the ragged tail
+    x[4, [4097, 4098]] = torch.tensor([8.0, 8.5])
+    for k in (1, 2, 3, 10, 11, 64, 256, 300, 1024, 2000):
+        for kw in (dict(), dict(temperature=0.8)):
+            kw2 = dict(top_k=k, seed=6, **kw)
+            ref = _run("reference", sample_tokens, x, **kw2)
+            _check_same(_run("cpp", sample_tokens, x, **kw2), ref, f"cpp-top_k{k}-{kw}")
+
+
 @pytest.mark.parametrize("conf", CONFS)
 def test_triton_small_tiles(conf, monkeypatch):
     # The interpreter's default tile holds a whole small row: force 64-wide tiles so that the
