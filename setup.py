@@ -38,7 +38,17 @@ import sys
 import tempfile
 import warnings
 
+import setuptools
 from setuptools import find_packages, setup
+
+# pyproject.toml's `license = "Apache-2.0"` (an SPDX string) needs setuptools >= 77; an older one
+# rejects it with a schema error that does not say why. --no-build-isolation builds with the
+# environment's setuptools, so say what is needed before setuptools reads pyproject.toml.
+if int(setuptools.__version__.split(".")[0]) < 77:
+    raise SystemExit(
+        f"dlm-kernels: setuptools >= 77 is needed to build (found {setuptools.__version__}); "
+        "run `pip install -U 'setuptools>=77'` and install again."
+    )
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
