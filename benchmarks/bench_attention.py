@@ -32,7 +32,9 @@ from benchmarks.common import check_time, machine, time_fn  # noqa: E402
 MASKS = ("none", "padding30", "block32")
 MODES = ("fwd", "bwd", "fwd+bwd")
 FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
-PROVIDERS = ("ours", "sdpa", "flex", "flash_attn")
+# ours_atomic_dq: ours with deterministic=False (dQ by atomics in the dK/dV kernel); its forward
+# is ours, so it has bwd and fwd+bwd rows only.
+PROVIDERS = ("ours", "ours_atomic_dq", "sdpa", "flex", "flash_attn")
 
 
 # ------------------------------------------------------------------ inputs and FLOPs
@@ -54,11 +56,15 @@ def _visible_pairs(B: int, S: int, mask: str) -> int:
 
 
 # ------------------------------------------------------------------ providers
-def _ours(q, k, v, mask, key_mask):
+def _ours(q, k, v, mask, key_mask, deterministic=True):
     kw = {"attention_mask": key_mask} if mask == "padding30" else {}
     if mask == "block32":
         kw["block_size"] = 32
-    return lambda: dlm_kernels.bidirectional_attention(q, k, v, **kw)
+    return lambda: dlm_kernels.bidirectional_attention(q, k, v, deterministic=deterministic, **kw)
+
+
+def _ours_atomic_dq(q, k, v, mask, key_mask):
+    return _ours(q, k, v, mask, key_mask, deterministic=False)
 
 
 def _sdpa(q, k, v, mask, key_mask):
@@ -126,7 +132,8 @@ def _flash_attn(q, k, v, mask, key_mask):
     return lambda: flash_attn_varlen_func(qp, kp, vp, cu, cu, mx, mx)
 
 
-_MAKERS = {"ours": _ours, "sdpa": _sdpa, "flex": _flex, "flash_attn": _flash_attn}
+_MAKERS = {"ours": _ours, "ours_atomic_dq": _ours_atomic_dq, "sdpa": _sdpa, "flex": _flex,
+           "flash_attn": _flash_attn}  # fmt: skip
 
 
 # ------------------------------------------------------------------ timing
@@ -192,6 +199,8 @@ def run(quick: bool = True, device: str = "cuda") -> list[dict]:
             flops_fwd = 4.0 * H * D * _visible_pairs(B, S, mask)
             for provider in PROVIDERS:
                 for mode in MODES:
+                    if provider == "ours_atomic_dq" and mode == "fwd":
+                        continue  # the same forward as ours
                     row = dict(
                         name=f"attention-{mask}-{mode}", provider=provider, shape=shape,
                         dtype=str(dtype).replace("torch.", ""), mask=mask, mode=mode, ms=None,
@@ -234,14 +243,14 @@ def _print(rows: list[dict]) -> None:
         for r in rows
         if r["provider"] == "ours" and r["ms"]
     }
-    print(f"{'shape':<22}{'mask':<11}{'mode':<9}{'provider':<12}{'ms':>9}{'TFLOP/s':>9}"
+    print(f"{'shape':<22}{'mask':<11}{'mode':<9}{'provider':<16}{'ms':>9}{'TFLOP/s':>9}"
           f"{'t/ours':>8}  status")  # fmt: skip
     for r in rows:
         ms = f"{r['ms']:.3f}" if r["ms"] else "-"
         tf = f"{r['tflops']:.1f}" if r["tflops"] else "-"
         base = ours.get((r["shape"], r["mask"], r["mode"]))
         speed = f"{r['ms'] / base:.2f}" if base and r["ms"] else "-"
-        print(f"{r['shape']:<22}{r['mask']:<11}{r['mode']:<9}{r['provider']:<12}{ms:>9}{tf:>9}"
+        print(f"{r['shape']:<22}{r['mask']:<11}{r['mode']:<9}{r['provider']:<16}{ms:>9}{tf:>9}"
               f"{speed:>8}  {r['status']}")  # fmt: skip
 
 

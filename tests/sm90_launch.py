@@ -148,6 +148,9 @@ def _calls():
             att(q, k, v, attention_mask=am, block_size=32, return_lse=True)[0].sum().backward(),
             att(q, k, v, attention_mask=am).sum().backward(),
             att(qs, k, v, attention_mask=am).sum().backward(),
+            att(q, k, v, deterministic=False).sum().backward(),
+            att(q, k, v, attention_mask=am, block_size=32,
+                deterministic=False).sum().backward(),
             att(qv, kv, kv, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=256,
                 max_seqlen_k=256).sum().backward()),
         ))  # fmt: skip

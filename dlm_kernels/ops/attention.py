@@ -4,8 +4,12 @@ flash_attn_func's layout: q (B, Sq, Hq, D), k and v (B, Sk, Hkv, D). The Triton 
 FlashAttention-2: the forward keeps a running (max, sum) per query row (online softmax) and writes
 one float32 logsumexp per row; the backward recomputes the probabilities from it, with a
 preprocessing pass (delta = rowsum(dO * O)), a dK/dV kernel that loops over query blocks and a dQ
-kernel that loops over key blocks. No atomics: each program owns the rows it writes, and the dK/dV
-program of a key head loops over the query heads of its group (GQA) itself.
+kernel that loops over key blocks. No atomics by default: each program owns the rows it writes,
+and the dK/dV program of a key head loops over the query heads of its group (GQA) itself.
+``deterministic=False`` drops the dQ kernel: the dK/dV kernel adds dS K into a float32 dQ buffer
+with atomics (FlashAttention-2's own backward; 10 instead of 14 flops per pair and dimension,
+dQ's last bits then vary between runs). Not yet timed on a GPU: bench_attention.py reports it
+as the "ours_atomic_dq" provider, and the default changes only if it wins there.
 
 Which keys a query sees (the one rule the kernels, the reference and the tests share):
     query i sits at key position p = Sk - Sq + i (Sq < Sk: the queries are the last Sq positions,
@@ -212,6 +216,7 @@ if triton is not None:
     def _dkdv_tiles(
         dk, dv, k, v,  # one key tile: accumulators and its keys / values
         q_base, do_base, lse_base, delta_base,  # query head h: row 0 of q, do, lse, delta
+        dq_base,  # ATOMIC_DQ: row 0 of head h in the float32 dQ accumulator (q's layout)
         mask_row, pos0, offs_n, offs_d, d_ok, start, end,
         stride_qs, stride_ds, sm_scale2, block_size,
         HAS_MASK: tl.constexpr,
@@ -219,9 +224,13 @@ if triton is not None:
         BLOCK_CAUSAL: tl.constexpr,
         BLOCK_M: tl.constexpr,
         PRECISION: tl.constexpr,
+        ATOMIC_DQ: tl.constexpr,
     ):  # fmt: skip
-        """dV += P^T dO and dK += dS^T Q over query tiles [start, end). Padding and
-        out-of-range queries load lse = -inf, hence p = 0; keys are masked by the caller."""
+        """dV += P^T dO and dK += dS^T Q over query tiles [start, end); with ATOMIC_DQ also
+        dQ += dS K, added into the accumulator with float32 atomics (FlashAttention-2's
+        backward: no dQ kernel recomputing S and dP). Padding and out-of-range queries load
+        lse = -inf, hence p = 0; keys are masked by the caller (padding keys load k = v = 0,
+        so they add nothing to dQ)."""
         for start_m in range(start, end, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             pos_m = pos0 + offs_m
@@ -247,8 +256,14 @@ if triton is not None:
                 )
             dv += _dot(pT.to(do.dtype), do, PRECISION)
             dpT = _dot(v, tl.trans(do), PRECISION)
-            dsT = pT * (dpT - delta[None, :])
-            dk += _dot(dsT.to(q.dtype), q, PRECISION)
+            dsT = (pT * (dpT - delta[None, :])).to(q.dtype)
+            dk += _dot(dsT, q, PRECISION)
+            if ATOMIC_DQ:
+                dq = _dot(tl.trans(dsT), k, PRECISION)
+                tl.atomic_add(
+                    dq_base + offs_m[:, None] * stride_qs + offs_d[None, :], dq, mask=q_mask,
+                    sem="relaxed",
+                )  # fmt: skip
         return dk, dv
 
     @triton.jit
@@ -380,6 +395,7 @@ if triton is not None:
     def _attn_bwd_dkdv_kernel(
         q_ptr, k_ptr, v_ptr, do_ptr,
         dk_ptr, dv_ptr,  # out: layouts of k and v (contiguous, same strides as k)
+        dq_ptr,  # ATOMIC_DQ: float32 dQ accumulator, zeroed, q's layout (same strides as q)
         lse_ptr, delta_ptr,  # float32, layout of lse
         mask_ptr, kv_lo_ptr, kv_hi_ptr, cu_q_ptr, cu_k_ptr,
         stride_qb, stride_qs, stride_qh,
@@ -402,6 +418,7 @@ if triton is not None:
         BLOCK_N: tl.constexpr,  # key tile (owned by the program)
         BLOCK_D: tl.constexpr,
         PRECISION: tl.constexpr,
+        ATOMIC_DQ: tl.constexpr,
     ):  # fmt: skip
         pid_n = tl.program_id(0)
         pid_bh = tl.program_id(1)
@@ -445,19 +462,20 @@ if triton is not None:
             mask_row = mask_ptr + b * stride_mb
             for h in range(hk * group, hk * group + group):  # GQA: sum over the group here
                 q_base = q_ptr + b * stride_qb + q_start * stride_qs + h * stride_qh
+                dq_base = dq_ptr + b * stride_qb + q_start * stride_qs + h * stride_qh
                 do_base = do_ptr + b * stride_db + q_start * stride_ds + h * stride_dh
                 l_off = b * stride_lb + h * stride_lh + q_start
                 dk, dv = _dkdv_tiles(
-                    dk, dv, k, v, q_base, do_base, lse_ptr + l_off, delta_ptr + l_off,
+                    dk, dv, k, v, q_base, do_base, lse_ptr + l_off, delta_ptr + l_off, dq_base,
                     mask_row, off, offs_n, offs_d, d_ok, q_lo, q_mid,
                     stride_qs, stride_ds, sm_scale2, block_size,
-                    HAS_MASK, BLOCK_CAUSAL, BLOCK_CAUSAL, BLOCK_M, PRECISION,
+                    HAS_MASK, BLOCK_CAUSAL, BLOCK_CAUSAL, BLOCK_M, PRECISION, ATOMIC_DQ,
                 )  # fmt: skip
                 dk, dv = _dkdv_tiles(
-                    dk, dv, k, v, q_base, do_base, lse_ptr + l_off, delta_ptr + l_off,
+                    dk, dv, k, v, q_base, do_base, lse_ptr + l_off, delta_ptr + l_off, dq_base,
                     mask_row, off, offs_n, offs_d, d_ok, q_mid, q_hi,
                     stride_qs, stride_ds, sm_scale2, block_size,
-                    HAS_MASK, False, BLOCK_CAUSAL, BLOCK_M, PRECISION,
+                    HAS_MASK, False, BLOCK_CAUSAL, BLOCK_M, PRECISION, ATOMIC_DQ,
                 )  # fmt: skip
             # Padding keys ran with k = v = 0 against real queries: their gradients are 0.
             dk = tl.where(col_ok[:, None], dk, 0.0)
@@ -654,7 +672,7 @@ _KERNEL_NAMES = {
     "dkdv": "_attn_bwd_dkdv_kernel",
     "dq": "_attn_bwd_dq_kernel",
 }
-_TUNERS: dict = {}  # (kind, float32?, row bytes) -> triton.autotune wrapper of the kernel
+_TUNERS: dict = {}  # (kind, atomic dQ?, float32?, row bytes) -> triton.autotune wrapper
 _BEST: dict = {}  # (kind, key of one launch) -> the triton.Config the autotuner chose
 _FORCED: dict = {}  # kind -> triton.Config forced by forced_configs() (tests)
 # The autotuner's timer; None: Triton's default (CUDA events, median of many runs). Tests put a
@@ -663,7 +681,9 @@ _DO_BENCH = None
 # What one config is tuned for: the values of these kernel arguments (Triton adds the dtype of
 # every tensor argument). bucket_q / bucket_k are Sq / Sk rounded up to a power of two, so that
 # a new sequence length retunes only when it crosses a power of two.
-_TUNE_KEY = ("HEAD_DIM", "HAS_MASK", "VARLEN", "BLOCK_CAUSAL", "PRECISION", "bucket_q", "bucket_k")
+# ATOMIC_DQ (dK/dV kernel only) is absent from the other kernels' arguments: Triton skips it there.
+_TUNE_KEY = ("HEAD_DIM", "HAS_MASK", "VARLEN", "BLOCK_CAUSAL", "PRECISION", "ATOMIC_DQ",
+             "bucket_q", "bucket_k")  # fmt: skip
 
 
 def _autotune_on() -> bool:
@@ -701,14 +721,15 @@ def _launch(kind: str, grid, args: tuple, meta: dict, D: int, dtype: torch.dtype
     One config (no tuning) under the interpreter, with DLM_KERNELS_AUTOTUNE=0, or when forced;
     otherwise triton.autotune times every candidate of _autotune_configs at the first launch of
     each key (_TUNE_KEY: one compile per candidate and flag set, then a few timed runs each) and
-    later launches reuse the winner. The kernels only store their outputs (nothing accumulates
-    across launches), so the autotuner's repeated runs need no reset_to_zero / restore_value.
-    grid(META) reads BLOCK_M / BLOCK_N of the config that runs.
+    later launches reuse the winner. The kernels only store their outputs, except the dK/dV
+    kernel with ATOMIC_DQ, which adds into its dQ accumulator: its tuner zeroes that before
+    each timed run and before the real one (reset_to_zero). grid(META) reads BLOCK_M / BLOCK_N
+    of the config that runs.
     """
     kernel = globals()[_KERNEL_NAMES[kind]]  # looked up at launch: tests wrap the kernels
     cfg = _FORCED.get(kind)
     if cfg is None and _autotune_on():
-        key = (kind, dtype, *(meta[name] for name in _TUNE_KEY))
+        key = (kind, dtype, *(meta.get(name) for name in _TUNE_KEY))
         cfg = _BEST.get(key)
         on_cuda = args[0].device.type == "cuda"  # args[0] is q in every kernel
         if cfg is None and on_cuda and torch.cuda.is_current_stream_capturing():
@@ -720,11 +741,15 @@ def _launch(kind: str, grid, args: tuple, meta: dict, D: int, dtype: torch.dtype
                 stacklevel=2,
             )
         elif cfg is None:
-            cls = (kind, dtype == torch.float32, max(128, _row_bytes(D, dtype)))
+            atomic = bool(meta.get("ATOMIC_DQ", False))
+            cls = (kind, atomic, dtype == torch.float32, max(128, _row_bytes(D, dtype)))
             tuner = _TUNERS.get(cls)
             if tuner is None:
                 configs = _autotune_configs(kind, D, dtype)
-                tuner = triton.autotune(configs, key=list(_TUNE_KEY), do_bench=_DO_BENCH)(kernel)
+                tuner = triton.autotune(
+                    configs, key=list(_TUNE_KEY), do_bench=_DO_BENCH,
+                    reset_to_zero=["dq_ptr"] if atomic else None,
+                )(kernel)  # fmt: skip
                 _TUNERS[cls] = tuner
             tuner[grid](*args, **meta)
             _BEST[key] = tuner.best_config
@@ -800,11 +825,16 @@ def _triton_fwd(q, k, v, mask, cu_q, cu_k, max_q, max_k, block_size, scale):
     return out, lse
 
 
-def _triton_bwd(do, q, k, v, out, lse, dlse, mask, cu_q, cu_k, max_q, max_k, block_size, scale):
+def _triton_bwd(do, q, k, v, out, lse, dlse, mask, cu_q, cu_k, max_q, max_k, block_size, scale,
+                deterministic=True):  # fmt: skip
     """Three kernels: delta (reads O, dO), dK/dV (per key tile: Q, dO of the visible query
     tiles of every head in the group) and dQ (per query tile: the visible K, V tiles).
+    Flops 14 * B * Hq * Sq * Sk_visible * D: S and dP are computed in both kernels.
 
-    Flops 10 * B * Hq * Sq * Sk_visible * D (S and dP are recomputed in both kernels).
+    deterministic=False: two kernels. The dK/dV kernel also forms dS K for each query tile and
+    adds it into a zeroed float32 dQ buffer with atomics (FlashAttention-2's backward): 10 * B *
+    Hq * Sq * Sk_visible * D flops, plus B * Hq * Sq * D * ceil(Sk / BLOCK_N) float32 atomic
+    adds, whose order - hence dQ's last bits - varies from run to run.
     """
     varlen = cu_q is not None
     B, Hq, Hkv, D = _shapes(q, k, cu_q)
@@ -822,6 +852,9 @@ def _triton_bwd(do, q, k, v, out, lse, dlse, mask, cu_q, cu_k, max_q, max_k, blo
         HEAD_DIM=D, HAS_MASK=mask is not None, VARLEN=varlen, BLOCK_CAUSAL=bool(block_size),
         BLOCK_D=BLOCK_D, PRECISION=_precision(q.dtype),
     )  # fmt: skip
+    atomic = not deterministic
+    # q is contiguous (bidirectional_attention makes it so): the accumulator shares its strides.
+    dq_acc = torch.zeros_like(q, dtype=torch.float32) if atomic else None
     delta = torch.empty_like(lse)
     # A memory-bound row sum with its own fixed tile: independent of the tiles tuned below.
     BM_pre = 16 if dispatch.triton_interpret() else 64
@@ -833,12 +866,14 @@ def _triton_bwd(do, q, k, v, out, lse, dlse, mask, cu_q, cu_k, max_q, max_k, blo
     _launch(
         "dkdv", lambda META: (triton.cdiv(Sk, META["BLOCK_N"]), B * Hkv),
         (
-            q, k, v, do, dk, dv, lse, delta, m8, lo, hi, cu_q_, cu_k_,
+            q, k, v, do, dk, dv, dq_acc if atomic else dk, lse, delta, m8, lo, hi, cu_q_, cu_k_,
             *_layout(q, varlen), *_layout(k, varlen), *_layout(do, varlen), *stride_l, stride_m,
             Hkv, Hq // Hkv, Sq, Sk, scale * _LOG2E, scale, block_size or 1,
         ),
-        flags, D, q.dtype,
+        dict(flags, ATOMIC_DQ=atomic), D, q.dtype,
     )  # fmt: skip
+    if atomic:
+        return dq_acc.mul_(scale).to(q.dtype), dk, dv
     _launch(
         "dq", lambda META: (triton.cdiv(Sq, META["BLOCK_M"]), B * Hq),
         (
@@ -866,6 +901,7 @@ def _attn_fwd(
     max_seqlen_k: int,
     block_size: int,
     softmax_scale: float,
+    deterministic: bool,  # the backward's choice, read by _setup_context
 ) -> tuple[Tensor, Tensor]:
     return _triton_fwd(
         q, k, v, attention_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -874,7 +910,7 @@ def _attn_fwd(
 
 
 @_attn_fwd.register_fake
-def _(q, k, v, attention_mask, cu_seqlens_q, cu_seqlens_k, max_q, max_k, block_size, scale):
+def _(q, k, v, attention_mask, cu_seqlens_q, cu_seqlens_k, max_q, max_k, block_size, scale, det):
     lse = q.new_empty(_lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32)
     return torch.empty_like(q), lse
 
@@ -895,37 +931,35 @@ def _attn_bwd(
     max_seqlen_k: int,
     block_size: int,
     softmax_scale: float,
+    deterministic: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     do = do.contiguous()
     if dlse is not None:
         dlse = dlse.to(torch.float32).contiguous()
     return _triton_bwd(
         do, q, k, v, out, lse, dlse, attention_mask, cu_seqlens_q, cu_seqlens_k,
-        max_seqlen_q, max_seqlen_k, block_size, softmax_scale,
+        max_seqlen_q, max_seqlen_k, block_size, softmax_scale, deterministic,
     )  # fmt: skip
 
 
 @_attn_bwd.register_fake
-def _(do, q, k, v, out, lse, dlse, mask, cu_q, cu_k, max_q, max_k, block_size, scale):
+def _(do, q, k, v, out, lse, dlse, mask, cu_q, cu_k, max_q, max_k, block_size, scale, det):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, cu_q, cu_k, max_q, max_k, block_size, scale = inputs
+    q, k, v, mask, cu_q, cu_k, max_q, max_k, block_size, scale, deterministic = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, mask, cu_q, cu_k)
-    ctx.opts = (max_q, max_k, block_size, scale)
+    ctx.opts = (max_q, max_k, block_size, scale, deterministic)
 
 
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, mask, cu_q, cu_k = ctx.saved_tensors
-    max_q, max_k, block_size, scale = ctx.opts
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    dq, dk, dv = _attn_bwd(
-        grad_out, q, k, v, out, lse, grad_lse, mask, cu_q, cu_k, max_q, max_k, block_size, scale
-    )
-    return dq, dk, dv, None, None, None, None, None, None, None
+    dq, dk, dv = _attn_bwd(grad_out, q, k, v, out, lse, grad_lse, mask, cu_q, cu_k, *ctx.opts)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 _attn_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -1052,6 +1086,7 @@ def bidirectional_attention(
     block_size: int | None = None,
     softmax_scale: float | None = None,
     return_lse: bool = False,
+    deterministic: bool = True,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Non-causal attention softmax(scale * Q K^T) V with padding, packing, block-causal masks
     and queries against a cached prefix; flash_attn_func's layout and names.
@@ -1074,6 +1109,11 @@ def bidirectional_attention(
             keys in blocks <= j (semi-autoregressive / block diffusion). None: fully bidirectional.
         softmax_scale: float, default 1 / sqrt(D).
         return_lse: also return the float32 log-sum-exp of the scaled scores.
+        deterministic: the backward's dQ (Triton). True (default): a dQ kernel of its own, run
+            to run identical. False: FlashAttention-2's backward, dQ added with float32 atomics
+            by the dK/dV kernel (about 30% fewer flops; dQ's last bits vary between runs).
+            Which is faster on a given GPU is for benchmarks/bench_attention.py to say; the
+            reference and flash-attn paths ignore it (flash-attn: its own default).
 
     Returns:
         out: the shape and dtype of q. lse (when return_lse): float32 (B, Hq, Sq), or
@@ -1140,6 +1180,8 @@ def bidirectional_attention(
     softmax_scale = float(softmax_scale)
     if not isinstance(return_lse, bool):
         raise _err(f"return_lse must be a bool, got {type(return_lse).__name__}", TypeError)
+    if not isinstance(deterministic, bool):
+        raise _err(f"deterministic must be a bool, got {type(deterministic).__name__}", TypeError)
 
     if dispatch.current_impl() == "flash_attn" and attention_flash.supports(
         q, attention_mask, block_size, return_lse
@@ -1161,6 +1203,7 @@ def bidirectional_attention(
         )  # fmt: skip
     q, k, v = (t if t.is_contiguous() else t.contiguous() for t in (q, k, v))
     out, lse = _attn_fwd(
-        q, k, v, attention_mask, cu_q, cu_k, max_q, max_k, block_size or 0, softmax_scale
-    )
+        q, k, v, attention_mask, cu_q, cu_k, max_q, max_k, block_size or 0, softmax_scale,
+        deterministic,
+    )  # fmt: skip
     return (out, lse) if return_lse else out

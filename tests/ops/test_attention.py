@@ -32,8 +32,9 @@ def _inputs(B, Sq, Sk, Hq, Hkv, D, dtype, varlen_total=None):
     return [torch.randn(s, device=DEV).to(dtype) for s in shapes]
 
 
-def _run(path, q, k, v, g, glse, **kw):
-    """out, lse and the gradients of sum(out * g) + sum(finite lse * glse) of one path."""
+def _run(path, q, k, v, g, glse, deterministic=True, **kw):
+    """out, lse and the gradients of sum(out * g) + sum(finite lse * glse) of one path
+    (deterministic: the op's argument, for the kernels' backward)."""
     leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
     if path == "float64":
         out, lse = reference.bidirectional_attention(
@@ -43,14 +44,16 @@ def _run(path, q, k, v, g, glse, **kw):
         out, lse = reference.bidirectional_attention(*leaves, return_lse=True, upcast=False, **kw)
     else:
         with impl(path):
-            out, lse = dlm_kernels.bidirectional_attention(*leaves, return_lse=True, **kw)
+            out, lse = dlm_kernels.bidirectional_attention(
+                *leaves, return_lse=True, deterministic=deterministic, **kw
+            )
     # -inf (rows that see nothing) must not turn the loss into NaN: those entries are dropped.
     lse_term = lse.masked_fill(torch.isinf(lse), 0.0) * glse.to(lse.dtype)
     ((out * g.to(out.dtype)).sum() + lse_term.sum()).backward()
     return out.detach(), lse.detach(), *(t.grad for t in leaves)
 
 
-def _check(path, q, k, v, **kw):
+def _check(path, q, k, v, deterministic=True, **kw):
     """Compare one path with the float64 reference under the 2x-low-precision rule."""
     if path == "triton":
         skip_unless_available("triton")
@@ -61,7 +64,7 @@ def _check(path, q, k, v, **kw):
     glse = torch.randn(lse_shape, device=DEV, dtype=torch.float64)
     ref = _run("float64", q, k, v, g, glse, **kw)
     low = _run("lowp", q, k, v, g, glse, **kw)
-    got = _run(path, q, k, v, g, glse, **kw)
+    got = _run(path, q, k, v, g, glse, deterministic, **kw)
     assert got[0].dtype == q.dtype and got[0].shape == q.shape
     assert got[1].dtype == torch.float32 and got[1].shape == lse_shape
     for name, r, lo, o in zip(("out", "lse", "dq", "dk", "dv"), ref, low, got):
@@ -211,6 +214,32 @@ def test_varlen_equals_padded_batch(path):
             torch.testing.assert_close(packed[a:b], alone[0], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "case", ["cache-mask-blocks-gqa3", "bf16-long-mask-blocks", "varlen-cached", "fp16-plain"]
+)
+def test_atomic_dq_backward(case):
+    # deterministic=False: dQ from the dK/dV kernel by float32 atomics, no dQ kernel. Every
+    # feature that changes which (key tile, query tile) pairs meet, each against float64.
+    skip_unless_available("triton")
+    if case == "cache-mask-blocks-gqa3":  # Sq 37 < Sk 53: cached queries, rows 0 and 1 padded
+        q, k, v = _inputs(2, 37, 53, 6, 2, 40, torch.float32)
+        kw = dict(attention_mask=_padding_mask(2, 53), block_size=10)
+    elif case == "bf16-long-mask-blocks":  # several tiles, blocks of 24 crossing tile edges
+        q, k, v = _inputs(2, 131, 131, 3, 1, 40, torch.bfloat16)
+        kw = dict(attention_mask=_padding_mask(2, 131), block_size=24)
+    elif case == "varlen-cached":  # an empty sequence and len_q < len_k
+        lens_q, lens_k = [10, 1, 0, 26], [17, 3, 4, 30]
+        cu_q, cu_k = (torch.tensor([0, *torch.tensor(n).cumsum(0).tolist()], dtype=torch.int32,
+                                   device=DEV) for n in (lens_q, lens_k))  # fmt: skip
+        q, k, v = _inputs(0, 0, 0, 6, 2, 40, torch.float32, (sum(lens_q), sum(lens_k)))
+        kw = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=26, max_seqlen_k=30,
+                  block_size=8)  # fmt: skip
+    else:
+        q, k, v = _inputs(1, 45, 45, 2, 2, 64, torch.float16)
+        kw = {}
+    _check("triton", q, k, v, deterministic=False, **kw)
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_strided_inputs(path):
     # q, k, v as (B, H, S, D).transpose(1, 2) views and a mask sliced out of a wider one.
@@ -264,12 +293,13 @@ def test_fake_and_autograd_registration():
 
     q, k, v = (t.requires_grad_(True) for t in _inputs(1, 19, 19, 2, 1, 16, torch.float32))
     mask = _padding_mask(1, 19)
-    args = (q, k, v, mask, None, None, 19, 19, 8, 0.25)
-    torch.library.opcheck(
-        attention._attn_fwd,
-        args,
-        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
-    )
+    for deterministic in (True, False):
+        args = (q, k, v, mask, None, None, 19, 19, 8, 0.25, deterministic)
+        torch.library.opcheck(
+            attention._attn_fwd,
+            args,
+            test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+        )
 
 
 # ------------------------------------------------------------------ bad input
@@ -295,6 +325,7 @@ def test_bad_inputs():
     _bad("attention_mask must be a bool", q, k, v, attention_mask=mask.int(), exc=TypeError)
     _bad(r"attention_mask must have shape \(B, Sk\)", q, k, v, attention_mask=mask[:, :7])
     _bad("block_size must be >= 1", q, k, v, block_size=0)
+    _bad("deterministic must be a bool", q, k, v, deterministic=1, exc=TypeError)
     _bad("block_size must be an int", q, k, v, block_size=2.0, exc=TypeError)
     _bad("softmax_scale must be finite", q, k, v, softmax_scale=float("nan"))
     _bad("max_seqlen_q / max_seqlen_k apply only", q, k, v, max_seqlen_q=8)
@@ -421,7 +452,8 @@ def test_every_autotune_candidate(monkeypatch):
     # whole one among them), left/right padding and a hole, block-causal blocks (10) unaligned
     # with every tile, GQA 3, D 40 (padded to 64). Under the
     # interpreter, which ignores num_warps and num_stages, float32 (the tightest tolerance) and
-    # every tile shape of every list; on a GPU, bf16 and every config of its list.
+    # every tile shape of every list; on a GPU, bf16 and every config of its list. dK/dV's
+    # configs run a second time with atomic dQ.
     skip_unless_available("triton")
     from dlm_kernels.ops import attention
 
@@ -436,24 +468,30 @@ def test_every_autotune_candidate(monkeypatch):
     mask = _padding_mask(B, Sk)
     logs = _spy_kernels(monkeypatch)
     n = max(len(c) for c in runs.values())
-    for i in range(n):
+    # Then every dK/dV config once more with atomic dQ (deterministic=False; no dQ kernel).
+    plan = [(i, True) for i in range(n)] + [(i, False) for i in range(len(runs["dkdv"]))]
+    for i, deterministic in plan:
         forced = {kind: configs[i % len(configs)] for kind, configs in runs.items()}
         with attention.forced_configs(**forced):
-            _check("triton", q, k, v, attention_mask=mask, block_size=10)
+            _check("triton", q, k, v, attention_mask=mask, block_size=10,
+                   deterministic=deterministic)  # fmt: skip
         for kind, log in logs.items():  # the forced tiles ran, nothing else
-            assert log == [_tile(forced[kind])], (kind, forced[kind])
+            ran = deterministic or kind != "dq"
+            assert log == ([_tile(forced[kind])] if ran else []), (kind, forced[kind])
             log.clear()
     assert not attention._FORCED  # the context manager cleaned up
 
 
-def test_autotuner_path(monkeypatch):
+@pytest.mark.parametrize("deterministic", [True, False], ids=["dq-kernel", "atomic-dq"])
+def test_autotuner_path(monkeypatch, deterministic):
     # The real triton.autotune path: on a GPU with its CUDA-event timer; under the interpreter
     # (where autotuning is off by design) switched on with a stand-in timer that runs each
     # candidate once and ranks the later ones faster, so that the last candidate must win.
     # float32 D 40 has three candidates per kernel. Checked: every candidate runs on the real
     # outputs (re-running is harmless: the result stays correct), the winner launches with a
     # grid from its own tiles, and a new length in the same power-of-two bucket (Sq 40, Sk 60
-    # after 37, 53) reuses the winner without timing again.
+    # after 37, 53) reuses the winner without timing again. With atomic dQ, every timed run
+    # adds into the dQ buffer: the result is right only if the tuner zeroes it between runs.
     skip_unless_available("triton")
     from dlm_kernels.ops import attention
 
@@ -472,9 +510,10 @@ def test_autotuner_path(monkeypatch):
         monkeypatch.setattr(attention, "_DO_BENCH", fake_do_bench)
     dtype, D = torch.float32, 40
     _check("triton", *_inputs(2, 37, 53, 4, 2, D, dtype), attention_mask=_padding_mask(2, 53),
-           block_size=10)  # fmt: skip
+           block_size=10, deterministic=deterministic)  # fmt: skip
     tuned = {key[0]: cfg for key, cfg in attention._BEST.items()}
-    assert len(attention._BEST) == 3 and sorted(tuned) == ["dkdv", "dq", "fwd"]
+    kinds = ["dkdv", "dq", "fwd"] if deterministic else ["dkdv", "fwd"]
+    assert len(attention._BEST) == len(kinds) and sorted(tuned) == kinds
     for kind, cfg in tuned.items():
         configs = attention._autotune_configs(kind, D, dtype)
         assert cfg in configs
@@ -486,7 +525,7 @@ def test_autotuner_path(monkeypatch):
     logs = _spy_kernels(monkeypatch)
     n_timed = len(timed)
     _check("triton", *_inputs(2, 40, 60, 4, 2, D, dtype), attention_mask=_padding_mask(2, 60),
-           block_size=10)  # fmt: skip
+           block_size=10, deterministic=deterministic)  # fmt: skip
     assert attention._BEST == best and len(timed) == n_timed  # no retuning
     for kind, log in logs.items():  # one launch each, straight with the tuned tiles
-        assert log == [_tile(tuned[kind])], kind
+        assert log == ([_tile(tuned[kind])] if kind in tuned else []), kind
