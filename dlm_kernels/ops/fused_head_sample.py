@@ -287,6 +287,8 @@ def fused_head_unmask_step(
     if h2d.stride(-1) != 1:
         h2d = h2d.contiguous()
     W = lm_head_weight if lm_head_weight.stride(-1) == 1 else lm_head_weight.contiguous()
+    if bias is not None and bias.stride(0) != 1:  # the kernel reads b_ptr + column
+        bias = bias.contiguous()
 
     # 2. Per chunk: logits, then the row sampler of unmask_step.
     impl = dispatch.select(dev)

@@ -110,6 +110,20 @@ def test_triton_odd_shape_greedy():
            num_transfer=3, confidence="neg_entropy", seed=0)  # fmt: skip
 
 
+@pytest.mark.parametrize("name", ["cpp", "triton", "reference"])
+def test_strided_head_bias_and_hidden(name):
+    # Views a user passes: the bias a column of a (V, 2) tensor (stride 2), the head stored
+    # transposed, the hidden states a slice of wider ones. The bias is ~100x the hidden's
+    # contribution, so a bias read with the wrong stride changes the tokens.
+    x, _, mask_id, h, W, b = _batch(b=2, l=13, v=203)
+    bias = torch.stack([b * 64, -b * 64], 1)[:, 0]
+    head = W.t().contiguous().t()
+    hidden = torch.cat([h, _grid(2, 13, 7)], dim=-1)[..., :40]
+    assert bias.stride(0) == 2 and head.stride(0) == 1 and not hidden.is_contiguous()
+    _check(name, x, hidden, head, mask_id=mask_id, bias=bias, chunk_rows=8, num_transfer=3,
+           seed=0)  # fmt: skip
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: ids(d=d))
 def test_triton_seeded(dtype):
     skip_unless_available("triton")
