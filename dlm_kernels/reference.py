@@ -203,6 +203,21 @@ def varlen_visibility(
     return vis[None]
 
 
+def zero_attention_padding(
+    q: Tensor, k: Tensor, v: Tensor, attention_mask: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v with 0 at padding positions (keys where attention_mask is False, queries whose
+    own position is), as the kernels, which never read them: a probability of 0 times a NaN
+    stored in a padded value row (e.g. a KV cache allocated with torch.empty) is still NaN.
+    Gradients are unchanged: padding keys and queries get zero gradients either way."""
+    if attention_mask is None:
+        return q, k, v
+    Sq, Sk = q.shape[1], k.shape[1]
+    key_pad = ~attention_mask[:, :, None, None]
+    q = q.masked_fill(~attention_mask[:, Sk - Sq :, None, None], 0.0)
+    return q, k.masked_fill(key_pad, 0.0), v.masked_fill(key_pad, 0.0)
+
+
 def attention_with_visibility(
     q: Tensor, k: Tensor, v: Tensor, visible: Tensor, softmax_scale: float, upcast: bool = True
 ) -> tuple[Tensor, Tensor]:
@@ -263,6 +278,7 @@ def bidirectional_attention(
     else:
         B, Sq, Sk = q.shape[0], q.shape[1], k.shape[1]
         vis = attention_visibility(B, Sq, Sk, attention_mask, block_size, q.device)
+        q, k, v = zero_attention_padding(q, k, v, attention_mask)
         out, lse = attention_with_visibility(q, k, v, vis, scale, upcast)
     return (out, lse) if return_lse else out
 
@@ -285,6 +301,8 @@ def bidirectional_attention_sdpa(
 
     SDPA returns NaN for a query that sees no key, so such rows are given one harmless visible
     key and their output is then replaced by 0 (no gradient reaches q, k or v through them).
+    Padding positions of q, k and v are zeroed first (zero_attention_padding), so that values
+    stored there, NaN included, never reach the result, as with the kernels.
     The lse, when asked for, is the logsumexp of the masked scores ((B, Hq, Sq, Sk) memory).
     """
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
@@ -297,6 +315,7 @@ def bidirectional_attention_sdpa(
         vis = attention_visibility(
             q.shape[0], q.shape[1], k.shape[1], attention_mask, block_size, q.device
         )
+        q, k, v = zero_attention_padding(q, k, v, attention_mask)
     if not dense:
         seen = vis.any(dim=-1)  # (B, Sq)
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)

@@ -1121,8 +1121,9 @@ def bidirectional_attention(
         (and through lse when it is used).
 
     A query row that sees no key - a padding row, or a row whose visible keys are all padding -
-    gets out 0, lse -inf and zero gradients, never NaN. Padding keys are never read by the
-    Triton kernels, so garbage (even NaN) stored there cannot leak into the result.
+    gets out 0, lse -inf and zero gradients, never NaN. Values stored at padding positions
+    (even NaN: a KV cache allocated with torch.empty) never reach the result on any path: the
+    Triton kernels never read them, the reference zeroes them first.
 
     On CUDA the kernels autotune their tiles at the first call of each shape class (head dim,
     dtype, mask kind, power of two of Sq and Sk), which takes seconds once per process;

@@ -251,20 +251,35 @@ def test_strided_inputs(path):
     _check(path, q, k, v, attention_mask=mask, block_size=7)
 
 
-def test_garbage_in_padding_is_never_read():
-    # NaN stored at padding positions of q, k, v must not reach the output or the gradients.
-    skip_unless_available("triton")
+@pytest.mark.parametrize("path", [*PATHS, "float64"])
+def test_garbage_in_padding_is_never_read(path):
+    # NaN stored at padding positions of q, k, v (a KV cache allocated with torch.empty) must
+    # not reach the output or the gradients, on every path: "reference" is the CPU fallback
+    # (SDPA), "float64" the written-out reference.
+    if path == "triton":
+        skip_unless_available("triton")
     B, S = 2, 37
     q, k, v = _inputs(B, S, S, 2, 2, 40, torch.float32)
     mask = _padding_mask(B, S)
     dirty = [t.masked_fill(~mask[:, :, None, None], float("nan")) for t in (q, k, v)]
     clean = [t.masked_fill(~mask[:, :, None, None], 0.0) for t in (q, k, v)]
-    g = torch.randn_like(q)
+    _same_with_garbage(path, dirty, clean, mask)
+    # Cached queries (Sq 20 < Sk 37): the queries' own padding is at key positions 17..36.
+    _same_with_garbage(path, [dirty[0][:, 17:], *dirty[1:]], [clean[0][:, 17:], *clean[1:]], mask)
+
+
+def _same_with_garbage(path, dirty, clean, mask):
+    g = torch.randn_like(dirty[0])
     results = []
     for qkv in (dirty, clean):
         leaves = [t.clone().requires_grad_(True) for t in qkv]
-        with impl("triton"):
-            out = dlm_kernels.bidirectional_attention(*leaves, attention_mask=mask, block_size=8)
+        if path == "float64":
+            out = reference.bidirectional_attention(*leaves, attention_mask=mask, block_size=8)
+        else:
+            with impl(path):
+                out = dlm_kernels.bidirectional_attention(
+                    *leaves, attention_mask=mask, block_size=8
+                )
         (out * g).sum().backward()
         results.append([out.detach(), *(t.grad for t in leaves)])
     for name, a, b in zip(("out", "dq", "dk", "dv"), *results):
