@@ -44,7 +44,17 @@ class MaskedLinearCrossEntropy(nn.Module):
         deterministic: bool = True,
     ) -> None:
         super().__init__()
-        check_options("MaskedLinearCrossEntropy", reduction, label_smoothing, z_loss, None)
+        name = "MaskedLinearCrossEntropy"
+        check_options(name, reduction, label_smoothing, z_loss, None)
+        # The rest of the checks now, not at the first forward (they cost nothing).
+        if softcap is not None and (
+            isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not softcap > 0
+        ):
+            raise ValueError(f"{name}: softcap must be None or > 0, got {softcap!r}")
+        if not isinstance(deterministic, bool):
+            raise TypeError(f"{name}: deterministic must be a bool, got {deterministic!r}")
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise TypeError(f"{name}: ignore_index must be an int, got {ignore_index!r}")
         self.reduction = reduction
         self.ignore_index = ignore_index
         self.label_smoothing = label_smoothing

@@ -1003,7 +1003,11 @@ def _check_qkv(q, k, v, ndim: int, layout: str):
         if not isinstance(t, Tensor):
             raise _err(f"{name} must be a tensor, got {type(t).__name__}", TypeError)
         if t.dtype not in _FLOATS:
-            raise _err(f"{name} must be float16, bfloat16 or float32, got {t.dtype}", TypeError)
+            raise _err(
+                f"{name} must be float16, bfloat16, float32 (or float64: the reference), got "
+                f"{t.dtype}",
+                TypeError,
+            )
         if t.dim() != ndim:
             raise _err(f"{name} must have shape {layout}, got {tuple(t.shape)}")
     if not (q.dtype == k.dtype == v.dtype):

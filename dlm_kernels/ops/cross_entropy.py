@@ -296,6 +296,15 @@ class _GradInForward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        if getattr(ctx, "done", False):
+            # Checked before ctx.saved_tensors, whose version check would raise autograd's
+            # generic in-place error: the first backward scaled the stored gradient in place.
+            raise RuntimeError(
+                "masked_cross_entropy: backward ran twice through a graph built with "
+                "grad_in_forward=True (its gradient is stored once and scaled in place); "
+                "retain_graph=True is not supported there: use grad_in_forward=False"
+            )
+        ctx.done = True
         (grad,) = ctx.saved_tensors
         # Scaled in place by the per-row upstream gradient: one read and write, no host check
         # for grad_loss == 1 (Liger skips it that way, at the cost of a device sync).
@@ -399,8 +408,8 @@ def reduce_rows(
     total = loss.sum()
     if reduction == "sum":
         return total
-    if normalizer is not None:
-        return total / normalizer
+    if normalizer is not None:  # a (1,) tensor still gives a scalar loss
+        return total / (normalizer.reshape(()) if isinstance(normalizer, Tensor) else normalizer)
     return total / valid.sum().clamp_min(1)
 
 
@@ -409,11 +418,19 @@ def check_options(name: str, reduction: str, label_smoothing: float, z_loss: flo
         raise ValueError(f"{name}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     if not 0.0 <= float(label_smoothing) <= 1.0:
         raise ValueError(f"{name}: label_smoothing must lie in [0, 1], got {label_smoothing}")
-    if float(z_loss) < 0.0:
+    if not float(z_loss) >= 0.0:  # NaN fails too
         raise ValueError(f"{name}: z_loss must be >= 0, got {z_loss}")
     if normalizer is not None and reduction != "mean":
         raise ValueError(f"{name}: normalizer applies to reduction='mean' only")
-    if isinstance(normalizer, (int, float)) and normalizer <= 0:
+    if isinstance(normalizer, Tensor):
+        if normalizer.numel() != 1:
+            raise ValueError(
+                f"{name}: normalizer must be a number or a one-element tensor, got shape "
+                f"{tuple(normalizer.shape)}"
+            )
+        if normalizer.device.type == "cpu" and not torch.compiler.is_compiling():
+            normalizer = float(normalizer)  # free on the CPU; a CUDA check would sync
+    if isinstance(normalizer, (int, float)) and not normalizer > 0:
         raise ValueError(f"{name}: normalizer must be > 0, got {normalizer}")
 
 

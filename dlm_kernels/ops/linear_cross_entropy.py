@@ -968,11 +968,15 @@ def _check_head(name, hidden, lm_head_weight, bias, target, softcap):
             )
         if bias.device != hidden.device:
             raise ValueError(f"{name}: bias is on {bias.device}, expected {hidden.device}")
-    if isinstance(target, Tensor) and tuple(hidden.shape[:-1]) != tuple(target.shape):
-        raise ValueError(
-            f"{name}: hidden {tuple(hidden.shape)} must be target's shape {tuple(target.shape)} "
-            "plus a hidden dimension"
-        )
+    if target is not None:  # None: fused_head_unmask_step, which shares these checks
+        if not isinstance(target, Tensor):
+            got = type(target).__name__
+            raise TypeError(f"{name}: target must be an integer tensor, got {got}")
+        if tuple(hidden.shape[:-1]) != tuple(target.shape):
+            raise ValueError(
+                f"{name}: hidden {tuple(hidden.shape)} must be target's shape "
+                f"{tuple(target.shape)} plus a hidden dimension"
+            )
     if softcap is not None:
         if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
             raise TypeError(f"{name}: softcap must be None or a positive float, got {softcap!r}")
@@ -1038,7 +1042,8 @@ def masked_linear_cross_entropy(
         softcap: None (default) or c > 0: the logits become ``c * tanh(logits / c)`` (Gemma 2)
             before the loss.
         return_lse: also return the (...) float32 logsumexp of each position (0 where the
-            position carries no loss), without gradient; useful for logging the z-loss.
+            position carries no loss), detached (no gradient flows back through it on any
+            path); useful for logging the z-loss. For a z-loss that trains, use ``z_loss``.
         deterministic: True (default): the weight gradient is reduced in a fixed order. False
             lets the Triton path accumulate it with float32 atomics (one backward kernel instead
             of two; run-to-run bit differences). The CPU path is always deterministic.
@@ -1081,7 +1086,6 @@ def _masked_linear_cross_entropy(
             h2, lm_head_weight, bias, t, valid, w, eps, z, cap
         )
         out = reduce_rows(name, loss, valid, shape, reduction, normalizer)
-        lse = lse.detach()
     else:
         reduce = reduction != "none"
         tensors = (hidden, lm_head_weight, bias)
@@ -1102,5 +1106,7 @@ def _masked_linear_cross_entropy(
             )
         out = reduce_rows(name, loss, valid, shape, reduction, normalizer)
     if return_lse:
-        return out, lse.reshape(shape)
+        # Detached on every path: the custom ops' backward ignores a gradient flowing into the
+        # lse, so an attached lse would silently drop it (e.g. a user's own z-loss on it).
+        return out, lse.detach().reshape(shape)
     return out

@@ -585,9 +585,15 @@ def _host_checkable(t: Tensor) -> bool:
 def _per_row(name, arg, value, n, dtype, device, lo=None, hi=None, lo_open=False) -> Tensor:
     """A scalar or (n,) tensor option as an (n,) tensor of ``dtype`` on ``device``.
 
-    Values are range-checked for scalars and CPU tensors (a CUDA check would sync).
+    Values are range-checked (and NaN rejected) for scalars and CPU tensors (a CUDA check would
+    sync).
     """
-    what = f"[{lo}, {hi}]" if not lo_open else f"({lo}, {hi}]"
+    if lo is not None and hi is not None:
+        what = f"({lo}, {hi}]" if lo_open else f"[{lo}, {hi}]"
+    elif lo is not None:
+        what = f"{'>' if lo_open else '>='} {lo}"
+    else:
+        what = "a number (not NaN)" if hi is None else f"<= {hi}"
     if isinstance(value, Tensor):
         if value.dtype == torch.bool or value.is_complex():
             raise TypeError(f"{name}: {arg} must be a number or a real tensor, got {value.dtype}")
@@ -600,24 +606,26 @@ def _per_row(name, arg, value, n, dtype, device, lo=None, hi=None, lo_open=False
             raise ValueError(f"{name}: {arg} is on {value.device}, expected {device}")
         t = value.to(dtype).expand(n).contiguous()
         if _host_checkable(t) and t.numel():
-            bad = torch.zeros((), dtype=torch.bool)
+            bad = t.isnan().any() if t.dtype.is_floating_point else torch.tensor(False)
             if lo is not None:
                 bad |= ((t <= lo) if lo_open else (t < lo)).any()
             if hi is not None:
                 bad |= (t > hi).any()
             if bool(bad):
-                raise ValueError(f"{name}: every {arg} must lie in {what}")
+                raise ValueError(f"{name}: every {arg} must be {what}, got {t.tolist()[:8]}")
         return t
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name}: {arg} must be a number or a tensor, got {type(value).__name__}")
     if dtype == torch.int64 and not isinstance(value, int):
         raise TypeError(f"{name}: {arg} must be an int, got {value!r}")
+    if dtype == torch.int64 and not -(2**63) <= value < 2**63:
+        raise ValueError(f"{name}: {arg} must fit in int64, got {value}")
     if (
         value != value
         or (lo is not None and (value <= lo if lo_open else value < lo))
         or (hi is not None and value > hi)
     ):
-        raise ValueError(f"{name}: {arg} must lie in {what}, got {value}")
+        raise ValueError(f"{name}: {arg} must be {what}, got {value}")
     return torch.full((n,), value, dtype=dtype, device=device)
 
 

@@ -288,6 +288,9 @@ def test_torch_compile_with_custom_op():
         ({"logits": "int"}, TypeError, "logits must be a float32"),
         ({"reduction": "avg"}, ValueError, "reduction must be one of"),
         ({"label_smoothing": 1.5}, ValueError, "label_smoothing must lie in [0, 1]"),
+        ({"z_loss": float("nan")}, ValueError, "z_loss must be >= 0"),
+        ({"normalizer": torch.tensor(0.0)}, ValueError, "normalizer must be > 0"),
+        ({"normalizer": torch.ones(2)}, ValueError, "normalizer must be a number or a one-"),
     ],
     ids=lambda v: "-".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else "",
 )
@@ -317,6 +320,17 @@ def test_bad_input_errors_name_the_argument(name, kwargs, exc, words, monkeypatc
         dlm_kernels.masked_cross_entropy(
             args["logits"], args["target"], args["mask"], args["weight"], **opts
         )
+
+
+@pytest.mark.parametrize("name", ["reference", *IMPLS])
+def test_one_element_normalizer_gives_a_scalar(name):
+    skip_unless_available(name)
+    logits, target, mask, weight = _inputs((37,), 1003, torch.float32)
+    with impl(name):
+        a = dlm_kernels.masked_cross_entropy(logits, target, mask, weight, normalizer=7.0)
+        b = dlm_kernels.masked_cross_entropy(logits, target, mask, weight,
+                                             normalizer=torch.tensor([7.0]))  # fmt: skip
+    assert a.shape == b.shape == () and torch.equal(a, b)
 
 
 def test_missing_extension_warns_once_and_falls_back(monkeypatch):
@@ -390,6 +404,23 @@ def test_grad_in_forward_refuses_a_leaf():
         dlm_kernels.masked_cross_entropy(
             logits.requires_grad_(True), target, mask, weight, grad_in_forward=True
         )
+
+
+@pytest.mark.parametrize("name", IMPLS)
+def test_grad_in_forward_second_backward_says_why(name):
+    # retain_graph=True then a second backward: a message naming the op and the way out, not
+    # autograd's generic in-place error. The first backward's gradient stays right.
+    skip_unless_available(name)
+    logits, target, mask, weight = _inputs((37,), 1003, torch.float32)
+    leaf = logits.clone().requires_grad_(True)
+    with impl(name):
+        loss = dlm_kernels.masked_cross_entropy(leaf * 1, target, mask, weight,
+                                                grad_in_forward=True)  # fmt: skip
+    loss.backward(retain_graph=True)
+    first = leaf.grad.clone()
+    with pytest.raises(RuntimeError, match="grad_in_forward=True.*retain_graph"):
+        loss.backward()
+    assert torch.equal(leaf.grad, first)
 
 
 def test_grad_in_forward_compiles_fullgraph():

@@ -216,6 +216,16 @@ def test_triton_atomics_and_return_lse(name):
     ref_lse = torch.where(valid, torch.logsumexp(logits, -1), torch.zeros((), dtype=torch.float64))
     assert lse.shape == target.shape and lse.dtype == torch.float32 and not lse.requires_grad
     assert_close("lse", ref_lse, lse)
+    # With inputs that train, the lse is still detached on every path and reduction (the ops'
+    # backward has no lse gradient: an attached lse would drop a gradient silently).
+    leaves = [t.clone().requires_grad_(True) for t in (hidden, W, b)]
+    for red in ("mean", "none"):
+        with _impl(name):
+            loss, lse = dlm_kernels.masked_linear_cross_entropy(
+                leaves[0], leaves[1], target, mask, bias=leaves[2], return_lse=True,
+                reduction=red,
+            )  # fmt: skip
+        assert loss.requires_grad and not lse.requires_grad, red
 
 
 @pytest.mark.parametrize("name", KERNELS)
@@ -342,6 +352,11 @@ def test_module_matches_function():
     torch.testing.assert_close(out, ref)
     with pytest.raises(ValueError, match="reduction"):
         MaskedLinearCrossEntropy(reduction="avg")
+    # Checked at construction, not at the first forward.
+    with pytest.raises(ValueError, match="softcap must be None or > 0"):
+        MaskedLinearCrossEntropy(softcap=-1.0)
+    with pytest.raises(TypeError, match="deterministic must be a bool"):
+        MaskedLinearCrossEntropy(deterministic="yes")
 
 
 def test_module_trains_a_head():
@@ -383,6 +398,8 @@ def test_bad_inputs(monkeypatch):
         f(hidden[:, :-1], W, target)
     with pytest.raises(TypeError, match="target"):
         f(hidden, W, target.float())
+    with pytest.raises(TypeError, match="target must be an integer tensor, got list"):
+        f(hidden, W, target.tolist())
     with pytest.raises(TypeError, match="mask"):
         f(hidden, W, target, mask.int())
     with pytest.raises(ValueError, match="weight"):

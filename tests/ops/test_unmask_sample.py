@@ -725,6 +725,11 @@ def test_bad_inputs():
         (dict(seed=-1), ValueError, "seed"),
         (dict(offset=2**40), ValueError, "offset"),
         (dict(generator=3), TypeError, "generator"),
+        # NaN in a per-row tensor (a scalar NaN always was an error)
+        (dict(temperature=torch.tensor([0.5, float("nan"), 1.0])), ValueError, "temperature"),
+        (dict(top_p=torch.tensor([0.5, float("nan"), 1.0])), ValueError, "top_p"),
+        (dict(min_p=torch.tensor([float("nan")] * 3)), ValueError, "min_p"),
+        (dict(top_k=2**70), ValueError, "top_k must fit in int64"),
     ]
     for kw, err, word in bad:
         with pytest.raises(err, match=word):
@@ -740,6 +745,12 @@ def test_bad_inputs():
         unmask_step(xs, logits, mask_id=MASK_ID, num_transfer=1, threshold=0.5)
     with pytest.raises(ValueError, match="theta"):
         unmask_step(xs, logits, mask_id=MASK_ID, ancestral=True)
+    with pytest.raises(ValueError, match=r"threshold must be a number \(not NaN\)"):
+        unmask_step(xs, logits, mask_id=MASK_ID, threshold=float("nan"))
+    with pytest.raises(ValueError, match="every threshold must be a number"):
+        unmask_step(xs, logits, mask_id=MASK_ID, threshold=torch.tensor([0.5, float("nan")]))
+    with pytest.raises(ValueError, match="theta"):
+        unmask_step(xs, logits, mask_id=MASK_ID, ancestral=True, theta=torch.tensor([0.5, -1]))
     with pytest.raises(ValueError, match="alg_temp"):
         unmask_step(xs, logits, mask_id=MASK_ID, threshold=0.5, alg_temp=0.5)
     with pytest.raises(TypeError, match="x must be"):
