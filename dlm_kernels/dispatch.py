@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import operator
 import os
 import warnings
 from collections.abc import Iterator
@@ -152,3 +153,20 @@ def select(device: torch.device, *, has_triton: bool = True, has_cpp: bool = Tru
             raise RuntimeError("DLM_KERNELS_IMPL=cpp but dlm_kernels._C failed to load")
         return "cpp"
     return "reference"
+
+
+def as_int(value) -> int | None:
+    """``value`` as a Python int when it is an integer scalar (int, numpy integer, anything with
+    ``__index__``) and not a bool or a tensor; None otherwise (the caller raises, naming its
+    argument). Lets arguments read from numpy or a config file pass as ints."""
+    if isinstance(value, torch.Tensor) or is_bool(value):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def is_bool(value) -> bool:
+    """A Python or numpy bool (numpy's has ``__index__``, so it would pass as an int)."""
+    return isinstance(value, bool) or getattr(getattr(value, "dtype", None), "kind", None) == "b"

@@ -979,8 +979,9 @@ def _err(msg: str, kind=ValueError):
 
 
 def _check_int(name: str, x, minimum: int) -> int:
-    if isinstance(x, bool) or not isinstance(x, int):
+    if dispatch.as_int(x) is None:
         raise _err(f"{name} must be an int, got {type(x).__name__}", TypeError)
+    x = dispatch.as_int(x)
     if x < minimum:
         raise _err(f"{name} must be >= {minimum}, got {x}")
     return x
@@ -1175,7 +1176,7 @@ def bidirectional_attention(
         cu_q = cu_k = None
         max_q, max_k = Sq, Sk
     if block_size is not None:
-        _check_int("block_size", block_size, 1)
+        block_size = _check_int("block_size", block_size, 1)
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     elif isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):

@@ -241,8 +241,9 @@ def fused_head_unmask_step(
                          f"{tuple(hidden.shape)}")  # fmt: skip
     if hidden.device != dev:
         raise ValueError(f"{name}: hidden is on {hidden.device}, expected {dev}")
-    if isinstance(mask_id, bool) or not isinstance(mask_id, int):
+    if dispatch.as_int(mask_id) is None:
         raise TypeError(f"{name}: mask_id must be an int, got {type(mask_id).__name__}")
+    mask_id = dispatch.as_int(mask_id)
     if not isinstance(logits_shift, bool):
         raise TypeError(f"{name}: logits_shift must be a bool, got {logits_shift!r}")
     V, H = lm_head_weight.shape

@@ -24,6 +24,7 @@ is within ~1e-7 (relative) of top_p's target; the drawn token changes only if th
 from __future__ import annotations
 
 import os
+from numbers import Real
 
 import torch
 from torch import Tensor
@@ -492,9 +493,10 @@ def _(logits, rows, valid, temperature, top_k, top_p, min_p, mode, seed, offset,
 # ---------------------------------------------------------------------------------------------
 def _draw_seed(name: str, seed, generator) -> int:
     if seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        s = dispatch.as_int(seed)
+        if s is None or not 0 <= s < 2**63:
             raise ValueError(f"{name}: seed must be an int in [0, 2**63), got {seed!r}")
-        return seed
+        return s
     if generator is not None:
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"{name}: generator must be a torch.Generator, got {type(generator)}")
@@ -510,9 +512,10 @@ def _draw_seed(name: str, seed, generator) -> int:
 def _check_offset(name: str, offset) -> int:
     if offset is None:
         return 0
-    if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < 2**32:
+    o = dispatch.as_int(offset)
+    if o is None or not 0 <= o < 2**32:
         raise ValueError(f"{name}: offset must be an int in [0, 2**32), got {offset!r}")
-    return offset
+    return o
 
 
 def _key_tensor(name: str, arg: str, value: Tensor, n: int, device, hi: int | None) -> Tensor:
@@ -614,10 +617,14 @@ def _per_row(name, arg, value, n, dtype, device, lo=None, hi=None, lo_open=False
             if bool(bad):
                 raise ValueError(f"{name}: every {arg} must be {what}, got {t.tolist()[:8]}")
         return t
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if dispatch.is_bool(value) or not isinstance(value, Real):
         raise TypeError(f"{name}: {arg} must be a number or a tensor, got {type(value).__name__}")
-    if dtype == torch.int64 and not isinstance(value, int):
-        raise TypeError(f"{name}: {arg} must be an int, got {value!r}")
+    if dtype == torch.int64:
+        if dispatch.as_int(value) is None:
+            raise TypeError(f"{name}: {arg} must be an int, got {value!r}")
+        value = dispatch.as_int(value)
+    else:
+        value = float(value)  # numpy scalars included
     if dtype == torch.int64 and not -(2**63) <= value < 2**63:
         raise ValueError(f"{name}: {arg} must fit in int64, got {value}")
     if (
@@ -898,8 +905,9 @@ def unmask_step(
     dev = x.device
     if logits.device != dev:
         raise ValueError(f"{name}: logits is on {logits.device}, expected {dev}")
-    if isinstance(mask_id, bool) or not isinstance(mask_id, int):
+    if dispatch.as_int(mask_id) is None:
         raise TypeError(f"{name}: mask_id must be an int, got {type(mask_id).__name__}")
+    mask_id = dispatch.as_int(mask_id)
     check_rules(name, num_transfer, threshold, factor, alg_temp, ancestral, theta)
     masked = x == mask_id
     cand = candidate_mask(name, x, masked, candidates)

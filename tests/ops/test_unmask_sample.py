@@ -763,6 +763,24 @@ def test_bad_inputs():
         unmask_step(xs, logits, mask_id=MASK_ID, num_transfer=torch.tensor([1, 2, 3]))
 
 
+def test_numpy_scalars_pass_as_numbers():
+    # Arguments read from numpy or a config: numpy ints / floats act as Python ones (same
+    # tokens); numpy and Python bools are still refused as ints.
+    np = pytest.importorskip("numpy")
+    xs, _, logits = _masked_batch(b=2, l=9, v=40)
+    kw = dict(mask_id=MASK_ID, num_transfer=2, seed=3, offset=1, temperature=0.5, top_k=5)
+    want = unmask_step(xs, logits, **kw)
+    np_kw = dict(mask_id=np.int64(MASK_ID), num_transfer=np.int32(2), seed=np.int64(3),
+                 offset=np.uint32(1), temperature=np.float32(0.5), top_k=np.int64(5))  # fmt: skip
+    got = unmask_step(xs, logits, **np_kw)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    for bad in (True, np.bool_(True)):
+        with pytest.raises(TypeError, match="mask_id must be an int"):
+            unmask_step(xs, logits, **{**kw, "mask_id": bad})
+        with pytest.raises(TypeError, match="top_k"):
+            unmask_step(xs, logits, **{**kw, "top_k": bad})
+
+
 def test_seed_from_generator():
     x = _logits(8, 50, scale=0.5)
     g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
