@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 import dlm_kernels
-from dlm.sampler import _generate, call_model
+from dlm.sampler import _as_int, _generate, call_model
 
 LLADA_EOS, LLADA_EOT = 126081, 126348
 
@@ -61,7 +61,8 @@ def llada_generate(
         temperature: Gumbel temperature (0: argmax). cfg_scale: guidance weight.
         remasking: "low_confidence" or "random".
         mask_id: the mask token (126336 for LLaDA).
-        logits_eos_inf: forbid EOS (126081) everywhere.
+        logits_eos_inf: forbid EOS (126081) everywhere (set to -inf on the guided logits,
+            after classifier-free guidance, as LLaDA does).
         confidence_eos_eot_inf: LLaDA's option, with its exact effect: the EoT logit (126348)
             is removed from the softmax that scores the drawn tokens (a drawn EoT scores 0).
 
@@ -74,6 +75,7 @@ def llada_generate(
     """
     if remasking not in ("low_confidence", "random"):
         raise NotImplementedError(remasking)
+    _check_counts("llada_generate", steps=steps, gen_length=gen_length, block_length=block_length)
     if gen_length % block_length:
         raise ValueError(f"llada_generate: gen_length {gen_length} must be a multiple of "
                          f"block_length {block_length}")  # fmt: skip
@@ -82,11 +84,7 @@ def llada_generate(
                          f"blocks {gen_length // block_length}")  # fmt: skip
 
     def forward_fn(x, am, _pos, **t):  # t: only for a time-conditioned model (dlm's own)
-        logits = call_model(model, x, attention_mask=am, **t)
-        if logits_eos_inf:
-            logits = logits.clone()
-            logits[:, :, LLADA_EOS] = float("-inf")
-        return logits
+        return call_model(model, x, attention_mask=am, **t)
 
     commit_fn = None
     if remasking == "random" or confidence_eos_eot_inf:
@@ -96,6 +94,14 @@ def llada_generate(
         block_length=block_length, alg=remasking, temperature=temperature, cfg_scale=cfg_scale,
         mask_id=mask_id, forward_fn=forward_fn, commit_fn=commit_fn, ban_mask=False,
         block_counts_only=True, seed=_seed_if_needed(temperature),
+        # LLaDA bans EOS on the guided logits: banning it in both passes would guide
+        # -inf - -inf into NaN.
+        ban_tokens=(LLADA_EOS,) if logits_eos_inf else (),
+        # LLaDA's random remasking draws torch.rand((B, L)) at every step, even one with
+        # nothing left to commit (steps per block > block_length): run those steps too so
+        # that torch's global RNG advances as in LLaDA. low_confidence draws nothing from
+        # it at T = 0 and keeps skipping them.
+        every_step=remasking == "random",
     )  # fmt: skip
 
 
@@ -125,6 +131,14 @@ def _llada_commit(remasking, temperature, mask_id, eot_inf):
                                        **kw)  # fmt: skip
 
     return commit
+
+
+def _check_counts(who: str, **counts) -> None:
+    """ValueError naming the wrapper and the argument for a count that is not an int >= 1."""
+    for name, v in counts.items():
+        v = _as_int(v)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{who}: {name} must be an int >= 1, got {v!r}")
 
 
 def _seed_if_needed(temperature) -> int | None:
@@ -199,7 +213,10 @@ def dream_generate(
         mask_token_id: default the model's (generation_)config.mask_token_id.
         output_history, return_dict_in_generate: as Dream (history only in the dict).
         generation_tokens_hook_func(step, x, logits) -> x and
-        generation_logits_hook_func(step, x, logits) -> logits: Dream's hooks.
+        generation_logits_hook_func(step, x, logits) -> logits: Dream's hooks, called at every
+            one of the ``steps`` steps (also once nothing is masked), as is the history. The
+            logits hook gets fresh logits of that step's x each step (it may edit them in
+            place); without it the model's prediction is reused while x does not change.
 
     Returns:
         (B, max_length) int64, or a DreamOutput(sequences=..., history=...).
@@ -210,6 +227,11 @@ def dream_generate(
     """
     if alg not in ("origin", "maskgit_plus", "topk_margin", "entropy"):
         raise RuntimeError(f"Unknown alg: {alg}")
+    _check_counts("dream_generate", steps=steps)
+    if not 0 <= eps < 1:
+        raise ValueError(f"dream_generate: eps (the final time) must lie in [0, 1), got {eps!r}")
+    if alg == "origin":
+        alg_temp = None  # Dream's origin ignores alg_temp (no confidence to sample from)
     mask_id = mask_token_id if mask_token_id is not None else _mask_token_of(model)
     if mask_id is None:
         raise ValueError("dream_generate: mask_token_id not given and not found on the model")
@@ -253,6 +275,9 @@ def dream_generate(
         output_history=return_dict_in_generate and output_history, forward_fn=forward_fn,
         logits_hook=logits_hook, tokens_hook=tokens_hook, commit_fn=commit_fn, ban_mask=False,
         seed=_seed_if_needed(temperature if alg == "origin" else temperature or alg_temp),
+        # Dream runs all `steps` steps, also once nothing is masked: its hooks and history
+        # see every one of them.
+        every_step=True,
     )  # fmt: skip
     if return_dict_in_generate:
         seq, hist = out if output_history else (out, None)

@@ -251,18 +251,30 @@ def _weight_files(path: str) -> dict[str, list[str]]:
         return dict(shards)
     single = os.path.join(path, SINGLE)
     if os.path.exists(single):
-        from safetensors import safe_open
-
-        with safe_open(single, framework="pt") as f:
+        with _safe_open(single) as f:
             return {single: list(f.keys())}
     raise FileNotFoundError(f"{path}: no {SINGLE} or {INDEX} (only safetensors are supported)")
 
 
+def _safe_open(file: str, device: str = "cpu"):
+    """safetensors' safe_open, with a broken file (truncated, not safetensors) named."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(file, framework="pt", device=device)
+    except SafetensorError as e:
+        raise ValueError(f"{file}: not a readable safetensors file ({e})") from e
+
+
 def _dtype(dtype) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
+    if dtype is None:
         return dtype
     if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
-        return getattr(torch, dtype)
+        dtype = getattr(torch, dtype)
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:  # weights are parameters: a float dtype only
+            raise TypeError(f"dtype must be a floating-point dtype for the weights, got {dtype}")
+        return dtype
     raise TypeError(
         f"dtype must be None, a torch.dtype or its name (e.g. 'bfloat16'), got {dtype!r}"
     )
@@ -278,7 +290,10 @@ def read_config(path: str) -> dict:
     if not os.path.isdir(path) or not os.path.exists(cfg_path):
         raise FileNotFoundError(f"{path!r} is not a checkpoint directory with a config.json")
     with open(cfg_path) as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg_path}: not valid JSON ({e})") from e
 
 
 def from_pretrained(path: str, dtype=None, device="cpu", **overrides) -> DiffusionLM:
@@ -305,11 +320,18 @@ def from_pretrained(path: str, dtype=None, device="cpu", **overrides) -> Diffusi
         >>> logits = model(ids)                                   # (B, S, 126464)
         >>> mask_id = model.cfg.mask_token_id                     # 126336
     """
-    from safetensors import safe_open
-
     raw = read_config(path)
     fmt, cfg = config_from_dict(raw)
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(ModelConfig)})
+    if unknown:
+        raise ValueError(f"from_pretrained: unknown ModelConfig override(s) {unknown}")
     cfg = dataclasses.replace(cfg, **overrides)
+    if cfg.mask_token_id >= cfg.vocab_size:  # -1: none known (a model that only scores)
+        # Caught here rather than as an index error in the first generate (LLaDA's default
+        # mask 126336 when a config with a smaller vocabulary does not name its own).
+        raise ValueError(f"{path}: mask_token_id {cfg.mask_token_id} must be < vocab_size "
+                         f"{cfg.vocab_size}; set mask_token_id in config.json or pass "
+                         "mask_token_id= to from_pretrained")  # fmt: skip
     dtype, device = _dtype(dtype), torch.device(device)
     with torch.device("meta"):
         model = DiffusionLM(cfg)
@@ -331,7 +353,7 @@ def from_pretrained(path: str, dtype=None, device="cpu", **overrides) -> Diffusi
     # safetensors reads straight to CPU or to a CUDA device; anything else goes through CPU.
     read_dev = str(device) if device.type in ("cpu", "cuda") else "cpu"
     for file, in_file in files.items():
-        with safe_open(file, framework="pt", device=read_dev) as f:
+        with _safe_open(file, device=read_dev) as f:
             for src in in_file:
                 if src not in names:
                     continue

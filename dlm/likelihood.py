@@ -27,7 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dlm.sampler import _accepts, call_model, guide, time_input
+from dlm.sampler import (
+    _accepts,
+    call_model,
+    check_token_id,
+    guide,
+    model_vocab_size,
+    time_input,
+)
 
 
 def _row_generators(B: int, seed: int | None, generator: torch.Generator | None):
@@ -76,13 +83,26 @@ def masked_nll_estimate(
         return_stderr: also return the standard error of each row's mean over its draws.
 
     Returns:
-        (B,) float64 nats, and (B,) float64 standard errors when asked.
+        (B,) float64 nats, and (B,) float64 standard errors when asked: NaN for a row estimated
+        from a single draw (mc_num=1: one draw says nothing of its spread), 0 for a row with
+        nothing to score (its estimate is exactly 0).
     """
+    if not isinstance(x, Tensor) or x.dtype != torch.int64:
+        got = x.dtype if isinstance(x, Tensor) else type(x).__name__
+        raise TypeError(f"x must be an int64 tensor of token ids, got {got}")
     if x.dim() != 2 or maskable.shape != x.shape:
         raise ValueError(f"x and maskable must both be (B, S), got {tuple(x.shape)} and "
                          f"{tuple(maskable.shape)}")  # fmt: skip
-    if mc_num < 1 or batch_size < 1:
-        raise ValueError("mc_num and batch_size must be >= 1")
+    if attention_mask is not None and tuple(attention_mask.shape) != tuple(x.shape):
+        raise ValueError(f"attention_mask must be (B, S) = {tuple(x.shape)} like x, got "
+                         f"{tuple(attention_mask.shape)}")  # fmt: skip
+    for name, v in (("mc_num", mc_num), ("batch_size", batch_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    # The mask must be a token the model embeds: checked from its embedding or config here,
+    # else against the first logits' last dimension below.
+    vocab = model_vocab_size(model)
+    check_token_id("masked_nll_estimate", "mask_id", mask_id, vocab)
     B, S = x.shape
     dev = x.device
     gens = _row_generators(B, seed, generator)
@@ -143,6 +163,9 @@ def masked_nll_estimate(
             logits = guide(c, u, cfg_scale)
         else:
             logits = call_model(model, xt, attention_mask=am, **kw)
+        if vocab is None:
+            vocab = logits.shape[-1]
+            check_token_id("masked_nll_estimate", "mask_id", mask_id, vocab)
         ce = F.cross_entropy(logits[mk].float(), x0[mk], reduction="none").double()
         row = torch.zeros(hi - lo, dtype=torch.float64, device=dev)
         row.index_add_(0, mk.nonzero()[:, 0], ce)
@@ -154,7 +177,9 @@ def masked_nll_estimate(
     if not return_stderr:
         return mean
     var = (sq / cnt - mean**2).clamp_min(0) * cnt / (cnt - 1).clamp_min(1)
-    return mean, (var / cnt).sqrt()
+    stderr = (var / cnt).sqrt()
+    draws = torch.bincount(own, minlength=B)
+    return mean, stderr.masked_fill(draws == 1, float("nan"))
 
 
 def elbo(
@@ -210,6 +235,19 @@ def conditional_nll(
     """
     pm = torch.ones_like(prompt, dtype=torch.bool) if prompt_mask is None else prompt_mask.bool()
     amask = torch.ones_like(answer, dtype=torch.bool) if answer_mask is None else answer_mask.bool()
+    for name, m, t in (("prompt_mask", pm, prompt), ("answer_mask", amask, answer)):
+        if m.shape != t.shape:
+            raise ValueError(f"conditional_nll: {name} must have the shape of its tokens "
+                             f"{tuple(t.shape)}, got {tuple(m.shape)}")  # fmt: skip
+    if prompt.shape[0] != answer.shape[0]:
+        raise ValueError(f"conditional_nll: prompt and answer must have the same rows, got "
+                         f"{prompt.shape[0]} and {answer.shape[0]}")  # fmt: skip
+    # Left-padded prompts and right-padded answers keep each row's text contiguous: the
+    # estimate scores the answer right after its prompt. (cummax: once real, real to the end.)
+    if bool((pm != pm.to(torch.int8).cummax(1).values.bool()).any()):
+        raise ValueError("conditional_nll: prompt_mask must be left padding (False, then True)")
+    if bool((amask != amask.flip(1).to(torch.int8).cummax(1).values.bool().flip(1)).any()):
+        raise ValueError("conditional_nll: answer_mask must be right padding (True, then False)")
     x = torch.cat([prompt, answer], 1)
     real = torch.cat([pm, amask], 1)
     maskable = torch.cat([torch.zeros_like(pm), amask], 1)

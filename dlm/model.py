@@ -198,11 +198,12 @@ class DiffusionLM(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     @classmethod
-    def from_pretrained(cls, path: str, dtype=None, device="cpu") -> DiffusionLM:
-        """A Dream, LLaDA or dlm checkpoint directory (config.json + safetensors); see dlm.hf."""
+    def from_pretrained(cls, path: str, dtype=None, device="cpu", **overrides) -> DiffusionLM:
+        """A Dream, LLaDA or dlm checkpoint directory (config.json + safetensors); keyword
+        overrides of the config (e.g. ``mask_token_id=``) as dlm.hf.from_pretrained."""
         from dlm.hf import from_pretrained
 
-        return from_pretrained(path, dtype=dtype, device=device)
+        return from_pretrained(path, dtype=dtype, device=device, **overrides)
 
     def save_pretrained(self, path: str, **kwargs) -> None:
         """config.json + safetensors that ``from_pretrained`` reloads; see dlm.hf."""

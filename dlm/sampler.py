@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
+import operator
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -113,12 +114,57 @@ def time_input(model, time_of=None):
 
 
 def call_model(model, input_ids: Tensor, **kwargs) -> Tensor:
-    """model(input_ids, **kwargs) as float logits (B, n, V): plain tensors or ``.logits``."""
+    """model(input_ids, **kwargs) as float logits (B, n, V).
+
+    The model may return the logits tensor, an object with ``.logits``, a mapping with a
+    ``"logits"`` key (a Hugging Face ModelOutput is both) or a tuple / list whose first item is
+    the logits. Anything else is a TypeError naming what came back.
+    """
     out = model(input_ids, **kwargs)
-    logits = out.logits if hasattr(out, "logits") else out
-    if isinstance(logits, (tuple, list)):
+    if isinstance(out, Mapping):
+        logits = out.get("logits")
+    else:
+        logits = getattr(out, "logits", out)
+    if isinstance(logits, (tuple, list)) and logits:
         logits = logits[0]
+    if not isinstance(logits, Tensor) or not logits.is_floating_point():
+        got = f"{logits.dtype} tensor" if isinstance(logits, Tensor) else type(out).__name__
+        if isinstance(out, Mapping) and "logits" not in out:
+            got += f" without a 'logits' key (keys {sorted(map(str, out))[:6]})"
+        raise TypeError(f"the model returned {got}; expected float logits (B, S, V): a tensor, "
+                        "an object with .logits, a dict with 'logits' or a tuple whose first "
+                        "item is the logits")  # fmt: skip
     return logits
+
+
+def model_vocab_size(model) -> int | None:
+    """The number of token ids the model embeds, when it says so before any forward: its input
+    embedding's rows (``get_input_embeddings()``, DiffusionLM's ``tok_emb``), else
+    ``config.vocab_size`` / ``cfg.vocab_size``; None when it tells nothing (a plain callable)."""
+    emb = None
+    get = getattr(model, "get_input_embeddings", None)
+    if callable(get):
+        try:
+            emb = get()
+        except (NotImplementedError, AttributeError):
+            emb = None
+    if emb is None:
+        emb = getattr(model, "tok_emb", None)
+    if isinstance(emb, torch.nn.Embedding):
+        return emb.num_embeddings
+    for owner in (getattr(model, "config", None), getattr(model, "cfg", None)):
+        v = getattr(owner, "vocab_size", None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
+
+
+def check_token_id(who: str, name: str, value: int, vocab: int | None) -> None:
+    """ValueError unless 0 <= value < vocab (vocab None: only the sign can be checked)."""
+    if value < 0:
+        raise ValueError(f"{who}: {name} must be >= 0, got {value}")
+    if vocab is not None and value >= vocab:
+        raise ValueError(f"{who}: {name} {value} must be < the model's vocabulary size {vocab}")
 
 
 def shift_logits(logits: Tensor) -> Tensor:
@@ -197,8 +243,20 @@ class _Step:
 CommitFn = Callable[..., tuple[Tensor, Tensor]]
 
 
+def _as_int(v):
+    """v as a Python int when it is an integer of another kind (numpy's, a 0-d int tensor, as
+    tokenizers return them); anything else unchanged, for _check_args to name."""
+    if isinstance(v, (bool, int)) or v is None:
+        return v
+    try:
+        return operator.index(v)
+    except TypeError:
+        return v
+
+
 def _check_args(prompt, attention_mask, gen_length, steps, block_length, alg, schedule, kv_cache,
-                mask_id, threshold, factor, stop_at_eos, eos_id, cfg_scale):  # fmt: skip
+                mask_id, threshold, factor, stop_at_eos, eos_id, cfg_scale, alg_temp,
+                eps):  # fmt: skip
     if not isinstance(prompt, Tensor) or prompt.dim() != 2 or prompt.dtype != torch.int64:
         got = f"{prompt.dtype} {tuple(prompt.shape)}" if isinstance(prompt, Tensor) else prompt
         raise TypeError(f"generate: prompt must be a (B, P) int64 tensor, got {got}")
@@ -208,6 +266,9 @@ def _check_args(prompt, attention_mask, gen_length, steps, block_length, alg, sc
         raise ValueError(f"generate: attention_mask must be a {tuple(prompt.shape)} tensor")
     if isinstance(mask_id, bool) or not isinstance(mask_id, int):
         raise TypeError(f"generate: mask_id must be an int, got {mask_id!r}")
+    check_token_id("generate", "mask_id", mask_id, None)  # the vocabulary: in _loop
+    if eos_id is not None and (isinstance(eos_id, bool) or not isinstance(eos_id, int)):
+        raise TypeError(f"generate: eos_id must be an int or None, got {eos_id!r}")
     for name, v, lo in (("gen_length", gen_length, 0), ("steps", steps, 1)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ValueError(f"generate: {name} must be an int >= {lo}, got {v!r}")
@@ -226,6 +287,21 @@ def _check_args(prompt, attention_mask, gen_length, steps, block_length, alg, sc
         raise ValueError("generate: give threshold or factor, not both")
     if (threshold is not None or factor is not None) and ALGS[alg] is None:
         raise ValueError(f"generate: threshold / factor need a confidence alg, not {alg!r}")
+    if alg_temp:
+        # alg_temp changes *which* positions a fixed-count step commits (num_transfer of them
+        # drawn from softmax(confidence / alg_temp) instead of the top ones); threshold and
+        # factor commit every position past a cut and ancestral has no confidence to soften.
+        if threshold is not None or factor is not None:
+            rule = "threshold" if threshold is not None else "factor"
+            raise ValueError(f"generate: alg_temp={alg_temp} has no effect with {rule}= (it "
+                             "samples the positions of a fixed-count step; the rule commits "
+                             "every position past its cut): drop one of them")  # fmt: skip
+        if ALGS[alg] is None:
+            raise ValueError(f"generate: alg_temp={alg_temp} has no effect with alg={alg!r} "
+                             "(each mask commits independently with probability theta; "
+                             "alg_temp needs a confidence alg)")  # fmt: skip
+    if schedule == "dream" and not (isinstance(eps, (int, float)) and 0 <= eps < 1):
+        raise ValueError(f"generate: eps (Dream's final time) must lie in [0, 1), got {eps!r}")
     if stop_at_eos and eos_id is None:
         raise ValueError("generate: stop_at_eos=True needs eos_id")
     if cfg_scale < 0:
@@ -264,8 +340,9 @@ def generate(
     """Fill ``gen_length`` masks after each prompt (and any mask inside it) with the model.
 
     Args:
-        model: ``model(input_ids (B, S) int64, attention_mask=None)`` returning logits (B, S, V)
-            or an object with ``.logits`` (DiffusionLM, a Hugging Face model, any callable).
+        model: ``model(input_ids (B, S) int64, attention_mask=None)`` returning float logits
+            (B, S, V), an object with ``.logits``, a dict with ``"logits"`` or a tuple whose
+            first item is the logits (DiffusionLM, a Hugging Face model, any callable).
             When its forward names ``position_ids`` it gets them for padded batches.
         prompt: (B, P) int64, left-padded when rows differ in length. Mask tokens inside it
             are generated too (infilling).
@@ -277,18 +354,27 @@ def generate(
         alg: "low_confidence" / "random" (LLaDA), "maskgit_plus" / "topk_margin" / "entropy"
             (Dream), "ancestral" or its Dream name "origin" (each mask commits with prob theta).
         temperature, top_k, top_p, min_p: token filters and temperature (0: argmax).
-        alg_temp: > 0 draws the committed positions from softmax(confidence / alg_temp).
+        alg_temp: > 0 draws the committed positions from softmax(confidence / alg_temp)
+            (a fixed-count step of a confidence alg: a ValueError with threshold, factor or
+            ancestral / origin, where it would have no effect).
         threshold: Fast-dLLM: commit every candidate with confidence >= threshold (>= 1/step).
         factor: Fast-dLLM's factor rule (see dlm_kernels.unmask_step).
         cfg_scale: classifier-free guidance weight w (0: off); the unconditional pass masks the
             prompt; logits u + (w + 1)(c - u).
-        mask_id: the mask token id. eos_id: the end token (for stop_at_eos).
+        mask_id: the mask token id, in [0, V): a ValueError otherwise, before the first
+            forward when the model tells its vocabulary (input embedding or config), else at
+            the first logits. eos_id: the end token (for stop_at_eos), also in [0, V).
         stop_at_eos: a row whose first generated EOS has no mask before it is finished: the
             masks after it become EOS and the row stops costing forwards.
-        logits_shift: Dream's shifted logits (position i predicted by the output at i - 1).
+        logits_shift: Dream's shifted logits (position i predicted by the output at i - 1,
+            position 0 by its own). The shift runs on the padded rows, as in Dream: an infill
+            mask at a left-padded row's first real token is predicted by the pad slot before
+            it, whereas that prompt alone predicts it from its own output, so in that one case
+            the row differs from the prompt generated alone (Dream's code has the same quirk).
+            Masks anywhere else, and rows without padding, are unaffected.
         schedule: "even" (LLaDA: each block's masked count split evenly over its steps) or
             "dream" (timesteps linspace(1, eps, steps + 1), k = floor(n (1 - s/t))).
-        eps: Dream's final time.
+        eps: Dream's final time, in [0, 1).
         kv_cache: None, "prefix" or "dual" (Fast-dLLM); needs a model taking ``kv_cache=``
             (DiffusionLM does); not with masks inside the prompt.
         output_history: also return the list of x after every step.
@@ -346,7 +432,7 @@ def _loop(
     logits_shift=False, schedule="even", eps=1e-3, kv_cache=None, output_history=False,
     generator=None, seed=None, forward_fn=None, logits_hook=None, tokens_hook=None,
     commit_fn=None, position_ids=True, counter=None, ban_mask=True, block_counts_only=False,
-    fused_head=None,
+    fused_head=None, ban_tokens=(), every_step=False,
 ):  # fmt: skip
     """The loop behind ``generate``, with the hooks the compat wrappers need (run it through
     ``_generate``, which sets inference mode):
@@ -358,9 +444,28 @@ def _loop(
     list) gets one entry per model forward (the number of rows run); ban_mask=False lets the
     mask token be drawn (LLaDA and Dream do not forbid it); block_counts_only=True counts only
     the block's own masks for the even schedule, as LLaDA does (ours counts every candidate, so
-    masks left before the block - prompt masks, a drawn mask token - are filled too)."""
+    masks left before the block - prompt masks, a drawn mask token - are filled too);
+    ban_tokens: token ids whose logits are set to -inf after guidance and the shift (LLaDA's
+    logits_eos_inf: banning them in the conditional and unconditional passes instead would
+    give -inf - -inf = NaN; logits path only); every_step=True runs every one of the steps
+    even when no row has a candidate left (commit_fn, hooks and history every step, as LLaDA
+    and Dream do; the prediction is still reused when x did not change and there is no
+    logits_hook), where the default skips such steps.
+
+    With a logits_hook every step runs a fresh forward of that step's x (no reuse), so that a
+    hook editing the logits in place never sees its own earlier edits, as in Dream."""
+    mask_id, eos_id, steps, gen_length, block_length = map(
+        _as_int, (mask_id, eos_id, steps, gen_length, block_length)
+    )
     _check_args(prompt, attention_mask, gen_length, steps, block_length, alg, schedule, kv_cache,
-                mask_id, threshold, factor, stop_at_eos, eos_id, cfg_scale)  # fmt: skip
+                mask_id, threshold, factor, stop_at_eos, eos_id, cfg_scale, alg_temp,
+                eps)  # fmt: skip
+    # The mask must be a token the model embeds: checked here when the model says its
+    # vocabulary (embedding or config), else against the first logits' last dimension.
+    vocab = model_vocab_size(model)
+    for name, v in (("mask_id", mask_id), ("eos_id", eos_id)):
+        if v is not None:
+            check_token_id("generate", name, v, vocab)
     dev = prompt.device
     B, P = prompt.shape
     L = P + gen_length
@@ -405,7 +510,10 @@ def _loop(
         if bool(((prompt == mask_id) & real_pos[:, :P]).any()):
             raise ValueError("generate: kv_cache cannot infill masks inside the prompt")
     t_of = time_input(model)
-    head = _fused_head(model, fused_head, forward_fn, logits_hook, tokens_hook, commit_fn)
+    if ban_tokens and fused_head:
+        raise ValueError("generate: ban_tokens needs the logits path (fused_head=False)")
+    head = _fused_head(model, False if ban_tokens else fused_head, forward_fn, logits_hook,
+                       tokens_hook, commit_fn)  # fmt: skip
     if t_of is not None:
         # A time-conditioned model sees t of the masked fraction of the row's real tokens,
         # prompt included: dlm train masks whole sequences (no SFT prompt mask), so that is
@@ -418,6 +526,8 @@ def _loop(
         uncond_src = (x != mask_id) & (torch.arange(L, device=dev)[None, :] < P)
     if tokens_hook is not None:
         x = tokens_hook(None, x, None)
+
+    checked: list[bool] = []  # the first logits' vocabulary was checked
 
     def forward(rows: list[int] | None, q0: int = 0, q1: int = L, cache=None) -> Tensor:
         """Logits (n_rows, q1 - q0, V) of x[rows] at positions [q0, q1), guided and shifted."""
@@ -459,6 +569,15 @@ def _loop(
             logits = guide(c, u, cfg_scale)
         if logits_shift:
             logits = shift_logits(logits)
+        if head is None and not checked:  # shapes only: no host sync
+            for name, v in (("mask_id", mask_id), ("eos_id", eos_id)):
+                if v is not None and vocab is None:
+                    check_token_id("generate", name, v, logits.shape[-1])
+            for v in ban_tokens:
+                check_token_id("generate", "banned token id", v, logits.shape[-1])
+            checked.append(True)
+        if head is None and ban_tokens:
+            logits[..., list(ban_tokens)] = float("-inf")
         if head is None and ban_mask and 0 <= mask_id < logits.shape[-1]:
             # Never draw the mask itself: a committed mask would stay masked forever.
             logits[..., mask_id] = float("-inf")
@@ -493,6 +612,10 @@ def _loop(
     step_op = dlm_kernels.unmask_step
     if head is not None:
         W, bias = head
+        if vocab is None:  # the head's rows are the vocabulary the op draws from
+            for name, v in (("mask_id", mask_id), ("eos_id", eos_id)):
+                if v is not None:
+                    check_token_id("generate", name, v, W.shape[0])
         if ban_mask and 0 <= mask_id < W.shape[0]:  # the logits path's ban, as a -inf bias
             ban = torch.zeros(W.shape[0], dtype=W.dtype, device=W.device)
             ban[mask_id] = float("-inf")
@@ -549,14 +672,17 @@ def _loop(
                 or (stop_at_eos and bool(done.all()))
             ):
                 break
-            if not any(has):
+            if not any(has) and not every_step:
                 i += 1
                 continue
             # --- logits ---------------------------------------------------------------------
             if kv_cache is None:
                 need = [b for b in range(B) if has[b] and stale[b]]
-                if logits_all is None or len(need) == B:
+                if logits_all is None or len(need) == B or logits_hook is not None:
+                    # A logits hook gets fresh logits of this step's x every step (it may edit
+                    # them in place: reusing them would compound its edits).
                     logits_all = forward(None)
+                    need = list(range(B))
                 elif need:
                     logits_all[need] = forward(need).to(logits_all.dtype)
                 for b in need:
@@ -570,7 +696,7 @@ def _loop(
                 first = i == 0
                 q0 = 0 if first else (s_blk - 1 if logits_shift else s_blk)
                 q1 = L if (first or kv_cache == "prefix") else e_blk
-                if first or any(stale[b] and has[b] for b in range(B)):
+                if first or logits_hook is not None or any(stale[b] and has[b] for b in range(B)):
                     out = forward(None, q0, q1, cache)
                     logits_all = out[:, s_blk - q0 : e_blk - q0]
                     stale = [False] * B

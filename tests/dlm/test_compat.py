@@ -128,18 +128,24 @@ def test_llada_low_confidence_matches_reference(model, case):
     assert torch.equal(out, ref)
 
 
-def test_llada_random_matches_reference_with_same_torch_seed(model):
+@pytest.mark.parametrize("steps,gen_length,block_length", [(8, 16, 8), (12, 8, 4)],
+                         ids=["steps<=block", "idle-steps"])  # fmt: skip
+def test_llada_random_matches_reference_with_same_torch_seed(model, steps, gen_length,
+                                                             block_length):  # fmt: skip
+    # idle-steps: 6 steps per block of 4 leave 2 steps per block with nothing to commit;
+    # LLaDA still draws torch.rand((B, L)) in them, so the global RNG must advance as LLaDA's.
     ids, _ = _prompts(2, 7)
+    kw = dict(steps=steps, gen_length=gen_length, block_length=block_length, mask_id=MASK,
+              remasking="random")  # fmt: skip
     torch.manual_seed(5)
-    ref = llada_reference(model, ids, steps=8, gen_length=16, block_length=8, mask_id=MASK,
-                          remasking="random")  # fmt: skip
+    ref = llada_reference(model, ids, **kw)
+    ref_next = torch.rand(4)
     torch.manual_seed(5)
-    out = llada_generate(model, ids, steps=8, gen_length=16, block_length=8, mask_id=MASK,
-                         remasking="random")  # fmt: skip
+    out = llada_generate(model, ids, **kw)
     assert torch.equal(out, ref)
+    assert torch.equal(torch.rand(4), ref_next)  # the same draws from torch's RNG as LLaDA
     torch.manual_seed(6)
-    other = llada_generate(model, ids, steps=8, gen_length=16, block_length=8, mask_id=MASK,
-                           remasking="random")  # fmt: skip
+    other = llada_generate(model, ids, **kw)
     assert not torch.equal(other, ref)  # the position choice really is random
 
 
@@ -160,17 +166,20 @@ class _BigVocab:
         return out
 
 
+@pytest.mark.parametrize("cfg_scale", [0.0, 1.0], ids=["nocfg", "cfg"])
 @pytest.mark.parametrize("flags", [(True, False), (False, True), (True, True)],
                          ids=["eos-inf", "eot-conf", "both"])  # fmt: skip
-def test_llada_eos_options_match_reference(model, flags):
+def test_llada_eos_options_match_reference(model, flags, cfg_scale):
+    # With guidance LLaDA bans EOS on the guided logits: a ban in both passes guides
+    # -inf - -inf into NaN, and the NaN scores then pick arbitrary positions.
     big = _BigVocab(model)
     ids, _ = _prompts(2, 6)
-    kw = dict(steps=8, gen_length=16, block_length=8, mask_id=126336,
+    kw = dict(steps=8, gen_length=16, block_length=8, mask_id=126336, cfg_scale=cfg_scale,
               logits_eos_inf=flags[0], confidence_eos_eot_inf=flags[1])  # fmt: skip
     ref = llada_reference(big, ids, **kw)
     out = llada_generate(big, ids, **kw)
     assert torch.equal(out, ref)
-    if flags[1]:
+    if flags[1] and not cfg_scale:
         assert (ref == LLADA_EOT).any()  # the option had something to act on
 
 
@@ -313,6 +322,82 @@ def test_dream_hooks_history_and_lengths(dream_model):
     assert y.shape == (2, 15)
     with pytest.raises(ValueError, match="max_length"):
         dream_generate(dream_model, ids, max_length=8, steps=4, alg="maskgit_plus")
+
+
+@pytest.mark.parametrize("alg", ["origin", "maskgit_plus"])
+def test_dream_runs_every_step_once_nothing_is_masked(dream_model, alg):
+    # Dream runs all `steps` steps: hooks and history see each one even when nothing is left
+    # to unmask, and a hook that re-masks a token late gets it filled again.
+    ids, _ = _prompts(2, 5)
+    seen = []
+
+    def tokens_hook(step, x, logits):
+        seen.append(step)
+        x = x.clone()
+        if step == 2:  # force every token still masked: steps 3.. have nothing to do
+            x[x == MASK] = 5
+        if step == 7:  # re-mask a generated token: steps 8 and 9 must fill it again
+            x[:, 6] = MASK
+        return x
+
+    torch.manual_seed(0)
+    ref, hist = dream_reference(dream_model, ids, max_new_tokens=3, steps=10, alg=alg,
+                                tokens_hook=tokens_hook)  # fmt: skip
+    seen.clear()
+    torch.manual_seed(0)
+    out = dream_generate(dream_model, ids, max_new_tokens=3, steps=10, alg=alg,
+                         mask_token_id=MASK, output_history=True, return_dict_in_generate=True,
+                         generation_tokens_hook_func=tokens_hook)  # fmt: skip
+    assert seen == [None, *range(10)]
+    assert (hist[7][:, 6] == MASK).all() and not (ref == MASK).any()
+    assert torch.equal(out.sequences, ref)
+    assert len(out.history) == 10 and all(torch.equal(a, b) for a, b in zip(out.history, hist))
+
+
+def test_dream_logits_hook_gets_fresh_logits_every_step(dream_model):
+    # A hook that edits the logits in place, as users write them: each step must hand it the
+    # model's logits of that step's x (Dream calls the model every step), never the previous
+    # step's logits it already edited, even when x did not change.
+    ids, _ = _prompts(1, 5)
+
+    def hook_into(seen):
+        def hook(step, x, logits):
+            seen.append(float(logits[0, -1, 7].detach()))
+            logits[:, :, 7] -= 1.0
+            return logits
+
+        return hook
+
+    ref_seen, out_seen = [], []
+    ref, _ = dream_reference(dream_model, ids, max_new_tokens=3, steps=12, alg="maskgit_plus",
+                             logits_hook=hook_into(ref_seen))  # fmt: skip
+    out = dream_generate(
+        dream_model,
+        ids,
+        max_new_tokens=3,
+        steps=12,
+        alg="maskgit_plus",
+        mask_token_id=MASK,
+        generation_logits_hook_func=hook_into(out_seen),
+    )
+    assert len(out_seen) == 12 and out_seen == pytest.approx(ref_seen, abs=1e-5)
+    assert torch.equal(out, ref)
+
+
+def test_compat_argument_errors_name_the_wrapper_and_argument(dream_model, model):
+    ids, _ = _prompts(1, 5)
+    with pytest.raises(ValueError, match="dream_generate: steps"):
+        dream_generate(dream_model, ids, max_new_tokens=4, steps=0, alg="entropy")
+    with pytest.raises(ValueError, match="dream_generate: eps"):
+        dream_generate(dream_model, ids, max_new_tokens=4, steps=4, alg="entropy", eps=2.0)
+    with pytest.raises(ValueError, match="llada_generate: steps"):
+        llada_generate(model, ids, steps=0, gen_length=8, block_length=8, mask_id=MASK)
+    # Dream's origin ignores alg_temp (no confidence to sample from): accepted, no effect.
+    torch.manual_seed(3)
+    a = dream_generate(dream_model, ids, max_new_tokens=6, steps=4, alg="origin")
+    torch.manual_seed(3)
+    b = dream_generate(dream_model, ids, max_new_tokens=6, steps=4, alg="origin", alg_temp=0.5)
+    assert torch.equal(a, b)
 
 
 class _TimeRecorder(torch.nn.Module):

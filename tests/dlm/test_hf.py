@@ -252,6 +252,32 @@ def test_missing_and_misshapen_tensors(tmp_path):
         DiffusionLM.from_pretrained(str(tmp_path / "d"))
 
 
+def test_config_and_file_errors_are_named(tmp_path):
+    _, path = _dream(tmp_path, False, 1)
+    cfg_file = os.path.join(path, "config.json")
+    cfg = json.load(open(cfg_file))
+    # A mask outside the vocabulary fails at load time, not as an index error in generate
+    # (LLaDA's default mask 126336 when a small config names none).
+    json.dump({**cfg, "mask_token_id": V}, open(cfg_file, "w"))
+    with pytest.raises(ValueError, match=f"mask_token_id {V} must be < vocab_size {V}"):
+        DiffusionLM.from_pretrained(path)
+    assert from_pretrained(path, mask_token_id=V - 1).cfg.mask_token_id == V - 1
+    json.dump(cfg, open(cfg_file, "w"))
+    with pytest.raises(ValueError, match=r"unknown ModelConfig override\(s\) \['foo'\]"):
+        from_pretrained(path, foo=1)
+    with pytest.raises(TypeError, match="floating-point dtype"):
+        from_pretrained(path, dtype="int8")
+    weights = os.path.join(path, "model.safetensors")
+    with open(weights, "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(ValueError, match="model.safetensors: not a readable safetensors file"):
+        DiffusionLM.from_pretrained(path)
+    with open(cfg_file, "w") as f:
+        f.write("{broken")
+    with pytest.raises(ValueError, match="config.json: not valid JSON"):
+        DiffusionLM.from_pretrained(path)
+
+
 # ---------------------------------------------------------------------------------------------
 # our own format, tokenizers, generation end to end
 # ---------------------------------------------------------------------------------------------

@@ -118,3 +118,43 @@ def test_perplexity_bound_and_edge_cases():
     assert torch.equal(none, torch.zeros(2, dtype=torch.float64))
     with pytest.raises(ValueError, match="maskable"):
         masked_nll_estimate(lm, x, torch.ones(2, 4, dtype=torch.bool), mask_id=MASK)
+
+
+def test_input_errors_name_the_argument():
+    torch.manual_seed(0)
+    model = DiffusionLM(ModelConfig(vocab_size=V, d_model=16, n_layers=1, n_heads=2,
+                                    max_seq_len=16, mask_token_id=MASK)).eval()  # fmt: skip
+    x = torch.tensor([[1, 3, 0, 2, 4]])
+    kw = dict(mc_num=2, seed=0)
+    # The mask must be a token the model embeds: from its embedding, or (a callable that says
+    # nothing and never embeds the id) from the first logits' last dimension.
+    with pytest.raises(ValueError, match=f"mask_id {V} must be < the model's vocabulary size {V}"):
+        elbo(model, x, mask_id=V, **kw)
+    lm = PatternLM()
+    with pytest.raises(ValueError, match=f"mask_id 9 must be < the model's vocabulary size {V}"):
+        elbo(lambda ids, attention_mask=None: lm(ids.clamp_max(V - 1)), x, mask_id=9, **kw)
+    with pytest.raises(ValueError, match="attention_mask must be"):
+        elbo(lm, x, torch.ones(1, 4, dtype=torch.bool), mask_id=MASK, **kw)
+    with pytest.raises(TypeError, match="x must be an int64"):
+        elbo(lm, x.int(), mask_id=MASK, **kw)
+    # Left-padded prompts and right-padded answers only: anything else would score the answer
+    # away from its prompt.
+    p, a = torch.tensor([[1, 2, 3]]), torch.tensor([[2, 4]])
+    with pytest.raises(ValueError, match="prompt_mask must be left padding"):
+        conditional_nll(lm, p, a, torch.tensor([[True, True, False]]), mask_id=MASK, **kw)
+    with pytest.raises(ValueError, match="answer_mask must be right padding"):
+        conditional_nll(lm, p, a, None, torch.tensor([[False, True]]), mask_id=MASK, **kw)
+    with pytest.raises(ValueError, match="answer_mask must have the shape"):
+        conditional_nll(lm, p, a, None, torch.tensor([[True]]), mask_id=MASK, **kw)
+
+
+def test_stderr_of_a_single_draw_is_nan():
+    # One draw says nothing of its spread: NaN, not 0. A row with nothing to score is exact.
+    lm = PatternLM()
+    x = torch.tensor([[1, 3, 0, 2, 4]])
+    _, se1 = elbo(lm, x, mask_id=MASK, mc_num=1, seed=0, return_stderr=True)
+    _, se2 = elbo(lm, x, mask_id=MASK, mc_num=2, seed=0, return_stderr=True)
+    assert torch.isnan(se1).all() and torch.isfinite(se2).all() and (se2 > 0).all()
+    none = torch.zeros_like(x, dtype=torch.bool)
+    _, se0 = masked_nll_estimate(lm, x, none, mask_id=MASK, mc_num=1, return_stderr=True)
+    assert torch.equal(se0, torch.zeros(1, dtype=torch.float64))

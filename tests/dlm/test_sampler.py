@@ -565,3 +565,57 @@ def test_fused_head_arguments(model):
         generate(FakeLM(), ids, am, fused_head=True, **kw)
     with pytest.raises(TypeError, match="fused_head"):
         generate(model, ids, am, fused_head="yes", **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# What the model returns, token ids outside the vocabulary, arguments without effect
+# ---------------------------------------------------------------------------------------------
+def test_model_output_kinds(model):
+    ids = torch.tensor([[5, 6, 7]])
+    kw = dict(mask_id=MASK, gen_length=4, steps=4, seed=0)
+    want = generate(model, ids, **kw)
+    # A dict with "logits" (a Hugging Face ModelOutput is one) and a tuple work as the tensor.
+    assert torch.equal(generate(lambda x, attention_mask=None: {"logits": model(x)}, ids, **kw),
+                       want)  # fmt: skip
+    assert torch.equal(generate(lambda x, attention_mask=None: (model(x),), ids, **kw), want)
+    int_logits = torch.zeros(1, 7, V, dtype=torch.long)
+    for bad, what in [(None, "returned NoneType"), ({"scores": 1}, "without a 'logits' key"),
+                      (int_logits, "returned torch.int64")]:  # fmt: skip
+        with pytest.raises(TypeError, match=what):
+            generate(lambda x, attention_mask=None, out=bad: out, ids, **kw)
+
+
+def test_mask_id_and_eos_id_must_lie_in_the_vocabulary(model):
+    ids = torch.tensor([[5, 6, 7]])
+    kw = dict(gen_length=4, steps=4, seed=0)
+    with pytest.raises(ValueError, match=f"mask_id {V} must be < the model's vocabulary size {V}"):
+        generate(model, ids, mask_id=V, **kw)  # DiffusionLM: known from its embedding
+    with pytest.raises(ValueError, match="mask_id must be >= 0, got -1"):
+        generate(model, ids, mask_id=-1, **kw)
+    with pytest.raises(ValueError, match=f"eos_id 60 must be < the model's vocabulary size {V}"):
+        generate(model, ids, mask_id=MASK, eos_id=60, **kw)
+    # A callable that tells nothing of its vocabulary and never embeds the id (it clamps): the
+    # first logits' last dimension tells, before anything is committed.
+    lm = FakeLM()
+    with pytest.raises(ValueError, match=f"mask_id 60 must be < the model's vocabulary size {V}"):
+        generate(lambda x, attention_mask=None: lm(x.clamp_max(V - 1)), ids, mask_id=60, **kw)
+    # Integers of other kinds (numpy's, as tokenizers return them) are ints.
+    np = pytest.importorskip("numpy")
+    got = generate(model, ids, mask_id=np.int64(MASK), gen_length=np.int64(4), steps=np.int32(4),
+                   seed=0)  # fmt: skip
+    assert torch.equal(got, generate(model, ids, mask_id=MASK, **kw))
+
+
+def test_alg_temp_where_it_has_no_effect_is_an_error(model):
+    ids, am, _ = _padded_batch()
+    kw = dict(gen_length=8, steps=8, mask_id=MASK, seed=0, block_length=4)
+    for extra in (dict(alg="maskgit_plus", threshold=0.3), dict(alg="maskgit_plus", factor=1.0),
+                  dict(alg="ancestral", temperature=1.0), dict(alg="origin")):  # fmt: skip
+        with pytest.raises(ValueError, match="alg_temp=5.0 has no effect"):
+            generate(model, ids, am, alg_temp=5.0, **kw, **extra)
+    # Where it means something it changes the positions; 0 / None mean off everywhere.
+    base = generate(model, ids, am, alg="maskgit_plus", **kw)
+    assert not torch.equal(generate(model, ids, am, alg="maskgit_plus", alg_temp=5.0, **kw), base)
+    generate(model, ids, am, alg="maskgit_plus", threshold=0.3, alg_temp=0.0, **kw)
+    with pytest.raises(ValueError, match="eps"):
+        generate(model, ids, am, alg="entropy", schedule="dream", eps=2.0, **kw)
