@@ -30,17 +30,28 @@ class OutOfTime(RuntimeError):
 
 
 _DEADLINE = float("inf")
+_EXPIRED = False  # set by expire(): no later deadline revives the run
 
 
 def set_deadline(seconds_from_now: float | None) -> None:
-    """Give the cases that follow a budget; ``time_fn`` raises OutOfTime once it is spent."""
-    global _DEADLINE
+    """Give the cases that follow a budget; ``time_fn`` raises OutOfTime once it is spent.
+    None: no budget, and an expire() is forgotten (a later in-process run starts afresh)."""
+    global _DEADLINE, _EXPIRED
     _DEADLINE = float("inf") if seconds_from_now is None else time.monotonic() + seconds_from_now
+    if seconds_from_now is None:
+        _EXPIRED = False
+
+
+def expire() -> None:
+    """Spend every budget now and for good (benchmarks.run's SIGTERM handler): each later
+    check_time raises, so the modules record their remaining cases as skipped and return."""
+    global _EXPIRED
+    _EXPIRED = True
 
 
 def check_time() -> None:
     """Raise OutOfTime when the budget is spent (call before any costly set-up of a case)."""
-    if time.monotonic() > _DEADLINE:
+    if _EXPIRED or time.monotonic() > _DEADLINE:
         raise OutOfTime("time budget spent: case not run")
 
 

@@ -14,12 +14,14 @@ import datetime
 import importlib
 import json
 import os
+import signal
 import sys
 import time
 import traceback
 
 import torch
 
+from benchmarks import common
 from benchmarks.common import OutOfTime, machine, set_deadline
 
 BENCHES = [
@@ -41,11 +43,15 @@ WEIGHTS = {
 }  # fmt: skip
 
 
+# The provider each speed-up is against ("matmul": the fused-head rows, the LM head alone).
+BASELINES = ("eager", "reference", "sdpa", "torch", "matmul")
+
+
 def ratios(rows: list[dict]) -> None:
     """Add ``speedup``: each row's time against the baseline row of the same case and mode."""
     base = {}
     for r in rows:
-        if r.get("status") == "ok" and r["provider"] in ("eager", "reference", "sdpa", "torch"):
+        if r.get("status") == "ok" and r["provider"] in BASELINES:
             base.setdefault((r["name"], r["shape"], r["dtype"]), r["ms"])
     for r in rows:
         b = base.get((r["name"], r["shape"], r["dtype"]))
@@ -137,6 +143,18 @@ def main(argv=None) -> int:
             )
     names = a.only or BENCHES
     t_start = time.monotonic()
+
+    writing = [False]
+
+    def on_term(signum, frame):
+        # `timeout` (gpu_check.sh's backstop) sends SIGTERM: spend the budget for good and stop
+        # the case in flight, so that the module returns the rows it has, they are written and
+        # the table printed before the KILL that follows (a write in progress finishes).
+        common.expire()
+        if not writing[0]:
+            raise OutOfTime("SIGTERM: the run's time is up")
+
+    prev_term = signal.signal(signal.SIGTERM, on_term)
     for i, name in enumerate(names):
         if a.budget is not None:
             # This module's share of what is left, so time one module leaves unused goes on.
@@ -149,7 +167,7 @@ def main(argv=None) -> int:
             mod = importlib.import_module(f"benchmarks.{name}")
             got = mod.run(quick=a.quick, device=a.device)
             for r in got:
-                if str(r.get("status", "")).startswith("error: OutOfTime"):
+                if "OutOfTime" in str(r.get("status", ""))[:40]:
                     r["status"] = "skipped: time budget"
             rows.extend(got)
             print(f"{name}: {len(got)} rows in {time.monotonic() - t_mod:.0f} s", file=sys.stderr,
@@ -170,8 +188,11 @@ def main(argv=None) -> int:
                 }
             )
         # Written after every module, so a run cut short still leaves what it measured.
+        writing[0] = True
         base, md = write(rows, out, a.device, a.quick, info)
+        writing[0] = False
     set_deadline(None)  # a later in-process caller starts without a budget
+    signal.signal(signal.SIGTERM, prev_term)
     print(md)
     print(f"wrote {base}.json and {base}.md", file=sys.stderr)
     return 1 if failed else 0

@@ -24,6 +24,53 @@ def test_benchmark_runs_at_toy_size(name, tmp_path):
             assert r["ms"] > 0
 
 
+def test_sigterm_keeps_what_was_measured(tmp_path, monkeypatch):
+    # gpu_check.sh's backstop `timeout` sends SIGTERM: the case in flight stops, the module
+    # returns its rows, the rest are "skipped", the JSON is written, main returns, and the
+    # previous SIGTERM handler is back. Two stand-in modules, no real benchmark.
+    import os
+    import signal
+    import sys
+    import types
+
+    from benchmarks import common
+
+    def fake(quick, device):
+        rows = []
+        for i in range(5):
+            r = dict(name="fake", provider="p", shape=str(i), dtype="-", status="ok", ms=1.0)
+            try:
+                common.check_time()
+                if i == 2:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    for _ in range(100):  # the handler runs at the next bytecode
+                        pass
+            except common.OutOfTime as e:
+                r = {**r, "status": f"error: OutOfTime: {e}", "ms": None}
+            rows.append(r)
+        return rows
+
+    def after(quick, device):
+        common.check_time()
+        return [dict(name="after", provider="p", shape="-", dtype="-", status="ok", ms=1.0)]
+
+    for name, fn in (("bench_fake_term", fake), ("bench_fake_after", after)):
+        mod = types.ModuleType(f"benchmarks.{name}")
+        mod.run = fn
+        monkeypatch.setitem(sys.modules, f"benchmarks.{name}", mod)
+    prev = signal.getsignal(signal.SIGTERM)
+    rc = bench_run.main(["--quick", "--device", "cpu", "--only", "bench_fake_term",
+                         "bench_fake_after", "--out", str(tmp_path), "--no-ceilings"])  # fmt: skip
+    assert rc == 0 and signal.getsignal(signal.SIGTERM) is prev
+    (path,) = tmp_path.glob("cpu-*-quick.json")
+    got = [(r["name"], r["shape"], r["status"]) for r in json.loads(path.read_text())["rows"]]
+    skipped = "skipped: time budget"
+    assert got == [("fake", "0", "ok"), ("fake", "1", "ok"), ("fake", "2", skipped),
+                   ("fake", "3", skipped), ("fake", "4", skipped),
+                   ("bench_fake_after", "-", skipped)]  # fmt: skip
+    common.check_time()  # the expiry does not outlive the run
+
+
 def test_ceilings_and_plots(tmp_path):
     rc = bench_run.main(["--quick", "--device", "cpu", "--only", "bench_cross_entropy",
                          "--out", str(tmp_path)])  # fmt: skip

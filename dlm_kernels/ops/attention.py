@@ -746,6 +746,10 @@ def _launch(kind: str, grid, args: tuple, meta: dict, D: int, dtype: torch.dtype
             tuner = _TUNERS.get(cls)
             if tuner is None:
                 configs = _autotune_configs(kind, D, dtype)
+                # DLM_KERNELS_AUTOTUNE_MAX=n: time only the first n candidates (the default
+                # first), one compile each: gpu_check.sh's budget on a fresh machine.
+                n_max = int(os.environ.get("DLM_KERNELS_AUTOTUNE_MAX", "0") or 0)
+                configs = configs[:n_max] if n_max > 0 else configs
                 tuner = triton.autotune(
                     configs, key=list(_TUNE_KEY), do_bench=_DO_BENCH,
                     reset_to_zero=["dq_ptr"] if atomic else None,
