@@ -8,65 +8,136 @@
 
 from __future__ import annotations
 
+import argparse
 import math
+import os
+import re
+import sys
 import time
 
 import torch
 
 from dlm.sampler import ALGS, KV_CACHES, SCHEDULES, generate
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _int_at_least(lo: int):
+    """argparse type: an int >= lo."""
+
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an int >= {lo}, got {text!r}") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {value}")
+        return value
+
+    convert.__name__ = "int"
+    return convert
+
+
+def _float_in(lo: float, hi: float = math.inf, *, lo_open: bool = False):
+    """argparse type: a float in [lo, hi] ((lo, hi] with lo_open)."""
+    where = (
+        f"{'(' if lo_open else '['}{lo}, {hi}]"
+        if hi < math.inf
+        else f"{'>' if lo_open else '>='} {lo}"
+    )
+
+    def convert(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not ((lo < value if lo_open else lo <= value) and value <= hi):
+            raise argparse.ArgumentTypeError(
+                f"must be {'in ' if hi < math.inf else ''}{where}, got {text}"
+            )
+        return value
+
+    convert.__name__ = "float"
+    return convert
+
+
+def _device_name(text: str) -> str:
+    """argparse type for --device: auto, cpu, cuda or cuda:N."""
+    if text in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", text):
+        return text
+    raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
+
 
 def register(subparsers) -> None:
     """Add the ``sample`` and ``eval`` subcommands to the ``dlm`` parser."""
-    p = subparsers.add_parser("sample", help="generate text from a checkpoint")
+    pos, nonneg = _int_at_least(1), _int_at_least(0)
+    usage = "%(prog)s (--checkpoint FILE | --model DIR) [options]"
+    p = subparsers.add_parser("sample", help="generate text from a checkpoint", usage=usage)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="a checkpoint.safetensors from dlm train")
+    src.add_argument("--checkpoint", help="a checkpoint.safetensors from dlm train (or its "
+                     "--out folder)")  # fmt: skip
     src.add_argument("--model", help="a Hugging Face-style directory (Dream, LLaDA or ours: "
                      "config.json + safetensors + tokenizer.json)")  # fmt: skip
-    p.add_argument("--dtype", default=None, help="with --model: float32 | bfloat16 | float16")
+    p.add_argument("--dtype", default=None, choices=DTYPES, help="with --model: the weights' dtype")
     p.add_argument("--prompt", action="append", default=None,
                    help="prompt text (repeat for a batch; default: unconditional)")  # fmt: skip
-    p.add_argument("--num", type=int, default=1, help="samples per prompt")
-    p.add_argument("--length", type=int, default=128, help="tokens to generate (gen_length)")
-    p.add_argument("--steps", type=int, default=64)
-    p.add_argument("--block-length", type=int, default=None)
-    p.add_argument("--alg", choices=sorted(ALGS), default="low_confidence")
-    p.add_argument("--schedule", choices=SCHEDULES, default="even")
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--min-p", type=float, default=None)
-    p.add_argument("--alg-temp", type=float, default=None)
-    p.add_argument("--threshold", type=float, default=None, help="Fast-dLLM parallel decoding")
-    p.add_argument("--factor", type=float, default=None, help="Fast-dLLM's factor rule")
-    p.add_argument("--cfg-scale", type=float, default=0.0)
+    p.add_argument("--num", type=pos, default=1, help="samples per prompt")
+    p.add_argument("--length", type=pos, default=128, help="tokens to generate (gen_length)")
+    p.add_argument("--steps", type=pos, default=64, help="denoising steps (default: 64)")
+    p.add_argument("--block-length", type=pos, default=None,
+                   help="semi-autoregressive blocks of this length (divides --length)")  # fmt: skip
+    p.add_argument("--alg", choices=sorted(ALGS), default="low_confidence",
+                   help="how a step picks positions (default: low_confidence)")  # fmt: skip
+    p.add_argument("--schedule", choices=SCHEDULES, default="even",
+                   help="tokens per step: even (LLaDA) or dream (default: even)")  # fmt: skip
+    p.add_argument("--temperature", type=_float_in(0), default=0.0, help="0: greedy")
+    p.add_argument("--top-k", type=pos, default=None, help="keep the k likeliest tokens")
+    p.add_argument("--top-p", type=_float_in(0, 1, lo_open=True), default=None,
+                   help="nucleus: keep the likeliest tokens holding this much mass")  # fmt: skip
+    p.add_argument("--min-p", type=_float_in(0, 1), default=None,
+                   help="drop tokens below this fraction of the top probability")  # fmt: skip
+    p.add_argument("--alg-temp", type=_float_in(0), default=None,
+                   help="temperature of the confidence when choosing positions")  # fmt: skip
+    p.add_argument("--threshold", type=_float_in(0, 1), default=None,
+                   help="Fast-dLLM parallel decoding: commit every position above it")  # fmt: skip
+    p.add_argument("--factor", type=_float_in(0, lo_open=True), default=None,
+                   help="Fast-dLLM's factor rule")  # fmt: skip
+    p.add_argument("--cfg-scale", type=_float_in(0), default=0.0,
+                   help="classifier-free guidance (0: off)")  # fmt: skip
     p.add_argument("--logits-shift", action="store_true", help="Dream's shifted logits")
-    p.add_argument("--kv-cache", choices=[c for c in KV_CACHES if c], default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kv-cache", choices=[c for c in KV_CACHES if c], default=None,
+                   help="Fast-dLLM's block KV cache (default: none)")  # fmt: skip
+    p.add_argument("--seed", type=nonneg, default=0, help="sample b uses seed + b")
     p.add_argument("--show-steps", action="store_true", help="print every denoising step")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--device", type=_device_name, default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
     p.set_defaults(func=cmd_sample)
 
-    e = subparsers.add_parser("eval", help="ELBO / perplexity bound of a checkpoint")
+    e = subparsers.add_parser("eval", help="ELBO / perplexity bound of a checkpoint", usage=usage)
     esrc = e.add_mutually_exclusive_group(required=True)
-    esrc.add_argument("--checkpoint", help="a checkpoint.safetensors from dlm train")
+    esrc.add_argument("--checkpoint", help="a checkpoint.safetensors from dlm train (or its "
+                      "--out folder)")  # fmt: skip
     esrc.add_argument("--model", help="a Hugging Face-style directory (needs --data)")
-    e.add_argument("--dtype", default=None, help="with --model: float32 | bfloat16 | float16")
+    e.add_argument("--dtype", default=None, choices=DTYPES, help="with --model: the weights' dtype")
     e.add_argument("--data", default=None,
                    help="a text file (default: the checkpoint's validation split)")  # fmt: skip
-    e.add_argument("--seq-len", type=int, default=None, help="window length (default: training)")
-    e.add_argument("--windows", type=int, default=64, help="windows spread over the text")
-    e.add_argument("--mc-num", type=int, default=32, help="Monte-Carlo draws per window")
-    e.add_argument("--batch-size", type=int, default=64, help="sequences per forward")
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--device", default="auto")
-    e.add_argument("--no-ema", action="store_true")
+    e.add_argument("--seq-len", type=pos, default=None, help="window length (default: training)")
+    e.add_argument("--windows", type=pos, default=64, help="windows spread over the text")
+    e.add_argument("--mc-num", type=pos, default=32, help="Monte-Carlo draws per window")
+    e.add_argument("--batch-size", type=pos, default=64, help="sequences per forward")
+    e.add_argument("--seed", type=nonneg, default=0, help="seed of the Monte-Carlo draws")
+    e.add_argument("--device", type=_device_name, default="auto", help="auto | cpu | cuda[:N]")
+    e.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
     e.set_defaults(func=cmd_eval)
 
 
 def _device(name: str) -> str:
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: torch {torch.__version__} sees no CUDA device "
+                         "(torch.cuda.is_available() is False); use --device cpu")  # fmt: skip
+    return name
 
 
 class _Banned(torch.nn.Module):
@@ -96,14 +167,26 @@ def _load(args):
     if getattr(args, "model", None):
         from dlm.hf import load_pretrained
 
+        if not os.path.isdir(args.model):
+            raise NotADirectoryError(f"--model {args.model}: expected a checkpoint directory "
+                                     "(config.json + safetensors)")  # fmt: skip
         model, tok = load_pretrained(args.model, dtype=args.dtype, device=dev)
         if tok is None:
-            raise SystemExit(f"dlm: {args.model} has no tokenizer.json (or dlm_tokenizer.json)")
+            raise ValueError(f"--model {args.model} has no tokenizer.json (or dlm_tokenizer.json)")
         model.eval()
         return model, tok, None, dev
-    from dlm.trainer import load_model
+    from dlm.trainer import CHECKPOINT, load_model
 
-    model, tok, cfg = load_model(args.checkpoint, ema=not args.no_ema, device=dev)
+    path = args.checkpoint
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, CHECKPOINT)):
+        path = os.path.join(path, CHECKPOINT)  # a dlm train --out folder
+    elif os.path.isdir(path):
+        raise IsADirectoryError(f"--checkpoint {path} is a directory without {CHECKPOINT}; "
+                                "expected a dlm train checkpoint (a Hugging Face-style "
+                                "directory goes to --model)")  # fmt: skip
+    elif not os.path.exists(path):
+        raise FileNotFoundError(f"--checkpoint: no such file: {path}")
+    model, tok, cfg = load_model(path, ema=not args.no_ema, device=dev)
     return model, tok, cfg, dev
 
 
@@ -127,7 +210,7 @@ def cmd_sample(args) -> int:
 
     model, tok, cfg, dev = _load(args)
     if args.kv_cache and not _accepts(model, "kv_cache"):
-        raise SystemExit("dlm sample: --kv-cache needs a model whose forward takes kv_cache=")
+        raise ValueError("--kv-cache needs a model whose forward takes kv_cache=")
     mask = tok.mask_token_id
     ids, am, rows = _prompts(tok, args.prompt, args.num, dev)
     eos = getattr(model.cfg, "eos_token_id", None)
@@ -175,10 +258,14 @@ def _word_report(texts: list[str]) -> str:
             f"distinct (a low share means repetition)]")  # fmt: skip
 
 
-def _eval_windows(args, tok, cfg):
+def _eval_windows(args, tok, cfg, max_seq_len: int | None):
     from dlm.data import Document, TokenStream, load_documents
 
-    seq_len = args.seq_len or (cfg.data.seq_len if cfg is not None else 256)
+    seq_len = args.seq_len if args.seq_len is not None else (cfg.data.seq_len if cfg else 256)
+    if max_seq_len is not None and seq_len > max_seq_len:
+        # Allowed (RoPE runs past it: a length-extrapolation experiment), but not silently.
+        print(f"dlm eval: warning: --seq-len {seq_len} exceeds the model's max_seq_len "
+              f"{max_seq_len}; the bound measures extrapolation", file=sys.stderr)  # fmt: skip
     if args.data:
         with open(args.data, encoding="utf-8", errors="replace") as f:
             docs = [Document(args.data, f.read())]
@@ -194,10 +281,13 @@ def _eval_windows(args, tok, cfg):
 def cmd_eval(args) -> int:
     from dlm.likelihood import elbo
 
+    if args.data and not os.path.isfile(args.data):
+        raise FileNotFoundError(f"--data: no such file: {args.data}")
     model, tok, cfg, dev = _load(args)
     if cfg is None and not args.data:
-        raise SystemExit("dlm eval: --model needs --data FILE (there is no training split)")
-    x, chars_per_token = _eval_windows(args, tok, cfg)
+        raise ValueError("--model needs --data FILE (there is no training split)")
+    max_seq_len = getattr(getattr(model, "cfg", None), "max_seq_len", None)
+    x, chars_per_token = _eval_windows(args, tok, cfg, max_seq_len)
     t0 = time.perf_counter()
     nats, se = elbo(model, x.to(dev), mask_id=tok.mask_token_id, mc_num=args.mc_num,
                     batch_size=args.batch_size, seed=args.seed, return_stderr=True)  # fmt: skip

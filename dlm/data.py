@@ -81,7 +81,9 @@ def load_documents(spec: str = CORPUS, val_fraction: float = 0.1):
         return docs[:-n_val], docs[-n_val:]
     if os.path.isfile(spec):
         return _split_text(Document(os.path.basename(spec), _read_text(spec)), val_fraction)
-    raise ValueError(f"data must be {CORPUS!r}, a text file or a directory; got {spec!r}")
+    raise ValueError(
+        f"data.data (--data) must be {CORPUS!r}, an existing text file or a directory; got {spec!r}"
+    )
 
 
 def _read_text(path: str) -> str:
@@ -219,6 +221,11 @@ def build_tokenizer(spec: str, train_docs: list[Document], val_docs: list[Docume
     tokenizers JSON path."""
     if spec == "char":
         return CharTokenizer.from_documents(train_docs + val_docs)
+    if not os.path.isfile(spec):
+        raise FileNotFoundError(
+            f"data.tokenizer (--tokenizer) must be 'char' or a tokenizers .json file; "
+            f"no such file: {spec!r}"
+        )
     return HFTokenizer(spec)
 
 

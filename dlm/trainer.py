@@ -9,9 +9,25 @@ the weights, EMA, AdamW state, the step (the learning rate is a pure function of
 generator's state and the data stream's position. On CPU a run stopped at step k and resumed
 gives bit-identical weights to one that never stopped (tests/dlm/test_trainer.py).
 
+Resume takes the run's config from the checkpoint: settings that would change what a step
+computes (data, batch, optimizer, objective, model) must equal the checkpoint's unless
+``override_config=True``; shapes of the weights can never change (``RESUME_FREE`` lists what may).
+
+Interruption: during ``fit`` SIGINT and SIGTERM finish the current optimizer step, write the
+checkpoint and raise ``TrainingInterrupted`` (``dlm train`` prints where and how to resume and
+exits 130 / 143). Further signals while it saves are ignored (SIGKILL still works, and leaves the
+previous checkpoint intact: the write is atomic). The previous handlers come back when ``fit``
+returns; a signal that is ignored when ``fit`` starts (SIG_IGN: nohup, background jobs) stays
+ignored, and outside the main thread nothing is installed. After the final checkpoint of a
+finished run (final evaluation, plot, samples) signals have their usual effect: nothing is lost.
+
 Multi-process: every process walks the same data stream and noise generator and keeps its own
 rows of each global batch, so N processes compute the loss of the same global batch as one
-process (up to the order of the gradient all-reduce).
+process (up to the order of the gradient all-reduce). A signal may reach one process only: at
+every step boundary the processes all-reduce (max) their pending signal, so all stop after the
+same step and write the checkpoint together (the save is collective under FSDP), whichever
+process got it. torchrun forwards SIGINT / SIGTERM to every worker and kills them after
+``--shutdown-timeout`` (30 s by default): leave the save that much time.
 """
 
 from __future__ import annotations
@@ -21,6 +37,9 @@ import dataclasses
 import json
 import math
 import os
+import shlex
+import signal
+import threading
 import time
 
 import torch
@@ -40,6 +59,105 @@ from dlm.loss import DiffusionObjective
 from dlm.model import DiffusionLM
 
 CHECKPOINT = "checkpoint.safetensors"
+
+# What a resumed run may change without override_config: where it writes, how often it logs,
+# evaluates, saves and samples, how long it runs (the cosine schedule then follows the new
+# length) and how it executes (device, threads, compile, recomputation: the same arithmetic up to
+# rounding order, so bit-exact only on the same device and thread count; with dtype "auto" a
+# move to CUDA also turns bf16 autocast on). Anything else changes what a step computes.
+RESUME_FREE = {
+    "model": {"gradient_checkpointing"},
+    "data": set(),
+    "train": {
+        "out",
+        "steps",
+        "eval_every",
+        "eval_batches",
+        "eval_t_samples",
+        "save_every",
+        "log_every",
+        "device",
+        "threads",
+        "compile",
+        "progress",
+        "samples",
+        "sample_len",
+        "sample_steps",
+        "sample_temperature",
+    },
+}
+# The shapes of the weights: a checkpoint cannot be loaded into a model with other values.
+RESUME_FIXED = {
+    "vocab_size",
+    "d_model",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "d_ff",
+    "qkv_bias",
+    "tie_embeddings",
+    "time_conditioning",
+}
+
+
+class TrainingInterrupted(Exception):
+    """``fit`` stopped on SIGINT / SIGTERM after saving a checkpoint at ``step``.
+
+    signum: the signal; exit_code: 128 + signum (the shell's convention: 130, 143);
+    checkpoint: the file written; str(): where and how to resume.
+    """
+
+    def __init__(self, signum: int, step: int, checkpoint: str, out: str):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        self.exit_code = 128 + signum
+        name = signal.Signals(signum).name
+        super().__init__(
+            f"interrupted by {name}: step {step} saved to {checkpoint}; resume with: "
+            f"dlm train --out {shlex.quote(out)} --resume"
+        )
+
+
+class _StopOnSignal:
+    """Within ``with``: SIGINT / SIGTERM set ``signum`` instead of stopping the process; ``fit``
+    reads it at step boundaries. Restores the previous handlers on exit."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, announce: bool):
+        self.signum = 0
+        self._announce = announce
+        self._previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is not threading.main_thread():
+            return self  # signal.signal only works in the main thread
+        for sig in self.SIGNALS:
+            prev = signal.getsignal(sig)
+            if prev is signal.SIG_IGN:
+                continue  # nohup / a background job: the caller chose to ignore it
+            self._previous[sig] = prev
+            signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, prev in self._previous.items():
+            # None: a handler not installed from Python; the default is the closest we can do.
+            signal.signal(sig, signal.SIG_DFL if prev is None else prev)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        if not self.signum:
+            self.signum = signum
+            return
+        if self._announce:
+            # os.write, not print: the handler may run in the middle of a print to the same
+            # stream, and a reentrant print raises.
+            with contextlib.suppress(OSError):
+                os.write(
+                    2,
+                    b"dlm: already stopping: finishing the step and writing the checkpoint "
+                    b"(kill -9 aborts it; the previous checkpoint stays intact)\n",
+                )
 
 
 def lr_at(step: int, cfg) -> float:
@@ -64,13 +182,26 @@ def _init_distributed(device: str) -> tuple[int, int, int]:
 class Trainer:
     """Builds data, tokenizer, model and optimizer from a Config; ``fit`` trains.
 
-    resume: continue from ``<out>/checkpoint.safetensors`` when it exists.
+    resume: continue from ``<out>/checkpoint.safetensors`` (FileNotFoundError when there is
+        none). ``cfg`` must then equal the checkpoint's config except for the RESUME_FREE
+        fields (``read_checkpoint_config`` gives it; vocab_size 0 and mask_token_id -1 match
+        the resolved values), else ValueError naming the differences.
+    override_config: with resume, accept the differences (not the weight shapes, RESUME_FIXED):
+        the run continues from the checkpoint's state with the new settings, no longer exactly.
     log: where rank 0 prints progress lines (print by default).
     """
 
-    def __init__(self, cfg: Config, *, resume: bool = False, log=print):
+    def __init__(
+        self, cfg: Config, *, resume: bool = False, override_config: bool = False, log=print
+    ):
         self.cfg = cfg = dataclasses.replace(cfg)
         tc = cfg.train
+        if tc.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError(
+                "train.device is 'cuda' but torch sees no CUDA device "
+                f"(torch {torch.__version__}, torch.cuda.is_available() is False); "
+                "use device 'cpu' or 'auto'"
+            )
         dev = tc.device if tc.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         self.rank, self.world, local_rank = _init_distributed(dev)
         self.device = torch.device(f"cuda:{local_rank}" if dev == "cuda" else dev)
@@ -86,10 +217,15 @@ class Trainer:
             torch.set_num_threads(tc.threads)
         self.log = log if self.rank == 0 else (lambda *a, **k: None)
         self.out = tc.out
-        if self.rank == 0:
-            os.makedirs(self.out, exist_ok=True)
         ckpt_path = os.path.join(self.out, CHECKPOINT)
-        ckpt = _read_checkpoint(ckpt_path) if resume and os.path.exists(ckpt_path) else None
+        ckpt, changes = None, []
+        if resume:
+            if not os.path.isfile(ckpt_path):
+                raise FileNotFoundError(
+                    f"resume: no checkpoint at {ckpt_path}; start without resume for a new run"
+                )
+            ckpt = _read_checkpoint(ckpt_path)
+            changes = _check_resume_config(ckpt, cfg, override_config)
 
         # Data and tokenizer (a resumed run keeps the tokenizer it was trained with).
         train_docs, val_docs = load_documents(cfg.data.data, cfg.data.val_fraction)
@@ -119,6 +255,10 @@ class Trainer:
                 f"batch_size {tc.batch_size} must be divisible by world_size x grad_accum = {per}"
             )
         self.micro = tc.batch_size // per
+        if self.rank == 0:  # after the checks above: bad input leaves no folder behind
+            os.makedirs(self.out, exist_ok=True)
+            for name in _clean_stale_tmp(ckpt_path):
+                self.log(f"removed {name}: a partial checkpoint whose writer is gone")
 
         torch.manual_seed(tc.seed)
         model = DiffusionLM(mc).to(self.device)
@@ -159,9 +299,18 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.history: list[dict] = []
+        self._saved_step = None  # the step the checkpoint on disk holds (None: unknown / stale)
         if ckpt is not None:
             self._load(ckpt)
+            if tc.steps < self.step:
+                raise ValueError(
+                    f"resume: train.steps {tc.steps} is below the checkpoint's step {self.step}"
+                )
+            # Unchanged config: the file on disk is this state; rewriting it would add nothing.
+            self._saved_step = None if changes else self.step
             self.log(f"resumed from {ckpt_path} at step {self.step}")
+            if changes:
+                self.log("resume: settings changed from the checkpoint's: " + _describe(changes))
 
     # -----------------------------------------------------------------------------------------
     def _wrap(self, model):
@@ -368,30 +517,47 @@ class Trainer:
         )
         t0, tok0 = time.perf_counter(), self.tokens_seen
         last_eval = None
-        while self.step < end:
-            m = self.train_step()
-            tps = (self.tokens_seen - tok0) / max(1e-9, time.perf_counter() - t0)
-            bar.update(1)
-            bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{tps:,.0f}")
-            if self.step % tc.log_every == 0 or self.step == end:
-                self._record(metrics_path, {"step": self.step, **m, "tokens_per_s": tps})
-            if tc.eval_every and self.step % tc.eval_every == 0 and self.step < tc.steps:
+        # SIGINT / SIGTERM: finish the step, save, raise TrainingInterrupted (module doc).
+        with _StopOnSignal(announce=self.rank == 0) as stop:
+            try:
+                while self.step < end:
+                    m = self.train_step()
+                    tps = (self.tokens_seen - tok0) / max(1e-9, time.perf_counter() - t0)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{tps:,.0f}")
+                    if self.step % tc.log_every == 0 or self.step == end:
+                        self._record(metrics_path, {"step": self.step, **m, "tokens_per_s": tps})
+                    if tc.eval_every and self.step % tc.eval_every == 0 and self.step < tc.steps:
+                        last_eval = self.evaluate()
+                        self._record(metrics_path, {"step": self.step, **last_eval})
+                        val = last_eval["val_nats_per_char"]
+                        bar.write(f"step {self.step}: val {val:.3f} nats/char")
+                    if tc.save_every and self.step % tc.save_every == 0:
+                        self.save()
+                    if self._agree_on_signal(stop.signum):
+                        break
+            finally:
+                bar.close()
+            elapsed = time.perf_counter() - t0
+            summary = {
+                "step": self.step,
+                "train_time_s": elapsed,
+                "tokens_per_s": (self.tokens_seen - tok0) / max(elapsed, 1e-9),
+            }
+            if self._saved_step != self.step:
+                self.save()
+            # Asked again: a signal may have come during that save, and every process must
+            # agree before the final evaluation (collective).
+            signum = self._agree_on_signal(stop.signum)
+        if signum:
+            raise TrainingInterrupted(
+                signum, self.step, os.path.join(self.out, CHECKPOINT), self.out
+            )
+        if self.step >= tc.steps:
+            last_eval = self._final_row()
+            if last_eval is None:
                 last_eval = self.evaluate()
                 self._record(metrics_path, {"step": self.step, **last_eval})
-                bar.write(f"step {self.step}: val {last_eval['val_nats_per_char']:.3f} nats/char")
-            if tc.save_every and self.step % tc.save_every == 0:
-                self.save()
-        bar.close()
-        elapsed = time.perf_counter() - t0
-        summary = {
-            "step": self.step,
-            "train_time_s": elapsed,
-            "tokens_per_s": (self.tokens_seen - tok0) / max(elapsed, 1e-9),
-        }
-        self.save()
-        if self.step >= tc.steps:
-            last_eval = self.evaluate()
-            self._record(metrics_path, {"step": self.step, **last_eval})
             summary.update(last_eval)
             self.log(
                 f"validation ELBO at step {self.step}: {last_eval['val_nats_per_char']:.4f} "
@@ -412,6 +578,29 @@ class Trainer:
                 for i, s in enumerate(texts):
                     self.log(f"--- sample {i} ---\n{s}")
         return summary
+
+    def _agree_on_signal(self, signum: int) -> int:
+        """The pending signal of any process (max over processes; 0: none). Collective."""
+        if self.world == 1:
+            return signum
+        flag = torch.tensor([signum], dtype=torch.int64, device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag)
+
+    def _final_row(self) -> dict | None:
+        """The validation row already in metrics.jsonl for this step (resuming a finished run),
+        or None. Rank 0 holds the file's rows; the others follow its answer (evaluate is
+        collective)."""
+        keys = ("val_nats_per_token", "val_bits_per_token", "val_nats_per_char")
+        rows = [r for r in self.history if r["step"] == self.step and keys[0] in r]
+        found = torch.tensor([len(rows) > 0], dtype=torch.int64, device=self.device)
+        if self.world > 1:
+            dist.broadcast(found, src=0)
+        if not int(found):
+            return None
+        if not rows:  # not rank 0: the figures are rank 0's to print
+            return {k: float("nan") for k in keys}
+        return {k: rows[-1][k] for k in keys}
 
     def _record(self, path: str, row: dict) -> None:
         self.history.append(row)
@@ -465,6 +654,7 @@ class Trainer:
         msd = get_model_state_dict(self.model, options=opts)
         osd = get_optimizer_state_dict(self.model, self.optimizer, options=opts)
         if self.rank != 0:
+            self._saved_step = self.step
             return
         tensors = {}
         seen = set()
@@ -500,10 +690,25 @@ class Trainer:
                 }
             ),
         }
+        for name in _clean_stale_tmp(path):
+            self.log(f"removed {name}: a partial checkpoint whose writer is gone")
         tmp = f"{path}.tmp-{os.getpid()}"
-        save_file(tensors, tmp, metadata=meta)
-        os.chmod(tmp, 0o644)  # safetensors creates 0600 files
-        os.replace(tmp, path)
+        try:
+            save_file(tensors, tmp, metadata=meta)
+            os.chmod(tmp, 0o644)  # safetensors creates 0600 files
+            # On disk before the rename: after a crash the name holds the old or the new file,
+            # never a truncated one.
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
+        self._saved_step = self.step
 
     def _load(self, ckpt) -> None:
         tensors, meta = ckpt
@@ -525,12 +730,19 @@ class Trainer:
         set_optimizer_state_dict(
             self.model, self.optimizer, {"state": ostate, "param_groups": groups}, options=opts
         )
+        # The config's hyper-parameters, not the saved groups' (equal unless override_config).
+        tc = self.cfg.train
+        for g, wd in zip(self.optimizer.param_groups, (tc.weight_decay, 0.0), strict=True):
+            g["weight_decay"], g["betas"] = wd, (tc.beta1, tc.beta2)
         if self.ema is not None:
+            params = dict(self.raw_model.named_parameters())
             for k in self.ema:
                 src = tensors.get(f"ema.{k}")
                 if src is None and k == "lm_head.weight":
-                    src = tensors["ema.tok_emb.weight"]
-                self.ema[k].copy_(src)
+                    src = tensors.get("ema.tok_emb.weight")
+                # No EMA in the checkpoint (ema_decay was 0, override_config): start from the
+                # loaded weights.
+                self.ema[k].copy_(params[k].detach().float() if src is None else src)
         self.gen.set_state(tensors["rng.noise"])
         torch.set_rng_state(tensors["rng.torch"])
         self.step = state["step"]
@@ -546,13 +758,117 @@ def _eval_times(n: int, rep: int, reps: int, gen: torch.Generator, eps: float) -
     return eps + (1.0 - eps) * t
 
 
+def _read_metadata(path: str) -> dict:
+    """The metadata of a dlm train checkpoint; ValueError / FileNotFoundError naming the file."""
+    from safetensors import SafetensorError, safe_open
+
+    if os.path.isdir(path):
+        raise IsADirectoryError(
+            f"{path} is a directory; expected a checkpoint file such as "
+            f"{os.path.join(path, CHECKPOINT)}"
+        )
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint file at {path}")
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
+    missing = [k for k in ("config", "tokenizer", "state") if k not in meta]
+    if missing:
+        raise ValueError(
+            f"{path} is not a dlm train checkpoint (its metadata has no {', '.join(missing)}); "
+            "Hugging Face-style weights load with dlm.hf.load_pretrained (dlm sample --model)"
+        )
+    return meta
+
+
 def _read_checkpoint(path: str):
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    with safe_open(path, "pt") as f:
-        meta = f.metadata()
+    meta = _read_metadata(path)
     return load_file(path), meta
+
+
+def read_checkpoint_config(path: str) -> Config:
+    """The Config a checkpoint was trained with (reads only the file's header)."""
+    return Config.from_dict(json.loads(_read_metadata(path)["config"]))
+
+
+def _config_changes(saved: Config, cfg: Config) -> list[tuple[str, str, object, object]]:
+    """(section, field, saved, requested) for every field that differs; "take it from the
+    tokenizer" (vocab_size 0, mask_token_id -1) matches any saved value."""
+    out = []
+    for section in ("model", "data", "train"):
+        a, b = getattr(saved, section), getattr(cfg, section)
+        for f in dataclasses.fields(a):
+            old, new = getattr(a, f.name), getattr(b, f.name)
+            auto = (section, f.name, new) in {
+                ("model", "vocab_size", 0),
+                ("model", "mask_token_id", -1),
+            }
+            if old != new and not auto:
+                out.append((section, f.name, old, new))
+    return out
+
+
+def _describe(changes) -> str:
+    return ", ".join(
+        f"{name} {old!r} -> {new!r} (--{name.replace('_', '-')})" for _, name, old, new in changes
+    )
+
+
+def _check_resume_config(ckpt, cfg: Config, override: bool) -> list:
+    """The differences between ``cfg`` and the checkpoint's config; ValueError for those a
+    resume cannot take (see RESUME_FREE / RESUME_FIXED)."""
+    saved = Config.from_dict(json.loads(ckpt[1]["config"]))
+    changes = _config_changes(saved, cfg)
+    fixed = [c for c in changes if c[0] == "model" and c[1] in RESUME_FIXED]
+    if fixed:
+        raise ValueError(
+            f"resume: the checkpoint's weights have other shapes: {_describe(fixed)}; the "
+            "checkpoint's config is used when these are not given (--out DIR --resume alone "
+            "continues the run), or start a new run in another --out"
+        )
+    breaking = [c for c in changes if c[1] not in RESUME_FREE[c[0]]]
+    if breaking and not override:
+        raise ValueError(
+            f"resume: settings differ from the checkpoint's: {_describe(breaking)}; the run "
+            "would no longer continue exactly. Leave them out to keep the checkpoint's values, "
+            "or pass --override-config (Trainer(override_config=True)) to apply them"
+        )
+    return changes
+
+
+def _clean_stale_tmp(path: str) -> list[str]:
+    """Delete ``<path>.tmp-<pid>`` files whose writer (pid, on this machine) is gone: what a
+    kill -9 during a save leaves. Returns the names removed."""
+    folder, base = os.path.split(path)
+    removed = []
+    try:
+        names = os.listdir(folder or ".")
+    except FileNotFoundError:
+        return removed
+    for name in names:
+        pid = name[len(base) + len(".tmp-") :]
+        if not name.startswith(base + ".tmp-") or not pid.isdigit():
+            continue
+        if int(pid) != os.getpid() and _alive(int(pid)):
+            continue  # another process is writing it (a run sharing the folder)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(folder, name))
+            removed.append(name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, another user's
+    return True
 
 
 def load_model(path: str, *, ema: bool = True, device: str = "cpu"):

@@ -62,7 +62,7 @@ def test_user_text_directory_and_file(tmp_path):
     one = tmp_path / "doc0.txt"
     train, val = load_documents(str(one), val_fraction=0.1)
     assert train[0].text + val[0].text == one.read_text()
-    with pytest.raises(ValueError, match="data must be"):
+    with pytest.raises(ValueError, match=r"--data\) must be .shakespeare., an existing text file"):
         load_documents(str(tmp_path / "missing"))
 
 

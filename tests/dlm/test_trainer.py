@@ -1,17 +1,26 @@
-"""The trainer: exact resume, 2-process DDP (and FSDP2) on gloo, the CLI end to end."""
+"""The trainer: exact resume, 2-process DDP (and FSDP2) on gloo, the CLI end to end,
+SIGINT / SIGTERM (save, then resume exactly), resuming with the checkpoint's config."""
 
 import json
 import os
+import shutil
+import signal
 import socket
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from dlm.cli import main
 from dlm.config import Config, DataConfig, ModelConfig, TrainConfig
-from dlm.trainer import CHECKPOINT, Trainer, load_model
+from dlm.trainer import CHECKPOINT, Trainer, TrainingInterrupted, load_model
+
+quiet = lambda *a, **k: None  # noqa: E731
 
 
 def small_config(out, **train) -> Config:
@@ -184,3 +193,256 @@ def test_compile_matches_eager(tmp_path):
         losses[compiled] = [tr.train_step()["loss"] for _ in range(2)]
     torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]),
                                rtol=1e-5, atol=0)  # fmt: skip
+
+
+# ---- interruption and resume -------------------------------------------------------------------
+def signal_config(out, **train) -> Config:
+    """8 steps of 2 micro-batches; checkpoints every 2 steps, validation every 3. One thread
+    everywhere (also in subprocesses) so that runs compare bit for bit."""
+    kw = dict(steps=8, grad_accum=2, eval_every=3, save_every=2, threads=1, device="cpu")
+    return small_config(out, **{**kw, **train})
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run that interrupted + resumed runs must equal."""
+    out = tmp_path_factory.mktemp("reference")
+    threads = torch.get_num_threads()
+    try:
+        Trainer(signal_config(out), log=quiet).fit()
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def checkpoint_step(out) -> int:
+    with safe_open(str(out / CHECKPOINT), "pt") as f:
+        return json.loads(f.metadata()["state"])["step"]
+
+
+def assert_same_run(a, b):
+    """Weights, EMA, AdamW moments, RNG bit for bit; the same metric rows (timings aside)."""
+    ta, tb = load_file(str(a / CHECKPOINT)), load_file(str(b / CHECKPOINT))
+    assert ta.keys() == tb.keys() and any(k.startswith("optim.") for k in ta)
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), k
+    rows = lambda p: [  # noqa: E731
+        {k: v for k, v in json.loads(x).items() if k != "tokens_per_s"} for x in open(p)
+    ]
+    assert rows(a / "metrics.jsonl") == rows(b / "metrics.jsonl")
+
+
+# Runs `dlm train --config FILE` and sends itself SIG during step AT (between the two
+# micro-batches' work: the step must still finish), then SIG again while the checkpoint is being
+# written (after the temp file, before its rename).
+SIGNAL_DRIVER = r"""
+import os, signal, sys
+import safetensors.torch
+import dlm.trainer as T
+from dlm.cli import main
+
+sig, at, config = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+# As in a terminal: a test run started in the background (CI) inherits SIGINT ignored, and the
+# trainer leaves an ignored signal ignored.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+sent = []
+micro_loss = T.Trainer._micro_loss
+def micro_loss_then_signal(self, *args, **kwargs):
+    if self.step == at - 1 and not sent:
+        sent.append(sig)
+        os.kill(os.getpid(), sig)
+    return micro_loss(self, *args, **kwargs)
+save_file = safetensors.torch.save_file
+def save_file_then_signal(*args, **kwargs):
+    save_file(*args, **kwargs)
+    if sent:
+        os.kill(os.getpid(), sig)
+T.Trainer._micro_loss = micro_loss_then_signal
+safetensors.torch.save_file = save_file_then_signal
+sys.exit(main(["train", "--config", config]))
+"""
+
+
+def test_sigint_saves_the_current_step_and_resumes_exactly(tmp_path, reference, capsys):
+    """dlm train in a subprocess: SIGINT in step 5 (the last checkpoint is at 4) and again during
+    the save -> exit 130, one line saying how to resume, a checkpoint at step 5 and no temp file;
+    `dlm train --out DIR --resume` alone then equals the uninterrupted run bit for bit."""
+    out = tmp_path / "run"
+    config = tmp_path / "run.json"
+    config.write_text(signal_config(out).to_json())
+    proc = subprocess.run(
+        [sys.executable, "-c", SIGNAL_DRIVER, str(int(signal.SIGINT)), "5", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 130, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == (
+        f"dlm train: interrupted by SIGINT: step 5 saved to {out / CHECKPOINT}; "
+        f"resume with: dlm train --out {out} --resume"
+    )
+    assert checkpoint_step(out) == 5
+    assert sorted(os.listdir(out)) == [CHECKPOINT, "metrics.jsonl"]  # no temp file left
+    assert main(["train", "--out", str(out), "--resume"]) == 0  # the config comes from the run
+    assert "resumed from" in capsys.readouterr().out
+    assert_same_run(reference, out)
+
+
+def test_sigterm_stops_fit_restores_handlers_and_resumes_exactly(tmp_path, reference, monkeypatch):
+    """The library path: SIGTERM during step 3 -> TrainingInterrupted (exit code 143) after a
+    checkpoint at step 3; the caller's SIGTERM handler is back afterwards."""
+
+    def callers_handler(signum, frame):
+        raise AssertionError("SIGTERM reached the caller's handler during fit")
+
+    micro_loss, sent = Trainer._micro_loss, []
+
+    def micro_loss_then_signal(self, *args, **kwargs):
+        if self.step == 2 and not sent:
+            sent.append(1)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return micro_loss(self, *args, **kwargs)
+
+    sigint_before = signal.getsignal(signal.SIGINT)
+    previous = signal.signal(signal.SIGTERM, callers_handler)
+    try:
+        trainer = Trainer(signal_config(tmp_path), log=quiet)
+        monkeypatch.setattr(Trainer, "_micro_loss", micro_loss_then_signal)
+        with pytest.raises(TrainingInterrupted) as info:
+            trainer.fit()
+        assert signal.getsignal(signal.SIGTERM) is callers_handler
+        assert signal.getsignal(signal.SIGINT) is sigint_before
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert (info.value.signum, info.value.exit_code, info.value.step) == (signal.SIGTERM, 143, 3)
+    assert checkpoint_step(tmp_path) == 3
+    monkeypatch.undo()
+    Trainer(signal_config(tmp_path), resume=True, log=quiet).fit()
+    assert_same_run(reference, tmp_path)
+
+
+def _signal_worker(rank, world, port, cfg_dict, result_dir):
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
+    import torch.distributed as dist
+
+    trainer = Trainer(Config.from_dict(cfg_dict), log=quiet)
+    if rank == 1:  # only rank 1 is signalled, during step 3
+        micro_loss = trainer._micro_loss
+
+        def micro_loss_then_signal(*args, **kwargs):
+            if trainer.step == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return micro_loss(*args, **kwargs)
+
+        trainer._micro_loss = micro_loss_then_signal
+    try:
+        trainer.fit()
+        outcome = {"step": trainer.step, "signum": 0}
+    except TrainingInterrupted as e:
+        outcome = {"step": e.step, "signum": e.signum}
+    with open(os.path.join(result_dir, f"{rank}.json"), "w") as f:
+        json.dump(outcome, f)
+    dist.destroy_process_group()
+
+
+def test_signal_on_one_of_two_processes_stops_both_after_the_same_step(tmp_path):
+    """DDP on gloo: SIGTERM reaches rank 1 only; both ranks agree at the step boundary, save
+    together and stop at step 3 (no deadlock, no rank left training)."""
+    cfg = small_config(tmp_path / "run", steps=6, eval_every=0, ema_decay=0.0, threads=1,
+                       device="cpu")  # fmt: skip
+    ctx = mp.start_processes(
+        _signal_worker,
+        args=(2, _free_port(), cfg.to_dict(), str(tmp_path)),
+        nprocs=2,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + 240
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("the two processes did not finish: deadlock after the signal")
+    outcomes = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
+    assert outcomes == [{"step": 3, "signum": int(signal.SIGTERM)}] * 2
+    assert checkpoint_step(tmp_path / "run") == 3
+
+
+def test_resume_takes_the_checkpoint_config_and_refuses_inexact_changes(
+    tmp_path, reference, capsys
+):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+
+    def fails(*argv) -> str:
+        with pytest.raises(SystemExit) as info:
+            main(["train", *argv])
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and "Traceback" not in err
+        assert len(err.strip().splitlines()) == 1 and err.startswith("dlm train: error: ")
+        return err
+
+    tiny = ["--steps", "1", "--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--seq-len",
+            "16", "--batch-size", "2", "--eval-every", "0", "--eval-batches", "1"]  # fmt: skip
+    err = fails("--out", str(tmp_path / "none"), "--resume", *tiny)
+    assert "no checkpoint at" in err and not (tmp_path / "none").exists()
+    err = fails("--out", str(out), "--resume", "--seq-len", "16", "--lr", "0.5", "--no-progress")
+    assert "--seq-len" in err and "--lr" in err and "--override-config" in err
+    assert "--no-progress" not in err and "--progress" not in err  # a free setting
+    err = fails("--out", str(out), "--resume", "--d-model", "64", "--override-config")
+    assert "--d-model" in err and "shapes" in err
+    err = fails("--out", str(out), "--resume", "--steps", "7")
+    assert "below the checkpoint's step 8" in err
+    # The library checks the same: a changed config is refused, accepted with override_config.
+    changed = signal_config(out, lr=0.5)
+    with pytest.raises(ValueError, match="lr 0.003 -> 0.5"):
+        Trainer(changed, resume=True, log=quiet)
+    trainer = Trainer(changed, resume=True, override_config=True, log=quiet)
+    assert trainer.step == 8 and trainer.cfg.train.lr == 0.5
+    # --out and --resume alone: the run's own config (d_model 32, seq_len 32), one more step.
+    assert main(["train", "--out", str(out), "--resume", "--steps", "9"]) == 0
+    assert checkpoint_step(out) == 9
+    assert "steps 8 -> 9" in capsys.readouterr().out
+
+
+def test_finished_run_resume_adds_no_row_and_stale_temp_files_go(tmp_path, reference, monkeypatch):
+    """Resuming a finished run keeps metrics.jsonl as it is; a temp checkpoint whose writer died
+    (kill -9 during a save) is deleted, one of a live process is kept; a save that fails leaves
+    no temp file and the previous checkpoint."""
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    rows = (out / "metrics.jsonl").read_text()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / f"{CHECKPOINT}.tmp-{dead.pid}").write_bytes(b"partial")
+    (out / f"{CHECKPOINT}.tmp-1").write_bytes(b"pid 1 is alive")
+    trainer = Trainer(signal_config(out), resume=True, log=quiet)
+    assert not (out / f"{CHECKPOINT}.tmp-{dead.pid}").exists()
+    assert (out / f"{CHECKPOINT}.tmp-1").exists()
+    summary = trainer.fit()
+    assert (out / "metrics.jsonl").read_text() == rows
+    assert summary["val_nats_per_char"] == json.loads(rows.splitlines()[-1])["val_nats_per_char"]
+
+    before = load_file(str(out / CHECKPOINT))
+    trainer.step += 1  # a state the file does not hold yet
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        trainer.save()
+    monkeypatch.undo()
+    assert sorted(os.listdir(out)) == sorted(
+        [CHECKPOINT, f"{CHECKPOINT}.tmp-1", "metrics.jsonl", "loss.png"]
+    )
+    after = load_file(str(out / CHECKPOINT))
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -1,0 +1,109 @@
+"""The dlm command's errors: a bad argument or an expected user error is one line
+`dlm <cmd>: error: ...` (after argparse's one-line usage) and exit status 2; bugs keep their
+traceback; every `dlm train` flag has help."""
+
+import argparse
+
+import pytest
+import torch
+
+from dlm import cli_generate
+from dlm.cli import main, make_parser
+
+# (argv, what the error line must say); {tmp} is the test's folder. None of these needs a model.
+CASES = {
+    "checkpoint-is-a-folder": (["sample", "--checkpoint", "{tmp}"], "is a directory"),
+    "checkpoint-missing": (["sample", "--checkpoint", "{tmp}/no.safetensors"], "no such file"),
+    "checkpoint-not-safetensors": (["eval", "--checkpoint", "{tmp}/text.txt"], "not a readable"),
+    "num-0": (["sample", "--checkpoint", "x", "--num", "0"], "--num: must be >= 1, got 0"),
+    "steps-negative": (["sample", "--checkpoint", "x", "--steps", "-1"], "--steps: must be >= 1"),
+    "top-p-above-1": (["sample", "--checkpoint", "x", "--top-p", "1.5"], "--top-p: must be in"),
+    "device-typo": (["sample", "--checkpoint", "x", "--device", "gpu"], "--device: expected"),
+    "windows-0": (["eval", "--checkpoint", "x", "--windows", "0"], "--windows: must be >= 1"),
+    "seq-len-0": (["eval", "--checkpoint", "x", "--seq-len", "0"], "--seq-len: must be >= 1"),
+    "eval-data-missing": (["eval", "--checkpoint", "x", "--data", "{tmp}/no.txt"], "--data: no"),
+    "train-steps-negative": (["train", "--steps", "-5", "--out", "{tmp}/out"], "must be >= 1"),
+    "train-lr-text": (["train", "--lr", "fast", "--out", "{tmp}/out"], "expected a float"),
+    "train-schedule": (["train", "--schedule", "cosin", "--out", "{tmp}/out"], "one of 'linear'"),
+    "train-config-missing": (["train", "--config", "{tmp}/no.toml"], "--config: no such file"),
+    "train-config-broken": (["train", "--config", "{tmp}/broken.toml"], "--config {tmp}/broken"),
+    "train-config-bad-value": (["train", "--config", "{tmp}/neg.toml"], "--batch-size (train."),
+    "train-data-missing": (["train", "--data", "{tmp}/no", "--out", "{tmp}/out"], "--data"),
+    "train-tokenizer-missing": (
+        ["train", "--tokenizer", "{tmp}/tok.json", "--out", "{tmp}/out"],
+        "--tokenizer",
+    ),
+    "train-override-alone": (["train", "--override-config", "--out", "{tmp}/out"], "--resume"),
+    "train-resume-nothing": (["train", "--resume", "--out", "{tmp}/out"], "no checkpoint at"),
+}
+# Train cases also get a tiny model: code that accepted a case would train for a second, not
+# for the default config's hour.
+TINY = ["--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--seq-len", "16", "--batch-size",
+        "2", "--eval-every", "0", "--eval-batches", "1", "--no-progress"]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_user_errors_are_one_line_and_exit_2(case, tmp_path, capsys):
+    (tmp_path / "text.txt").write_text("not a checkpoint")
+    (tmp_path / "broken.toml").write_text("[train\nsteps = 3\n")
+    (tmp_path / "neg.toml").write_text("[train]\nbatch_size = -1\n")
+    argv, expected = CASES[case]
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    if argv[0] == "train" and "--config" not in argv:
+        argv += TINY + ([] if "--steps" in argv else ["--steps", "2"])
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert info.value.code == 2, err
+    assert "Traceback" not in err
+    assert len(lines) <= 2 and (len(lines) == 1 or lines[0].startswith("usage: ")), err
+    assert lines[-1].startswith(f"dlm {argv[0]}: error: "), err
+    assert expected.format(tmp=tmp_path) in lines[-1], err
+    assert not (tmp_path / "out").exists()  # a refused run writes nothing
+
+
+def test_cuda_without_cuda_is_a_user_error(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as info:
+        main(["sample", "--checkpoint", "x", "--device", "cuda"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("dlm sample: error: --device cuda:") and "use --device cpu" in err
+
+
+def test_debug_switch_and_bugs_keep_the_traceback(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("DLM_DEBUG", "1")
+    with pytest.raises(FileNotFoundError):
+        main(["sample", "--checkpoint", str(tmp_path / "no.safetensors")])
+    monkeypatch.delenv("DLM_DEBUG")
+
+    def bug(args):
+        raise RuntimeError("a bug, not a user error")
+
+    monkeypatch.setattr(cli_generate, "_load", bug)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["sample", "--checkpoint", "x"])
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_generate, "_load", interrupted)
+    try:
+        rc = main(["sample", "--checkpoint", "x"])
+    except KeyboardInterrupt:  # would stop the whole pytest session: turn it into a failure
+        pytest.fail("KeyboardInterrupt escaped dlm's main")
+    assert rc == 130
+    assert capsys.readouterr().err == "dlm sample: interrupted\n"
+
+
+def test_every_flag_has_help():
+    parser = make_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for command in ("train", "sample", "eval"):
+        p = sub.choices[command]
+        missing = [a.option_strings[0] for a in p._actions if a.option_strings and not a.help]
+        assert not missing, (command, missing)
+    train = sub.choices["train"].format_help()
+    assert "--seq-len INT" in train and "tokens per training sequence (default: 256)" in train
+    assert "--lr FLOAT" in train and "peak learning rate" in train
