@@ -1,6 +1,7 @@
 """Run every op's Triton path on CPU tensors, compiling each kernel launch for an H100 (sm_90).
 
     python tests/sm90_launch.py            # prints one line per kernel variant, then a summary
+    python tests/sm90_launch.py --part 0/2 # every second op call from the first (parallel runs)
 
 No GPU and no interpreter: Triton is given a stand-in driver that names sm_90 as the target,
 and its jit cache hook compiles every launch the ops make (Triton's compiler, then the wheel's
@@ -183,10 +184,14 @@ def _calls():
     return out
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    part, parts = 0, 1
+    if argv[:1] == ["--part"]:  # "--part I/N": every N-th op call from the I-th (parallel runs)
+        part, parts = (int(n) for n in argv[1].split("/"))
     _install()
     errors = []
-    for name, thunk in _calls():
+    for name, thunk in _calls()[part::parts]:
         try:
             thunk()
         except Exception as e:  # noqa: BLE001

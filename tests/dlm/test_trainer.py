@@ -72,7 +72,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, cfg_dict, result_path):
+def _dist_env(rank, world, port):
+    """The environment torch.distributed's env:// init reads, for one process of a local run."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -80,6 +81,10 @@ def _worker(rank, world, port, cfg_dict, result_path):
         WORLD_SIZE=str(world),
         LOCAL_RANK=str(rank),
     )
+
+
+def _worker(rank, world, port, cfg_dict, result_path):
+    _dist_env(rank, world, port)
     torch.set_num_threads(1)
     import torch.distributed as dist
 
@@ -324,13 +329,7 @@ def test_sigterm_stops_fit_restores_handlers_and_resumes_exactly(tmp_path, refer
 
 
 def _signal_worker(rank, world, port, cfg_dict, result_dir):
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-    )
+    _dist_env(rank, world, port)
     import torch.distributed as dist
 
     trainer = Trainer(Config.from_dict(cfg_dict), log=quiet)
