@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -246,12 +245,15 @@ CommitFn = Callable[..., tuple[Tensor, Tensor]]
 def _as_int(v):
     """v as a Python int when it is an integer of another kind (numpy's, a 0-d int tensor, as
     tokenizers return them); anything else unchanged, for _check_args to name."""
-    if isinstance(v, (bool, int)) or v is None:
-        return v
-    try:
-        return operator.index(v)
-    except TypeError:
-        return v
+    if (
+        isinstance(v, Tensor)
+        and v.dim() == 0
+        and not v.is_floating_point()
+        and v.dtype != torch.bool
+    ):
+        return int(v)
+    n = dlm_kernels.dispatch.as_int(v)  # the ops' rule: numpy ints pass, bools do not
+    return v if n is None else n
 
 
 def _check_args(prompt, attention_mask, gen_length, steps, block_length, alg, schedule, kv_cache,

@@ -983,9 +983,10 @@ def _err(msg: str, kind=ValueError):
 
 
 def _check_int(name: str, x, minimum: int) -> int:
-    if dispatch.as_int(x) is None:
+    n = dispatch.as_int(x)
+    if n is None:
         raise _err(f"{name} must be an int, got {type(x).__name__}", TypeError)
-    x = dispatch.as_int(x)
+    x = n
     if x < minimum:
         raise _err(f"{name} must be >= {minimum}, got {x}")
     return x

@@ -241,9 +241,10 @@ def fused_head_unmask_step(
                          f"{tuple(hidden.shape)}")  # fmt: skip
     if hidden.device != dev:
         raise ValueError(f"{name}: hidden is on {hidden.device}, expected {dev}")
-    if dispatch.as_int(mask_id) is None:
+    m = dispatch.as_int(mask_id)
+    if m is None:
         raise TypeError(f"{name}: mask_id must be an int, got {type(mask_id).__name__}")
-    mask_id = dispatch.as_int(mask_id)
+    mask_id = m
     if not isinstance(logits_shift, bool):
         raise TypeError(f"{name}: logits_shift must be a bool, got {logits_shift!r}")
     V, H = lm_head_weight.shape

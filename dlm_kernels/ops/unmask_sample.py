@@ -620,9 +620,9 @@ def _per_row(name, arg, value, n, dtype, device, lo=None, hi=None, lo_open=False
     if dispatch.is_bool(value) or not isinstance(value, Real):
         raise TypeError(f"{name}: {arg} must be a number or a tensor, got {type(value).__name__}")
     if dtype == torch.int64:
-        if dispatch.as_int(value) is None:
+        if (iv := dispatch.as_int(value)) is None:
             raise TypeError(f"{name}: {arg} must be an int, got {value!r}")
-        value = dispatch.as_int(value)
+        value = iv
     else:
         value = float(value)  # numpy scalars included
     if dtype == torch.int64 and not -(2**63) <= value < 2**63:
@@ -905,9 +905,10 @@ def unmask_step(
     dev = x.device
     if logits.device != dev:
         raise ValueError(f"{name}: logits is on {logits.device}, expected {dev}")
-    if dispatch.as_int(mask_id) is None:
+    m = dispatch.as_int(mask_id)
+    if m is None:
         raise TypeError(f"{name}: mask_id must be an int, got {type(mask_id).__name__}")
-    mask_id = dispatch.as_int(mask_id)
+    mask_id = m
     check_rules(name, num_transfer, threshold, factor, alg_temp, ancestral, theta)
     masked = x == mask_id
     cand = candidate_mask(name, x, masked, candidates)
