@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 import dlm_kernels
 from dlm.config import ModelConfig
+from dlm_kernels.dispatch import as_int
 
 
 class RMSNorm(nn.Module):
@@ -64,13 +65,18 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
         self.wo = nn.Linear(cfg.n_heads * hd, cfg.d_model, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn: dict) -> Tensor:
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, attn: dict, rows: slice | None = None
+    ) -> Tensor:
+        """rows: only these query positions (keys and values still come from all of x)."""
         B, S, _ = x.shape
         cfg = self.cfg
-        q = self.wq(x).view(B, S, cfg.n_heads, cfg.head_dim)
+        xq, cq, sq = (x, cos, sin) if rows is None else (x[:, rows], cos[:, rows], sin[:, rows])
+        n = xq.shape[1]
+        q = self.wq(xq).view(B, n, cfg.n_heads, cfg.head_dim)
         k = self.wk(x).view(B, S, cfg.n_kv_heads, cfg.head_dim)
         v = self.wv(x).view(B, S, cfg.n_kv_heads, cfg.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, cq, sq), apply_rope(k, cos, sin)
         if attn.get("kv_cache") is not None:
             # Sampling with a KV cache (dlm.sampler.KVCache): store this slice's keys/values and
             # attend to the whole cached sequence (the attention op's Sq < Sk mode).
@@ -78,8 +84,12 @@ class Attention(nn.Module):
         if cfg.kernels:
             y = _kernel_attention(q, k, v, attn)
         else:
-            y = _sdpa_attention(q, k, v, attn)
-        return self.wo(y.reshape(B, S, -1))
+            y = _sdpa_attention(q, k, v, attn, rows)
+        if rows is not None and attn.get("query_mask") is not None:
+            # The op's Sq < Sk mode takes its query rows for the last Sq positions; padding
+            # among the rows asked for gets output 0, as in the full forward.
+            y = y * attn["query_mask"][:, rows, None, None].to(y.dtype)
+        return self.wo(y.reshape(B, n, -1))
 
 
 def _kernel_attention(q: Tensor, k: Tensor, v: Tensor, attn: dict) -> Tensor:
@@ -101,13 +111,15 @@ def _kernel_attention(q: Tensor, k: Tensor, v: Tensor, attn: dict) -> Tensor:
     return dlm_kernels.bidirectional_attention(q, k, v, attention_mask=attn.get("attention_mask"))
 
 
-def _sdpa_attention(q: Tensor, k: Tensor, v: Tensor, attn: dict) -> Tensor:
+def _sdpa_attention(q: Tensor, k: Tensor, v: Tensor, attn: dict, rows=None) -> Tensor:
     """Plain PyTorch attention: the reference path (also what the kernel must equal)."""
     rep = q.shape[2] // k.shape[2]
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, S, D)
     if rep > 1:
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     mask = attn.get("sdpa_mask")  # (B, 1, S, S) bool, True = may attend
+    if mask is not None and rows is not None and mask.shape[2] > 1:
+        mask = mask[:, :, rows]
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     if attn.get("attention_mask") is not None and q.shape[2] == k.shape[2]:
         # Padded query rows attend to padded keys only; zero them as the kernel does.
@@ -136,8 +148,12 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn: dict) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, attn)
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, attn: dict, rows: slice | None = None
+    ) -> Tensor:
+        """rows: the output only at these positions (the last layer of a pruned forward)."""
+        h = self.attn(self.attn_norm(x), cos, sin, attn, rows)
+        x = (x if rows is None else x[:, rows]) + h
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -153,8 +169,9 @@ class TimeEmbedding(nn.Module):
         half = self.n_freq // 2
         freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)
         args = 1000.0 * t.float()[:, None] * freqs  # t in [0, 1]: scale up as DiT does
-        feats = torch.cat([args.cos(), args.sin()], dim=-1)
-        return self.mlp(feats)[:, None, :]
+        feats = torch.cat([args.cos(), args.sin()], dim=-1)  # float32
+        # In the MLP's dtype: a model cast to bfloat16 or float64 (no autocast) runs too.
+        return self.mlp(feats.to(self.mlp[0].weight.dtype))[:, None, :]
 
 
 class DiffusionLM(nn.Module):
@@ -226,6 +243,7 @@ class DiffusionLM(nn.Module):
         max_seqlen: int | None = None,
         kv_cache=None,
         return_hidden: bool = False,
+        output_range: tuple[int, int] | None = None,
     ) -> Tensor:
         """Logits, or the weighted masked cross-entropy when ``targets`` is given.
 
@@ -246,11 +264,19 @@ class DiffusionLM(nn.Module):
                 cache holds; attention_mask then covers the whole sequence (B, S_total).
             return_hidden: return the final hidden states h (B, S, d_model), logits being
                 ``lm_head(h)`` (the sampler then runs the head only for the positions it draws).
+            output_range: (a, b), 0 <= a < b <= S: outputs only for input positions [a, b),
+                shape (B, b - a, ...), equal to the full forward's [:, a:b]. The last layer
+                then runs its queries, attention, output projection and MLP for those rows
+                only (its keys and values still come from every position); the sampler asks
+                for the block it draws from. Not with ``targets`` or ``cu_seqlens``.
 
         Returns:
             (B, S, V) float logits, (B, S, d_model) hidden states, or a float32 scalar loss.
         """
         B, S = input_ids.shape
+        rows = None
+        if output_range is not None:
+            rows = _output_rows(output_range, S, targets, cu_seqlens)
         x = self.tok_emb(input_ids)
         if self.time_emb is not None:
             if t is None:
@@ -266,17 +292,22 @@ class DiffusionLM(nn.Module):
             "max_seqlen": max_seqlen,
             "kv_cache": kv_cache,
         }
+        if rows is not None and attention_mask is not None:
+            start = kv_cache.start if kv_cache is not None else 0
+            attn["query_mask"] = attention_mask[:, start : start + S]
         if not self.cfg.kernels:
             if kv_cache is not None and attention_mask is not None:
                 attn["sdpa_mask"] = attention_mask[:, None, None, :]  # keys only: (B, 1, 1, Sk)
             else:
                 attn["sdpa_mask"] = _sdpa_mask(attention_mask, cu_seqlens, B, S)
+        last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             attn["layer"] = i
+            r = rows if i == last else None
             if self.cfg.gradient_checkpointing and self.training:
-                x = checkpoint(block, x, cos, sin, attn, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, attn, r, use_reentrant=False)
             else:
-                x = block(x, cos, sin, attn)
+                x = block(x, cos, sin, attn, r)
         h = self.norm(x)
         if return_hidden:
             return h
@@ -305,6 +336,25 @@ class DiffusionLM(nn.Module):
         if normalizer is None:
             normalizer = mask.sum().clamp_min(1)
         return total / normalizer
+
+
+def _output_rows(output_range, S: int, targets, cu_seqlens) -> slice:
+    """forward's output_range (a, b) as a slice of the S input positions, checked."""
+    if targets is not None or cu_seqlens is not None:
+        what = "targets (the loss)" if targets is not None else "cu_seqlens (packed documents)"
+        raise ValueError(f"DiffusionLM.forward: output_range does not combine with {what}")
+    pair = list(output_range) if isinstance(output_range, (tuple, list)) else []
+    a, b = (as_int(v) for v in pair) if len(pair) == 2 else (None, None)
+    if a is None or b is None:
+        raise TypeError(
+            f"DiffusionLM.forward: output_range must be a pair of ints (a, b), got {output_range!r}"
+        )
+    if not 0 <= a < b <= S:
+        raise ValueError(
+            f"DiffusionLM.forward: output_range must satisfy 0 <= a < b <= {S} (the input's "
+            f"length), got ({a}, {b})"
+        )
+    return slice(a, b)
 
 
 def _sdpa_mask(attention_mask, cu_seqlens, B: int, S: int) -> Tensor | None:

@@ -530,9 +530,21 @@ def _loop(
         x = tokens_hook(None, x, None)
 
     checked: list[bool] = []  # the first logits' vocabulary was checked
+    # A model taking output_range= (DiffusionLM) runs its last layer only for the positions
+    # whose logits the step reads (the block), not the whole input.
+    ranged = forward_fn is None and _accepts(model, "output_range")
 
-    def forward(rows: list[int] | None, q0: int = 0, q1: int = L, cache=None) -> Tensor:
-        """Logits (n_rows, q1 - q0, V) of x[rows] at positions [q0, q1), guided and shifted."""
+    def forward(rows: list[int] | None, q0: int = 0, q1: int = L, cache=None,
+                keep: tuple[int, int] | None = None) -> Tensor:  # fmt: skip
+        """Logits (n_rows, k1 - k0, V) of x[rows] at positions keep = [k0, k1) (default the
+        input [q0, q1)), guided and shifted, from a forward of the input positions [q0, q1)."""
+        k0, k1 = (q0, q1) if keep is None else keep
+        # Dream's shift reads position i from the output at i - 1 (position 0 its own).
+        o0 = max(k0 - 1, q0) if logits_shift else k0
+        out_range = None
+        if ranged and (o0, k1) != (q0, q1):
+            out_range = (o0 - q0, k1 - q0)
+        base = o0 if out_range is not None else q0
         xs = x if rows is None else x[rows]
         t_in = None
         if t_of is not None:
@@ -565,12 +577,16 @@ def _loop(
             # head is linear, so guiding h guides the logits); the op runs the head and the ban.
             if head is not None:
                 kw["return_hidden"] = True
+            if out_range is not None:
+                kw["output_range"] = out_range
             logits = call_model(model, xs[:, q0:q1], **kw)
         if uncond_src is not None:
             c, u = logits.chunk(2, dim=0)
             logits = guide(c, u, cfg_scale)
         if logits_shift:
             logits = shift_logits(logits)
+        if (k0, k1) != (base, base + logits.shape[1]):
+            logits = logits[:, k0 - base : k1 - base]
         if head is None and not checked:  # shapes only: no host sync
             for name, v in (("mask_id", mask_id), ("eos_id", eos_id)):
                 if v is not None and vocab is None:
@@ -606,7 +622,11 @@ def _loop(
     row_steps = torch.zeros(B, dtype=torch.int64, device=dev)  # the Philox offset of each row
     pad_t = torch.tensor(pad, dtype=torch.int64, device=dev)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
-    logits_all: Tensor | None = None  # (B, L, V) last prediction (no cache), for reuse
+    logits_all: Tensor | None = None  # (B, w1 - w0, V) last prediction (no cache), for reuse
+    # Without a cache, a model taking output_range computes the block's window only, unless a
+    # hook wants the whole sequence's logits; logits_all covers the window logits_win.
+    window = kv_cache is None and ranged and logits_hook is None and tokens_hook is None
+    win = logits_win = (0, L)
     stale = [True] * B
     pending = None  # (B,) bool: rows the last step changed, read with the next step's flags
     step = 0
@@ -659,6 +679,8 @@ def _loop(
                 parts.append(pending)
             if host_counts and i == 0:
                 parts.append(n0)
+            if window and i == 0:
+                parts.append(torch.where(cand, pos, L).amin().expand(B))
             flags = torch.stack(parts).tolist() if len(parts) > 1 else [parts[0].tolist()]
             has = flags[0]
             if pending is not None:
@@ -666,6 +688,10 @@ def _loop(
                 for b in range(B):
                     if flags[1][b]:
                         stale[b] = True
+            if window and i == 0:
+                # The block's window: from its first candidate (masks left in the prompt come
+                # before the block) to its end. Candidates only shrink within a block.
+                win = (min(flags.pop()[0], s_blk), e_blk)
             if host_counts and i == 0:
                 n_host = flags[-1][0] if all(n == flags[-1][0] for n in flags[-1]) else None
             if (
@@ -680,27 +706,31 @@ def _loop(
             # --- logits ---------------------------------------------------------------------
             if kv_cache is None:
                 need = [b for b in range(B) if has[b] and stale[b]]
-                if logits_all is None or len(need) == B or logits_hook is not None:
+                if (
+                    logits_all is None
+                    or len(need) == B
+                    or logits_hook is not None
+                    or win != logits_win
+                ):
                     # A logits hook gets fresh logits of this step's x every step (it may edit
                     # them in place: reusing them would compound its edits).
-                    logits_all = forward(None)
+                    logits_all, logits_win = forward(None, keep=win), win
                     need = list(range(B))
                 elif need:
-                    logits_all[need] = forward(need).to(logits_all.dtype)
+                    logits_all[need] = forward(need, keep=win).to(logits_all.dtype)
                 for b in need:
                     stale[b] = False
-                w0, w1, logits = 0, L, logits_all
-                if head is not None and e_blk < L:
-                    # Nothing past the block is a candidate: the fused op gets [0, e_blk) only
+                (w0, w1), logits = win, logits_all
+                if head is not None and w1 > e_blk:
+                    # Nothing past the block is a candidate: the fused op gets [w0, e_blk) only
                     # (on CUDA it walks every row it is given, in fixed chunks).
-                    w1, logits = e_blk, logits_all[:, :e_blk]
+                    w1, logits = e_blk, logits_all[:, : e_blk - w0]
             else:
                 first = i == 0
                 q0 = 0 if first else (s_blk - 1 if logits_shift else s_blk)
                 q1 = L if (first or kv_cache == "prefix") else e_blk
                 if first or logits_hook is not None or any(stale[b] and has[b] for b in range(B)):
-                    out = forward(None, q0, q1, cache)
-                    logits_all = out[:, s_blk - q0 : e_blk - q0]
+                    logits_all = forward(None, q0, q1, cache, keep=(s_blk, e_blk))
                     stale = [False] * B
                 w0, w1, logits = s_blk, e_blk, logits_all
             if logits_hook is not None:
@@ -730,7 +760,7 @@ def _loop(
                 xw_new, committed = _commit(xw, lw, cw, rule, conf_mode, threshold, factor,
                                             alg_temp, mask_id, seeds_t, row_steps, op_kw,
                                             step_op,
-                                            left_pad=(pad_t - w0).clamp_min(0))  # fmt: skip
+                                            left_pad=pad_t - w0)  # fmt: skip
             x = xw_new if full else torch.cat([x[:, :w0], xw_new, x[:, w1:]], 1)
             pending = committed.any(1)  # read with the next step's flags
             row_steps += has_t

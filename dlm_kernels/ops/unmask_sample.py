@@ -518,8 +518,9 @@ def _check_offset(name: str, offset) -> int:
     return o
 
 
-def _key_tensor(name: str, arg: str, value: Tensor, n: int, device, hi: int | None) -> Tensor:
-    """A per-row seed / offset / left_pad: an (n,) integer tensor with values in [0, hi)."""
+def _key_tensor(name: str, arg: str, value: Tensor, n: int, device, hi: int | None,
+                lo: int = 0) -> Tensor:  # fmt: skip
+    """A per-row seed / offset / left_pad: an (n,) integer tensor with values in [lo, hi)."""
     if value.dtype == torch.bool or value.dtype.is_floating_point or value.is_complex():
         raise TypeError(f"{name}: {arg} must be an int or an ({n},) integer tensor, got "
                         f"{value.dtype}")  # fmt: skip
@@ -530,9 +531,9 @@ def _key_tensor(name: str, arg: str, value: Tensor, n: int, device, hi: int | No
         raise ValueError(f"{name}: {arg} is on {value.device}, expected {device}")
     t = value.to(torch.int64).contiguous()
     if _host_checkable(t) and n:
-        bad = (t < 0) if hi is None else (t < 0) | (t >= hi)
+        bad = (t < lo) if hi is None else (t < lo) | (t >= hi)
         if bool(bad.any()):
-            raise ValueError(f"{name}: every {arg} must lie in [0, {hi or 2**63})")
+            raise ValueError(f"{name}: every {arg} must lie in [{lo}, {hi or 2**63})")
     return t
 
 
@@ -550,7 +551,8 @@ def _step_keys(name, B, L, device, seed, offset, left_pad, generator):
         if not isinstance(left_pad, Tensor):
             raise TypeError(f"{name}: left_pad must be a ({B},) integer tensor, got "
                             f"{type(left_pad).__name__}")  # fmt: skip
-        left_pad = _key_tensor(name, "left_pad", left_pad, B, device, L + 1)
+        # Negative: the window starts -left_pad positions after the row's first real token.
+        left_pad = _key_tensor(name, "left_pad", left_pad, B, device, L + 1, lo=-(2**31))
     return seed, offset, left_pad
 
 
@@ -881,11 +883,14 @@ def unmask_step(
         generator, seed, offset: as in :func:`sample_tokens`; per-row tensors are (B,) (row b's
             key and step count). Token draws use counter row b * L + l for position (b, l)
             whatever the logits layout.
-        left_pad: (B,) integer tensor in [0, L]: the draws of position (b, l) are then keyed as
-            position l - left_pad[b] of a batch of one row, so that with per-row seed and offset
-            a left-padded row draws what it would draw alone, unpadded, in one call for the
-            whole batch (rows with the same key and the same logits then draw the same).
-            Positions before left_pad[b] must not be candidates (a ValueError on the CPU).
+        left_pad: (B,) integer tensor in [-2**31, L]: the draws of position (b, l) are then
+            keyed as position l - left_pad[b] of a batch of one row, so that with per-row seed
+            and offset a left-padded row draws what it would draw alone, unpadded, in one call
+            for the whole batch (rows with the same key and the same logits then draw the
+            same). Positions before left_pad[b] must not be candidates (a ValueError on the
+            CPU). A negative value keys a window cut from a longer row: x[:, w:] with
+            left_pad = pad - w draws what the whole row draws at those positions (the sampler
+            passes only the block it draws from).
 
     Returns:
         (new x (B, L) int64, committed (B, L) bool). Ties in confidence commit the lowest

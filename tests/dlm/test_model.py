@@ -116,3 +116,75 @@ def test_presets_build_configs():
     assert 7.0e9 < n < 8.0e9
     with pytest.raises(ValueError, match="n_heads"):
         ModelConfig(d_model=50, n_heads=4)
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "sdpa"])
+def test_output_range_equals_slice_of_full_forward(kernels):
+    """output_range=(a, b) runs the last layer for rows [a, b) only: equal to the full forward's
+    [:, a:b] (float64, so only the order of sums differs), on logits and hidden states, with
+    left padding (a range that starts in the padding gets 0 attention output there, as the full
+    forward), position ids, time conditioning and a KV cache."""
+    torch.manual_seed(0)
+    m = DiffusionLM(tiny(kernels=kernels, n_layers=3, time_conditioning=True)).double().eval()
+    B, S = 3, 37
+    x = torch.randint(0, V, (B, S))
+    am = torch.ones(B, S, dtype=torch.bool)
+    am[1, :5] = False
+    am[2, :30] = False
+    pos = (am.long().cumsum(1) - 1).clamp_min(0)
+    t = torch.rand(B, dtype=torch.float64)
+    with torch.no_grad():
+        for mask, p in ((None, None), (am, pos)):
+            full = m(x, attention_mask=mask, position_ids=p, t=t)
+            hid = m(x, attention_mask=mask, position_ids=p, t=t, return_hidden=True)
+            for a, b in ((13, 29), (0, 37), (0, 1), (36, 37), (2, 7)):
+                kw = dict(attention_mask=mask, position_ids=p, t=t, output_range=(a, b))
+                part = m(x, **kw)
+                assert part.shape == (B, b - a, V)
+                torch.testing.assert_close(part, full[:, a:b], rtol=1e-12, atol=1e-12)
+                torch.testing.assert_close(m(x, return_hidden=True, **kw), hid[:, a:b],
+                                           rtol=1e-12, atol=1e-12)  # fmt: skip
+        # With a KV cache: the input is positions [start, start + n) of the cached sequence.
+        from dlm.sampler import KVCache
+
+        cache = KVCache()
+        m(x, attention_mask=am, position_ids=pos, t=t, kv_cache=cache)
+        cache.start = 29
+        seg = dict(attention_mask=am, position_ids=pos[:, 29:], t=t, kv_cache=cache)
+        whole = m(x[:, 29:], **seg)
+        cache.start = 29
+        part = m(x[:, 29:], output_range=(2, 6), **seg)
+        torch.testing.assert_close(part, whole[:, 2:6], rtol=1e-12, atol=1e-12)
+
+
+def test_output_range_checks():
+    m = DiffusionLM(tiny()).eval()
+    x = torch.randint(0, V, (2, 9))
+    for bad in ((3, 3), (-1, 4), (0, 10), (5, 2)):
+        with pytest.raises(ValueError, match=r"output_range must satisfy 0 <= a < b <= 9"):
+            m(x, output_range=bad)
+    for bad in ((1,), (1.0, 3), "ab", (True, 3), 4):
+        with pytest.raises(TypeError, match="output_range must be a pair of ints"):
+            m(x, output_range=bad)
+    with pytest.raises(ValueError, match=r"output_range does not combine with targets"):
+        m(x, targets=x, output_range=(0, 2))
+    cu = torch.tensor([0, 9, 18], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"output_range does not combine with cu_seqlens"):
+        m(x, cu_seqlens=cu, max_seqlen=9, output_range=(0, 2))
+    import numpy as np
+
+    assert m(x, output_range=(np.int64(1), 4)).shape == (2, 3, V)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_time_conditioned_model_cast_to_other_dtype(dtype):
+    """A time-conditioned model cast with .to(dtype) (a checkpoint loaded in bfloat16, no
+    autocast) runs: the float32 time features meet the MLP in its own dtype."""
+    torch.manual_seed(0)
+    m = DiffusionLM(tiny(time_conditioning=True)).eval()
+    x, t = torch.randint(0, V - 1, (2, 9)), torch.rand(2)
+    ref = m(x, t=t).double()
+    out = m.to(dtype)(x, t=t)
+    assert out.dtype == dtype
+    tol = 1e-5 if dtype == torch.float64 else 0.1  # the reference is float32
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())

@@ -363,7 +363,8 @@ def test_kv_cache_approximation_with_two_layers_and_errors(model):
 @pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "sdpa"])
 def test_kv_cache_with_diffusion_lm(kernels):
     """DiffusionLM takes kv_cache=: exact with one layer (its keys depend on the tokens only),
-    an approximation with more (Fast-dLLM's), on a left-padded batch."""
+    an approximation with more (Fast-dLLM's), on a left-padded batch. At T > 0 too: the draws
+    of the block are keyed by their position in the row, whatever window the op is given."""
     ids, am, lens = _padded_batch()
     kw = dict(gen_length=12, steps=6, block_length=4, mask_id=MASK)
     for n_layers in (1, 2):
@@ -377,6 +378,9 @@ def test_kv_cache_with_diffusion_lm(kernels):
             out = generate(lm, ids, am, kv_cache=mode, **kw)
             if n_layers == 1:
                 assert torch.equal(out, ref), mode
+                hot = dict(kw, alg="maskgit_plus", temperature=0.9, top_p=0.95, seed=3)
+                ref_t = generate(lm, ids, am, **hot)
+                assert torch.equal(generate(lm, ids, am, kv_cache=mode, **hot), ref_t), mode
             else:
                 assert (out[:, 7:] != MASK).all() and (out == ref).float().mean() > 0.6
             # Batch invariance holds with the cache too.

@@ -486,6 +486,33 @@ def test_per_row_keys_draw_what_each_row_draws_alone(name):
 
 
 @pytest.mark.parametrize("name", ["reference"] + KERNELS)
+def test_negative_left_pad_keys_a_window_like_the_whole_row(name):
+    # The sampler gives the op only the window it draws from, x[:, w:], with left_pad = pad - w
+    # (negative once the window starts after the padding): every draw must be the whole row's
+    # at the same position, for the token draws and the selection's own draws alike.
+    skip_unless_available(name)
+    pads = torch.tensor([0, 4, 7])
+    x, logits = _left_padded(pads.tolist(), 15 if name == "triton" else 29, 203)
+    w = 9  # after every row's padding and real tokens
+    cand = (x == MASK_ID) & (torch.arange(x.shape[1]) >= w)
+    seeds, offs = torch.tensor([11, 2**40 + 3, 11]), torch.tensor([0, 5, 2**32 - 1])
+    rules = [(dict(num_transfer=torch.tensor([2, 3, 1])), "prob")]
+    if name != "triton":  # the interpreter is slow; the selection draws are torch code
+        rules += [
+            (dict(num_transfer=2, alg_temp=0.5), "random"),
+            (dict(ancestral=True, theta=0.4), "margin"),
+        ]
+    for rule, conf in rules:
+        kw = dict(mask_id=MASK_ID, temperature=0.8, top_p=0.9, confidence=conf, seed=seeds,
+                  offset=offs, **rule)  # fmt: skip
+        xf, cf = _run(name, unmask_step, x, logits, left_pad=pads, candidates=cand, **kw)
+        xw, cw = _run(name, unmask_step, x[:, w:], logits[:, w:], left_pad=pads - w,
+                      candidates=cand[:, w:], **kw)  # fmt: skip
+        assert bool(cf.any()) and torch.equal(xf[:, :w], x[:, :w])
+        assert torch.equal(xw, xf[:, w:]) and torch.equal(cw, cf[:, w:]), rule
+
+
+@pytest.mark.parametrize("name", ["reference"] + KERNELS)
 def test_sample_tokens_per_row_seeds(name):
     skip_unless_available(name)
     x = _logits(4, 203)
@@ -513,6 +540,11 @@ def test_per_row_key_bad_inputs():
         (ValueError, "offset", dict(seed=1, offset=torch.tensor([0, 2**32]))),
         (TypeError, "left_pad", dict(seed=1, left_pad=2)),
         (ValueError, "left_pad", dict(seed=1, left_pad=torch.tensor([0, 10]))),
+        (
+            ValueError,
+            r"left_pad must lie in \[-2147483648, 10\)",
+            dict(seed=1, left_pad=torch.tensor([0, -(2**31) - 1])),
+        ),
         (TypeError, "left_pad", dict(seed=1, left_pad=torch.tensor([True, False]))),
     ]
     for err, arg, extra in bad:
