@@ -56,9 +56,9 @@ lint: $(VENV)/.deps
 
 # The main job: train the tiny preset on the embedded Shakespeare corpus (CPU, < 10 min on 2
 # cores), print the validation ELBO and a few samples; checkpoint, metrics and loss.png go to
-# runs/demo/. Each run starts afresh and overwrites runs/demo/.
+# runs/demo/. Each run starts afresh and overwrites runs/demo/ (--force).
 demo: build
-	$(BIN)/dlm train --preset shakespeare-tiny --out runs/demo
+	$(BIN)/dlm train --preset shakespeare-tiny --out runs/demo --force
 	$(BIN)/dlm sample --checkpoint runs/demo/checkpoint.safetensors --prompt "ROMEO:" \
 		--prompt "KING HENRY:" --length 160 --steps 160 --block-length 32 \
 		--alg low_confidence --temperature 0.7 --top-p 0.9

@@ -10,7 +10,8 @@ Every field of ModelConfig, DataConfig and TrainConfig (dlm/config.py) is a flag
 (``--d-model``, ``--seq-len``, ``--no-kernels``, ...); its help is the field's comment.
 Precedence: defaults < preset < config file (JSON or TOML with [model], [data], [train] tables
 and an optional top-level preset) < flags. With ``--resume`` the checkpoint's config takes the
-place of the defaults (see ``resume_help``).
+place of the defaults (see ``resume_help``). A new run (no ``--resume``) where ``--out`` already
+holds a checkpoint is refused unless ``--force``: re-running a command must not overwrite a model.
 
 Errors: a bad flag is an argparse error; an expected user error (a missing file, a bad value, no
 checkpoint, no CUDA) prints one line ``dlm <cmd>: error: ...`` and exits with status 2
@@ -48,6 +49,7 @@ SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
 USER_ERRORS = (
     ValueError,
     FileNotFoundError,
+    FileExistsError,
     IsADirectoryError,
     NotADirectoryError,
     PermissionError,
@@ -190,11 +192,24 @@ def build_config(args: argparse.Namespace, base: dict | None = None) -> Config:
     return Config.from_dict(merged)
 
 
+def _checkpoint_step(path: str) -> str:
+    """" (step N of M)" for a dlm train checkpoint, "" when its header cannot say."""
+    from dlm.trainer import read_checkpoint_step
+
+    try:
+        step, total = read_checkpoint_step(path)
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    return f" (step {step} of {total})"
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from dlm.trainer import CHECKPOINT, Trainer, TrainingInterrupted, read_checkpoint_config
 
     if args.override_config and not args.resume:
         raise ValueError("--override-config only applies with --resume")
+    if args.force and args.resume:
+        raise ValueError("--force starts a new run; it does not combine with --resume")
     cfg = build_config(args)
     if args.resume:
         path = os.path.join(cfg.train.out, CHECKPOINT)
@@ -204,6 +219,13 @@ def cmd_train(args: argparse.Namespace) -> int:
                 f"--resume: no checkpoint at {path}; leave out --resume to start a new run there"
             )
         cfg = build_config(args, base=read_checkpoint_config(path).to_dict())
+    elif not args.force and os.path.exists(os.path.join(cfg.train.out, CHECKPOINT)):
+        # A new run would overwrite it: a trained model lost to a re-run command.
+        path = os.path.join(cfg.train.out, CHECKPOINT)
+        raise FileExistsError(
+            f"{path} already holds a checkpoint{_checkpoint_step(path)}: --resume continues "
+            "that run, --force starts a new one that overwrites it, or choose another --out"
+        )
     trainer = Trainer(cfg, resume=args.resume, override_config=args.override_config)
     try:
         summary = trainer.fit()
@@ -245,6 +267,12 @@ def make_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --resume: apply settings that differ from the checkpoint's even though the "
         "run then no longer continues exactly (the weight shapes can never change)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="start a new run even where --out already holds a checkpoint, overwriting it "
+        "(without it that is an error)",
     )
     _add_config_flags(p)
     p.set_defaults(func=cmd_train)

@@ -795,6 +795,12 @@ def read_checkpoint_config(path: str) -> Config:
     return Config.from_dict(json.loads(_read_metadata(path)["config"]))
 
 
+def read_checkpoint_step(path: str) -> tuple[int, int]:
+    """(steps done, the run's train.steps) of a checkpoint (reads only the file's header)."""
+    meta = _read_metadata(path)
+    return int(json.loads(meta["state"])["step"]), int(json.loads(meta["config"])["train"]["steps"])
+
+
 def _config_changes(saved: Config, cfg: Config) -> list[tuple[str, str, object, object]]:
     """(section, field, saved, requested) for every field that differs; "take it from the
     tokenizer" (vocab_size 0, mask_token_id -1) matches any saved value."""

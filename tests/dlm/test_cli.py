@@ -35,6 +35,7 @@ CASES = {
     ),
     "train-override-alone": (["train", "--override-config", "--out", "{tmp}/out"], "--resume"),
     "train-resume-nothing": (["train", "--resume", "--out", "{tmp}/out"], "no checkpoint at"),
+    "train-force-resume": (["train", "--resume", "--force", "--out", "{tmp}/out"], "--force"),
 }
 # Train cases also get a tiny model: code that accepted a case would train for a second, not
 # for the default config's hour.
@@ -107,3 +108,26 @@ def test_every_flag_has_help():
     train = sub.choices["train"].format_help()
     assert "--seq-len INT" in train and "tokens per training sequence (default: 256)" in train
     assert "--lr FLOAT" in train and "peak learning rate" in train
+
+
+def test_new_run_never_overwrites_a_checkpoint_unasked(tmp_path, capsys):
+    """A second `dlm train --out DIR` without --resume would overwrite the first run's model: it
+    is a one-line error naming the checkpoint and its step, the file is left untouched, and
+    --force starts the new run over it."""
+    out = tmp_path / "out"
+    argv = ["train", "--out", str(out), "--steps", "2", "--no-kernels", *TINY]
+    assert main(argv) == 0
+    ckpt = out / "checkpoint.safetensors"
+    before = ckpt.read_bytes()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(argv[:4] + ["3"] + argv[5:])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1, err
+    assert f"{ckpt} already holds a checkpoint (step 2 of 2): --resume continues" in err
+    assert "--force starts a new one" in err
+    assert ckpt.read_bytes() == before
+    assert main(argv[:4] + ["3"] + argv[5:] + ["--force"]) == 0
+    from dlm.trainer import read_checkpoint_step
+
+    assert read_checkpoint_step(str(ckpt)) == (3, 3)
