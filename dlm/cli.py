@@ -193,7 +193,7 @@ def build_config(args: argparse.Namespace, base: dict | None = None) -> Config:
 
 
 def _checkpoint_step(path: str) -> str:
-    """" (step N of M)" for a dlm train checkpoint, "" when its header cannot say."""
+    """ " (step N of M)" for a dlm train checkpoint, "" when its header cannot say."""
     from dlm.trainer import read_checkpoint_step
 
     try:
