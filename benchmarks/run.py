@@ -29,6 +29,7 @@ BENCHES = [
     "bench_linear_cross_entropy",
     "bench_unmask_sample",
     "bench_sample",
+    "bench_likelihood",
     "bench_attention",  # last: it takes whatever time the others leave
 ]
 # Shares of --budget. GPU: attention has the most cases (sizes x masks x providers x modes) and
@@ -37,9 +38,11 @@ BENCHES = [
 # greedy-margin case), sample 497 s, attention 3 s), sample held back: its larger cases matter
 # least, unmask's goal shapes (issue 3's CPU goal) most.
 WEIGHTS = {
-    "cuda": {"bench_attention": 5.0, "bench_linear_cross_entropy": 1.5, "bench_sample": 2.0},
+    "cuda": {"bench_attention": 5.0, "bench_linear_cross_entropy": 1.5, "bench_sample": 2.0,
+             "bench_likelihood": 0.7},
     "cpu": {"bench_cross_entropy": 1.7, "bench_linear_cross_entropy": 3.3,
-            "bench_unmask_sample": 1.0, "bench_sample": 2.0, "bench_attention": 0.1},
+            "bench_unmask_sample": 1.0, "bench_sample": 2.0, "bench_likelihood": 0.5,
+            "bench_attention": 0.1},
 }  # fmt: skip
 
 

@@ -27,8 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+import dlm_kernels
 from dlm.sampler import (
     _accepts,
+    _fused_head,
     call_model,
     check_token_id,
     guide,
@@ -70,6 +72,7 @@ def masked_nll_estimate(
     seed: int | None = None,
     generator: torch.Generator | None = None,
     return_stderr: bool = False,
+    fused_head: bool | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Estimate of -log p(x[maskable] | x[~maskable]) per row (an upper bound in expectation).
 
@@ -81,6 +84,13 @@ def masked_nll_estimate(
         cfg_scale: LLaDA's guidance for the conditional estimate (prompt = ~maskable & real).
         seed, generator: randomness (see the module docstring).
         return_stderr: also return the standard error of each row's mean over its draws.
+        fused_head: on a model with an ``lm_head`` nn.Linear whose forward takes
+            ``return_hidden=`` (DiffusionLM), score the masked positions from the hidden states
+            with ``dlm_kernels.masked_linear_cross_entropy``: no (batch, S, V) logits are ever
+            stored (LLaDA's 126k vocabulary at batch 32 x 1024 tokens would be 16 GB of float32
+            logits). None: from a 4096-token vocabulary up, as generate; False: logits.
+            A model taking ``output_range=`` also runs its last layer (and the head) only over
+            the span of each chunk's maskable positions (the answer, for conditional_nll).
 
     Returns:
         (B,) float64 nats, and (B,) float64 standard errors when asked: NaN for a row estimated
@@ -145,6 +155,15 @@ def masked_nll_estimate(
     if cfg_scale > 0:
         real = am_t if am_t is not None else torch.ones_like(masks_t)
         prompt_t = (~maskable[own.to(dev)]) & real
+    head = _fused_head(model, fused_head, None, None, None, None, who="masked_nll_estimate")
+    if head is not None:
+        check_token_id("masked_nll_estimate", "mask_id", mask_id, head[0].shape[0])
+    # Each row's span of maskable positions (host lists: no sync in the loop). A chunk's model
+    # call computes its last layer only over the union of its rows' spans.
+    ranged = _accepts(model, "output_range")
+    mcpu = maskable.cpu()
+    first = [int(mcpu[b].nonzero()[0]) if n_all[b] else S for b in range(B)]
+    last = [int(mcpu[b].nonzero()[-1]) + 1 if n_all[b] else 0 for b in range(B)]
     terms = torch.empty(len(owners), dtype=torch.float64)
     for lo in range(0, len(owners), batch_size):
         hi = min(lo + batch_size, len(owners))
@@ -154,19 +173,36 @@ def masked_nll_estimate(
         kw = {} if pos_t is None else {"position_ids": pos_t[lo:hi]}
         if t_of is not None:
             kw["t"] = t_of(frac_t[lo:hi]).float().to(dev)
+        a, e = 0, S
+        if ranged:
+            rows = set(owners[lo:hi])
+            a, e = min(first[b] for b in rows), max(last[b] for b in rows)
+            if (a, e) != (0, S):
+                kw["output_range"] = (a, e)
+        if head is not None:
+            kw["return_hidden"] = True
         if prompt_t is not None:
             un = torch.where(prompt_t[lo:hi], torch.full_like(xt, mask_id), xt)
-            kw = {k: torch.cat([v, v]) for k, v in kw.items()}
+            kw = {k: torch.cat([v, v]) if isinstance(v, Tensor) else v for k, v in kw.items()}
             both = call_model(model, torch.cat([xt, un]), attention_mask=None if am is None
                               else torch.cat([am, am]), **kw)  # fmt: skip
             c, u = both.chunk(2)
-            logits = guide(c, u, cfg_scale)
+            # Guidance is linear, so guiding the hidden states guides the logits.
+            out = guide(c, u, cfg_scale)
         else:
-            logits = call_model(model, xt, attention_mask=am, **kw)
-        if vocab is None:
-            vocab = logits.shape[-1]
-            check_token_id("masked_nll_estimate", "mask_id", mask_id, vocab)
-        ce = F.cross_entropy(logits[mk].float(), x0[mk], reduction="none").double()
+            out = call_model(model, xt, attention_mask=am, **kw)
+        x0, mk = x0[:, a:e], mk[:, a:e]
+        if head is not None:
+            ce = dlm_kernels.masked_linear_cross_entropy(
+                out, head[0], x0, mk, bias=head[1], reduction="none"
+            )[mk].double()
+        else:
+            if vocab is None:
+                vocab = out.shape[-1]
+                check_token_id("masked_nll_estimate", "mask_id", mask_id, vocab)
+            # float32 at least (bf16 logits), float64 for a float64 model.
+            lg = out[mk].to(torch.promote_types(out.dtype, torch.float32))
+            ce = F.cross_entropy(lg, x0[mk], reduction="none").double()
         row = torch.zeros(hi - lo, dtype=torch.float64, device=dev)
         row.index_add_(0, mk.nonzero()[:, 0], ce)
         terms[lo:hi] = row.cpu() * w_t[lo:hi]
@@ -193,6 +229,7 @@ def elbo(
     seed: int | None = None,
     generator: torch.Generator | None = None,
     return_stderr: bool = False,
+    fused_head: bool | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Monte-Carlo ELBO of each sequence: (B,) float64 nats, an upper bound on -log p(x).
 
@@ -203,7 +240,8 @@ def elbo(
     maskable = torch.ones_like(x, dtype=torch.bool)
     return masked_nll_estimate(model, x, maskable, mask_id=mask_id, attention_mask=attention_mask,
                                mc_num=mc_num, batch_size=batch_size, seed=seed,
-                               generator=generator, return_stderr=return_stderr)  # fmt: skip
+                               generator=generator, return_stderr=return_stderr,
+                               fused_head=fused_head)  # fmt: skip
 
 
 def conditional_nll(
@@ -220,6 +258,7 @@ def conditional_nll(
     seed: int | None = None,
     generator: torch.Generator | None = None,
     return_stderr: bool = False,
+    fused_head: bool | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """LLaDA's conditional likelihood: estimate of -log p(answer | prompt), (B,) float64 nats.
 
@@ -255,7 +294,7 @@ def conditional_nll(
     return masked_nll_estimate(model, x, maskable, mask_id=mask_id, attention_mask=am,
                                mc_num=mc_num, batch_size=batch_size, cfg_scale=cfg_scale,
                                seed=seed, generator=generator,
-                               return_stderr=return_stderr)  # fmt: skip
+                               return_stderr=return_stderr, fused_head=fused_head)  # fmt: skip
 
 
 def perplexity_bound(

@@ -81,14 +81,18 @@ class Attention(nn.Module):
             # Sampling with a KV cache (dlm.sampler.KVCache): store this slice's keys/values and
             # attend to the whole cached sequence (the attention op's Sq < Sk mode).
             k, v = attn["kv_cache"].update(attn["layer"], k, v)
+        if cfg.kernels and rows is not None and attn.get("attention_mask") is not None:
+            # The op's Sq < Sk mode takes its queries for the last Sq keys, padding included:
+            # rotate the keys (attention is a sum over a set) so that the rows asked for are.
+            end = rows.stop + (attn["kv_cache"].start if attn.get("kv_cache") is not None else 0)
+            if end < k.shape[1]:
+                k, v = (torch.cat([t[:, end:], t[:, :end]], 1) for t in (k, v))
+                m = attn["attention_mask"]
+                attn = dict(attn, attention_mask=torch.cat([m[:, end:], m[:, :end]], 1))
         if cfg.kernels:
             y = _kernel_attention(q, k, v, attn)
         else:
             y = _sdpa_attention(q, k, v, attn, rows)
-        if rows is not None and attn.get("query_mask") is not None:
-            # The op's Sq < Sk mode takes its query rows for the last Sq positions; padding
-            # among the rows asked for gets output 0, as in the full forward.
-            y = y * attn["query_mask"][:, rows, None, None].to(y.dtype)
         return self.wo(y.reshape(B, n, -1))
 
 
@@ -121,9 +125,12 @@ def _sdpa_attention(q: Tensor, k: Tensor, v: Tensor, attn: dict, rows=None) -> T
     if mask is not None and rows is not None and mask.shape[2] > 1:
         mask = mask[:, :, rows]
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    if attn.get("attention_mask") is not None and q.shape[2] == k.shape[2]:
-        # Padded query rows attend to padded keys only; zero them as the kernel does.
-        y = y * attn["attention_mask"][:, None, :, None].to(y.dtype)
+    qm = attn.get("query_mask")  # (B, S) the input rows' padding
+    if qm is not None:
+        # Padded query rows attend to every key (or to padded keys only); zero them as the
+        # kernel does.
+        qm = qm if rows is None else qm[:, rows]
+        y = y * qm[:, None, :, None].to(y.dtype)
     return y.transpose(1, 2)
 
 
@@ -292,7 +299,7 @@ class DiffusionLM(nn.Module):
             "max_seqlen": max_seqlen,
             "kv_cache": kv_cache,
         }
-        if rows is not None and attention_mask is not None:
+        if attention_mask is not None:
             start = kv_cache.start if kv_cache is not None else 0
             attn["query_mask"] = attention_mask[:, start : start + S]
         if not self.cfg.kernels:

@@ -800,10 +800,10 @@ def _commit(xw, lw, cw, rule: _Step, conf_mode, threshold, factor, alg_temp, mas
     return op(xw, lw, num_transfer=rule.num_transfer, alg_temp=alg_temp, **kw)
 
 
-def _fused_head(model, want, forward_fn, logits_hook, tokens_hook, commit_fn):
+def _fused_head(model, want, forward_fn, logits_hook, tokens_hook, commit_fn, who="generate"):
     """(weight, bias) of the model's LM head when the loop may run it itself, else None."""
     if want is not None and not isinstance(want, bool):
-        raise TypeError(f"generate: fused_head must be None, True or False, got {want!r}")
+        raise TypeError(f"{who}: fused_head must be None, True or False, got {want!r}")
     if want is False:
         return None
     lm = getattr(model, "lm_head", None)
@@ -813,10 +813,10 @@ def _fused_head(model, want, forward_fn, logits_hook, tokens_hook, commit_fn):
         ("tokens_hook", tokens_hook is not None), ("commit_fn", commit_fn is not None),
     ) if on]  # fmt: skip
     if want and not able:
-        raise ValueError("generate: fused_head=True needs a model with an lm_head nn.Linear "
+        raise ValueError(f"{who}: fused_head=True needs a model with an lm_head nn.Linear "
                          "whose forward takes return_hidden=")  # fmt: skip
     if want and blockers:
-        raise ValueError(f"generate: fused_head=True does not combine with {blockers[0]}")
+        raise ValueError(f"{who}: fused_head=True does not combine with {blockers[0]}")
     if not able or blockers or (want is None and lm.weight.shape[0] < _FUSED_HEAD_MIN_VOCAB):
         return None
     return lm.weight, lm.bias

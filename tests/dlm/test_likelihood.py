@@ -158,3 +158,64 @@ def test_stderr_of_a_single_draw_is_nan():
     none = torch.zeros_like(x, dtype=torch.bool)
     _, se0 = masked_nll_estimate(lm, x, none, mask_id=MASK, mc_num=1, return_stderr=True)
     assert torch.equal(se0, torch.zeros(1, dtype=torch.float64))
+
+
+class _Unranged(DiffusionLM):
+    """DiffusionLM without output_range / return_hidden: the plain logits path."""
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, *, t=None):
+        return super().forward(input_ids, attention_mask, position_ids, t=t)
+
+
+class _Ranged(DiffusionLM):
+    """DiffusionLM recording each call's output_range."""
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, *, t=None,
+                return_hidden=False, output_range=None):  # fmt: skip
+        self.ranges.append(output_range)
+        self.hidden.append(return_hidden)
+        return super().forward(input_ids, attention_mask, position_ids, t=t,
+                               return_hidden=return_hidden, output_range=output_range)  # fmt: skip
+
+
+@pytest.mark.parametrize("time", [False, True], ids=["plain", "time-conditioned"])
+def test_fused_head_and_answer_window_change_no_estimate(time):
+    """On DiffusionLM the estimate scores the masked positions from the hidden states (fused
+    linear cross-entropy, no (batch, S, V) logits) and runs the last layer only over the span
+    of the chunk's maskable positions (the answers): equal, in float64, to the plain logits
+    path over every position, for the ELBO and the conditional estimate with guidance, on
+    padded rows; and the span really is the answers'."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=2, max_seq_len=64,
+                      mask_token_id=MASK, time_conditioning=time)  # fmt: skip
+    fused = _Ranged(cfg).double().eval()
+    plain = _Unranged(cfg).double().eval()
+    plain.load_state_dict(fused.state_dict())
+    g = torch.Generator().manual_seed(4)
+    p = torch.randint(0, MASK, (3, 6), generator=g)
+    a = torch.randint(0, MASK, (3, 4), generator=g)
+    pm = torch.ones(3, 6, dtype=torch.bool)
+    pm[1, :2] = False
+    amask = torch.ones(3, 4, dtype=torch.bool)
+    amask[2, 3:] = False
+    kw = dict(mask_id=MASK, mc_num=6, batch_size=4, seed=1)
+    for cfg_scale, head in itertools.product((0.0, 1.5), (True, False)):
+        fused.ranges, fused.hidden = [], []
+        got = conditional_nll(fused, p, a, pm, amask, cfg_scale=cfg_scale, fused_head=head, **kw)
+        want = conditional_nll(plain, p, a, pm, amask, cfg_scale=cfg_scale, **kw)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+        assert fused.hidden == [head] * 5
+        # 18 draws in chunks of 4: answers at [6, 10), row 2's (right-padded) at [6, 9).
+        assert fused.ranges == [(6, 10)] * 3 + [(6, 9)] * 2, fused.ranges
+    x = torch.cat([p, a], 1)
+    am = torch.cat([pm, amask], 1)
+    fused.ranges, fused.hidden = [], []
+    got = elbo(fused, x, am, fused_head=True, **kw)
+    torch.testing.assert_close(got, elbo(plain, x, am, **kw), rtol=1e-10, atol=1e-10)
+    # Every real token is maskable: row 0 spans everything (no range), row 1 starts at 2 and
+    # row 2 ends at 9.
+    assert fused.ranges == [None, None, (2, 10), (0, 9), (0, 9)], fused.ranges
+    with pytest.raises(ValueError, match="masked_nll_estimate: fused_head=True needs"):
+        elbo(plain, x, am, fused_head=True, **kw)
+    with pytest.raises(TypeError, match="masked_nll_estimate: fused_head must be"):
+        elbo(fused, x, am, fused_head=1, **kw)

@@ -123,7 +123,7 @@ def test_output_range_equals_slice_of_full_forward(kernels):
     """output_range=(a, b) runs the last layer for rows [a, b) only: equal to the full forward's
     [:, a:b] (float64, so only the order of sums differs), on logits and hidden states, with
     left padding (a range that starts in the padding gets 0 attention output there, as the full
-    forward), position ids, time conditioning and a KV cache."""
+    forward), right padding, position ids, time conditioning and a KV cache."""
     torch.manual_seed(0)
     m = DiffusionLM(tiny(kernels=kernels, n_layers=3, time_conditioning=True)).double().eval()
     B, S = 3, 37
@@ -131,6 +131,7 @@ def test_output_range_equals_slice_of_full_forward(kernels):
     am = torch.ones(B, S, dtype=torch.bool)
     am[1, :5] = False
     am[2, :30] = False
+    am[0, 31:] = False  # right padding: the op's last Sq keys are then padding, the rows not
     pos = (am.long().cumsum(1) - 1).clamp_min(0)
     t = torch.rand(B, dtype=torch.float64)
     with torch.no_grad():
@@ -153,8 +154,8 @@ def test_output_range_equals_slice_of_full_forward(kernels):
         seg = dict(attention_mask=am, position_ids=pos[:, 29:], t=t, kv_cache=cache)
         whole = m(x[:, 29:], **seg)
         cache.start = 29
-        part = m(x[:, 29:], output_range=(2, 6), **seg)
-        torch.testing.assert_close(part, whole[:, 2:6], rtol=1e-12, atol=1e-12)
+        part = m(x[:, 29:], output_range=(0, 3), **seg)
+        torch.testing.assert_close(part, whole[:, 0:3], rtol=1e-12, atol=1e-12)
 
 
 def test_output_range_checks():
