@@ -692,6 +692,8 @@ def _loop(
                 # The block's window: from its first candidate (masks left in the prompt come
                 # before the block) to its end. Candidates only shrink within a block.
                 win = (min(flags.pop()[0], s_blk), e_blk)
+                if win[0] >= win[1]:  # an empty block (gen_length 0, nothing left to infill)
+                    win = (0, L)
             if host_counts and i == 0:
                 n_host = flags[-1][0] if all(n == flags[-1][0] for n in flags[-1]) else None
             if (

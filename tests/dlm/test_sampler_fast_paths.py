@@ -138,5 +138,24 @@ def test_last_layer_window_changes_no_token(case):
         # The first block is [7, 11): its window starts one earlier under the shift, and at the
         # prompt's mask (position 5) when there is one.
         want0 = (5 if infill else 7) - (1 if kw.get("logits_shift") else 0)
-        assert used[0] == (want0, 11 if not kw.get("logits_shift") else 11)
+        assert used[0] == (want0, 11)
         assert all(b - a < L for a, b in used)
+    elif kw["kv_cache"] == "prefix":
+        # A block's first forward runs everything, later ones [7 (6 with the shift), 19): both
+        # keep only the block's logits (the shift reads position 6's output for 7).
+        shift = int(bool(kw.get("logits_shift")))
+        assert used[:2] == [(7 - shift, 11), (0, 4 + shift)], used
+
+
+def test_window_of_an_empty_block():
+    """gen_length 0 and no mask in the prompt: the block is empty and nothing is a candidate;
+    with every_step (Dream's and LLaDA's loops run the model at every step) the forward must
+    still run (once: x does not change after it), over the whole sequence."""
+    from dlm.sampler import _generate
+
+    model = _model()
+    ids = torch.randint(0, MASK, (2, 5), generator=torch.Generator().manual_seed(2))
+    counter = []
+    out = _generate(model, ids, gen_length=0, steps=2, every_step=True, mask_id=MASK,
+                    counter=counter)  # fmt: skip
+    assert torch.equal(out, ids) and counter == [2]  # then reused: x did not change
