@@ -9,13 +9,19 @@ Ours scores the masked answer positions from the hidden states with the fused li
 cross-entropy (no (draws, S, V) logits) and runs the last layer only over the answers' span.
 Both providers give the same estimate (float32 cross-entropy either way); the rows say how far
 apart they are. CPU: the 4-layer tiny body with a 32768-token vocabulary. GPU: the "1b" preset
-(d_model 2048, 16 layers, vocabulary 126464) in bfloat16, with peak memory.
+(d_model 2048, 16 layers, vocabulary 126464) in bfloat16. Peak memory above the inputs: the
+CUDA allocator's on GPU; on CPU the peak resident set of one call in a fresh child process
+(glibc returns freed blocks of 64 KiB and more to the system there, so earlier calls' freed
+memory cannot hide a peak).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 
 import torch
 
@@ -53,11 +59,10 @@ def _setup(device: str, quick: bool):
     return f"tiny-V{V}", DiffusionLM(cfg).eval(), V - 1, torch.float32, case
 
 
-def run(quick: bool = False, device: str = "cpu") -> list[dict]:
-    check_time()
+def _providers(device: str, quick: bool):
+    """(name, shape, dtype, [(provider, fn)], the model) of the case."""
     name, model, mask_id, dtype, (B, P, A, mc, bs) = _setup(device, quick)
     shape = f"{name}-B{B}-P{P}-A{A}-mc{mc}-bs{bs}"
-    op = "conditional_nll"
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, mask_id - 1, (B, P), generator=g).to(device)
     answer = torch.randint(0, mask_id - 1, (B, A), generator=g).to(device)
@@ -67,6 +72,45 @@ def run(quick: bool = False, device: str = "cpu") -> list[dict]:
         ("torch", lambda: conditional_nll(plain, prompt, answer, **kw)),
         ("dlm", lambda: conditional_nll(model, prompt, answer, **kw)),
     ]
+    return shape, dtype, providers, model, (B, P, A, mc, bs)
+
+
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def _child_peak(provider: str, quick: bool) -> None:
+    """Runs in the child: prints {"peak_mem_mb": ...} for one call of ``provider``."""
+    fn = dict(_providers("cpu", quick)[2])[provider]
+    fn()  # warm-up: lazy initialisation, thread pools
+    base = _status_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    fn()
+    print(json.dumps({"peak_mem_mb": (_status_kb("VmHWM") - base) / 1024}))
+
+
+def _cpu_peak_mb(provider: str, quick: bool) -> float | None:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "benchmarks.bench_likelihood", "--_peak-child", provider]
+    cmd += ["--quick"] if quick else []
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root, timeout=300)
+        return json.loads(res.stdout.strip().splitlines()[-1])["peak_mem_mb"]
+    except Exception:
+        return None
+
+
+def run(quick: bool = False, device: str = "cpu") -> list[dict]:
+    check_time()
+    op = "conditional_nll"
+    shape, dtype, providers, model, (B, P, A, mc, bs) = _providers(device, quick)
     try:
         ref = providers[0][1]()
         out = providers[1][1]()
@@ -81,6 +125,9 @@ def run(quick: bool = False, device: str = "cpu") -> list[dict]:
                  "one_chunk_of_logits_mb": logits_mb}  # fmt: skip
         if device.startswith("cuda"):
             extra["peak_mem_mb"] = peak_memory_mb(fn, device)
+        elif os.path.exists("/proc/self/clear_refs"):
+            check_time()
+            extra["peak_mem_mb"] = _cpu_peak_mb(provider, quick)
         if provider == "dlm":
             extra["max_rel_diff_vs_baseline"] = rel
         rows.append(row(op, provider, shape, dtype, t, **extra))
@@ -88,6 +135,10 @@ def run(quick: bool = False, device: str = "cpu") -> list[dict]:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--_peak-child"]:
+        _child_peak(argv[1], "--quick" in argv)
+        return 0
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true")
