@@ -28,8 +28,8 @@ BENCHES = [
     "bench_cross_entropy",
     "bench_linear_cross_entropy",
     "bench_unmask_sample",
+    "bench_likelihood",  # before sample: a few seconds, where sample's later cases take minutes
     "bench_sample",
-    "bench_likelihood",
     "bench_attention",  # last: it takes whatever time the others leave
 ]
 # Shares of --budget. GPU: attention has the most cases (sizes x masks x providers x modes) and
