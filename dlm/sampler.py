@@ -17,6 +17,12 @@ row's output equals generating that prompt alone with the same seed:
 This holds exactly up to floating-point differences of batched versus single matmuls, which only
 matter at ties.
 
+Less model work, same tokens. A model whose forward takes ``output_range=`` (DiffusionLM) is
+asked only for the window a step draws from (the block, from its first candidate; one position
+earlier under Dream's shift): its last layer runs for those rows only. The op gets that window
+with ``left_pad = pad - w0`` (negative once the window starts after the padding), so every draw
+is keyed by its position in the row, whatever the window: the tokens are the whole sequence's.
+
 KV caching (Fast-dLLM). ``kv_cache="prefix"``: at the start of each block one full forward fills
 a cache of every layer's keys and values; the block's later steps recompute only the block and
 what follows it, attending to the cached prefix. ``"dual"`` recomputes only the block and reads
