@@ -49,7 +49,7 @@ def expire() -> None:
     _EXPIRED = True
 
 
-def _past_deadline() -> bool:
+def past_deadline() -> bool:
     """The budget ran out during a case: its timing loop keeps the rounds measured so far
     (at least one) instead of running all its repetitions past the module's share."""
     return _EXPIRED or time.monotonic() > _DEADLINE
@@ -68,15 +68,18 @@ def time_fn(fn: Callable[[], object], device: str, *, quick: bool = False) -> di
         import triton.testing
 
         # A call of a second or more (a whole generate loop) would cost do_bench 7 calls (5 to
-        # estimate, 1 warm-up, 1 timed): one warm-up call, then 3 timed ones.
+        # estimate, 1 warm-up, 1 timed): one warm-up call, then 3 timed ones. Decided from the
+        # second call: the first may compile or autotune for seconds.
+        fn()
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         fn()
         torch.cuda.synchronize()
-        if time.perf_counter() - t0 > 0.25:
-            times = []
-            for _ in range(1 if quick else 3):
-                if times and _past_deadline():
+        first_ms = (time.perf_counter() - t0) * 1e3
+        if first_ms > 250:
+            times = [first_ms]
+            for _ in range(0 if quick else 2):
+                if past_deadline():
                     break
                 t0 = time.perf_counter()
                 fn()
@@ -96,7 +99,7 @@ def time_fn(fn: Callable[[], object], device: str, *, quick: bool = False) -> di
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-        if (time.perf_counter() > budget and len(times) >= 3) or _past_deadline():
+        if (time.perf_counter() > budget and len(times) >= 3) or past_deadline():
             break
     times.sort()
     q = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
@@ -119,7 +122,7 @@ def time_fns(fns: list[Callable[[], object]], device: str, *, quick: bool = Fals
             t0 = time.perf_counter()
             fn()
             times[i].append((time.perf_counter() - t0) * 1e3)
-        if (time.perf_counter() > budget and len(times[0]) >= 3) or _past_deadline():
+        if (time.perf_counter() > budget and len(times[0]) >= 3) or past_deadline():
             break
     out = []
     for ts in times:
@@ -130,8 +133,11 @@ def time_fns(fns: list[Callable[[], object]], device: str, *, quick: bool = Fals
 
 
 def peak_memory_mb(fn: Callable[[], object], device: str) -> float | None:
-    """Peak extra memory of one call of ``fn`` in MB (GPU: allocator peak above the baseline)."""
-    check_time()
+    """Peak extra memory of one call of ``fn`` in MB (GPU: allocator peak above the baseline).
+    None once the budget is spent: the timing just measured (its loop stopped at the deadline)
+    is kept without this figure rather than lost to OutOfTime."""
+    if past_deadline():
+        return None
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

@@ -207,12 +207,13 @@ def masked_nll_estimate(
         row.index_add_(0, mk.nonzero()[:, 0], ce)
         terms[lo:hi] = row.cpu() * w_t[lo:hi]
     est.index_add_(0, own, terms)
-    sq.index_add_(0, own, terms**2)
     cnt = torch.bincount(own, minlength=B).to(torch.float64).clamp_min(1)
     mean = est / cnt
     if not return_stderr:
         return mean
-    var = (sq / cnt - mean**2).clamp_min(0) * cnt / (cnt - 1).clamp_min(1)
+    # Two passes (deviations from the mean), not E[x^2] - E[x]^2: identical draws give exactly 0.
+    sq.index_add_(0, own, (terms - mean[own]) ** 2)
+    var = sq / (cnt - 1).clamp_min(1)
     stderr = (var / cnt).sqrt()
     draws = torch.bincount(own, minlength=B)
     return mean, stderr.masked_fill(draws == 1, float("nan"))

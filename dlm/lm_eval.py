@@ -163,7 +163,13 @@ class DiffusionLMEval(_Base):
         kw = {"attention_mask": None if bool(real.all()) else real}
         if not isinstance(self.scorer, nn.Module) or "position_ids" in _params(self.scorer):
             kw["position_ids"] = pos
-        logits = call_model(self.scorer, x, **kw)[:, prompt.shape[1] :]
+        P = prompt.shape[1]
+        if isinstance(self.scorer, nn.Module) and "output_range" in _params(self.scorer):
+            # Logits of the answer only (DiffusionLM): (B, A, V), not (B, P + A, V).
+            kw["output_range"] = (P, x.shape[1])
+            logits = call_model(self.scorer, x, **kw)
+        else:
+            logits = call_model(self.scorer, x, **kw)[:, P:]
         return ((logits.argmax(-1) == answer) | ~amask).all(1).cpu()
 
     @torch.no_grad()

@@ -81,10 +81,13 @@ class Attention(nn.Module):
             # Sampling with a KV cache (dlm.sampler.KVCache): store this slice's keys/values and
             # attend to the whole cached sequence (the attention op's Sq < Sk mode).
             k, v = attn["kv_cache"].update(attn["layer"], k, v)
-        if cfg.kernels and rows is not None and attn.get("attention_mask") is not None:
+        if cfg.kernels and attn.get("attention_mask") is not None:
             # The op's Sq < Sk mode takes its queries for the last Sq keys, padding included:
-            # rotate the keys (attention is a sum over a set) so that the rows asked for are.
-            end = rows.stop + (attn["kv_cache"].start if attn.get("kv_cache") is not None else 0)
+            # rotate the keys (attention is a sum over a set) so that the query rows are (rows
+            # asked for, or a cached slice that ends before the sequence does).
+            end = (S if rows is None else rows.stop) + (
+                attn["kv_cache"].start if attn.get("kv_cache") is not None else 0
+            )
             if end < k.shape[1]:
                 k, v = (torch.cat([t[:, end:], t[:, :end]], 1) for t in (k, v))
                 m = attn["attention_mask"]

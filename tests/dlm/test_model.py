@@ -156,6 +156,15 @@ def test_output_range_equals_slice_of_full_forward(kernels):
         cache.start = 29
         part = m(x[:, 29:], output_range=(0, 3), **seg)
         torch.testing.assert_close(part, whole[:, 0:3], rtol=1e-12, atol=1e-12)
+        # A cached slice that ends before the sequence, over row 0's right padding: every
+        # layer's queries must be the slice's own rows (the cache holds the same keys).
+        full = m(x, attention_mask=am, position_ids=pos, t=t)
+        for rng in (None, (1, 7)):
+            cache.start = 24
+            sl = m(x[:, 24:33], attention_mask=am, position_ids=pos[:, 24:33], t=t,
+                   kv_cache=cache, output_range=rng)  # fmt: skip
+            a, b = (0, 9) if rng is None else rng
+            torch.testing.assert_close(sl, full[:, 24 + a : 24 + b], rtol=1e-12, atol=1e-12)
 
 
 def test_output_range_checks():
