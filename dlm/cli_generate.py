@@ -289,8 +289,11 @@ def cmd_eval(args) -> int:
     max_seq_len = getattr(getattr(model, "cfg", None), "max_seq_len", None)
     x, chars_per_token = _eval_windows(args, tok, cfg, max_seq_len)
     t0 = time.perf_counter()
+    # Dream's checkpoints predict position i from the output at i - 1.
+    shift = bool(getattr(getattr(model, "cfg", None), "logits_shift", False))
     nats, se = elbo(model, x.to(dev), mask_id=tok.mask_token_id, mc_num=args.mc_num,
-                    batch_size=args.batch_size, seed=args.seed, return_stderr=True)  # fmt: skip
+                    batch_size=args.batch_size, seed=args.seed, return_stderr=True,
+                    logits_shift=shift)  # fmt: skip
     dt = time.perf_counter() - t0
     per_tok = float(nats.sum()) / x.numel()
     se_tok = float(se.pow(2).sum().sqrt()) / x.numel()

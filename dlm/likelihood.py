@@ -35,6 +35,7 @@ from dlm.sampler import (
     check_token_id,
     guide,
     model_vocab_size,
+    shift_logits,
     time_input,
 )
 
@@ -73,6 +74,7 @@ def masked_nll_estimate(
     generator: torch.Generator | None = None,
     return_stderr: bool = False,
     fused_head: bool | None = None,
+    logits_shift: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Estimate of -log p(x[maskable] | x[~maskable]) per row (an upper bound in expectation).
 
@@ -91,6 +93,8 @@ def masked_nll_estimate(
             logits). None: from a 4096-token vocabulary up, as generate; False: logits.
             A model taking ``output_range=`` also runs its last layer (and the head) only over
             the span of each chunk's maskable positions (the answer, for conditional_nll).
+        logits_shift: Dream's shifted logits (position i is predicted by the output at i - 1,
+            position 0 by its own), as ``generate``'s; DiffusionLM's ``cfg.logits_shift``.
 
     Returns:
         (B,) float64 nats, and (B,) float64 standard errors when asked: NaN for a row estimated
@@ -177,8 +181,10 @@ def masked_nll_estimate(
         if ranged:
             rows = set(owners[lo:hi])
             a, e = min(first[b] for b in rows), max(last[b] for b in rows)
-            if (a, e) != (0, S):
-                kw["output_range"] = (a, e)
+        # The first output needed: one earlier under the shift.
+        o0 = max(a - 1, 0) if logits_shift else a
+        if ranged and (o0, e) != (0, S):
+            kw["output_range"] = (o0, e)
         if head is not None:
             kw["return_hidden"] = True
         if prompt_t is not None:
@@ -191,6 +197,9 @@ def masked_nll_estimate(
             out = guide(c, u, cfg_scale)
         else:
             out = call_model(model, xt, attention_mask=am, **kw)
+        if logits_shift:  # on hidden states too: the head is applied row by row
+            out = shift_logits(out)
+        out = out[:, a - o0 :] if "output_range" in kw else out[:, a:e]
         x0, mk = x0[:, a:e], mk[:, a:e]
         if head is not None:
             ce = dlm_kernels.masked_linear_cross_entropy(
@@ -231,6 +240,7 @@ def elbo(
     generator: torch.Generator | None = None,
     return_stderr: bool = False,
     fused_head: bool | None = None,
+    logits_shift: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Monte-Carlo ELBO of each sequence: (B,) float64 nats, an upper bound on -log p(x).
 
@@ -242,7 +252,7 @@ def elbo(
     return masked_nll_estimate(model, x, maskable, mask_id=mask_id, attention_mask=attention_mask,
                                mc_num=mc_num, batch_size=batch_size, seed=seed,
                                generator=generator, return_stderr=return_stderr,
-                               fused_head=fused_head)  # fmt: skip
+                               fused_head=fused_head, logits_shift=logits_shift)  # fmt: skip
 
 
 def conditional_nll(
@@ -260,6 +270,7 @@ def conditional_nll(
     generator: torch.Generator | None = None,
     return_stderr: bool = False,
     fused_head: bool | None = None,
+    logits_shift: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """LLaDA's conditional likelihood: estimate of -log p(answer | prompt), (B,) float64 nats.
 
@@ -295,7 +306,8 @@ def conditional_nll(
     return masked_nll_estimate(model, x, maskable, mask_id=mask_id, attention_mask=am,
                                mc_num=mc_num, batch_size=batch_size, cfg_scale=cfg_scale,
                                seed=seed, generator=generator,
-                               return_stderr=return_stderr, fused_head=fused_head)  # fmt: skip
+                               return_stderr=return_stderr, fused_head=fused_head,
+                               logits_shift=logits_shift)  # fmt: skip
 
 
 def perplexity_bound(

@@ -15,8 +15,9 @@
 * generate_until: dlm.sampler.generate (gen_length = max_gen_toks, the sampler's algorithms),
   cut at the first stop string.
 
-Dream's shifted logits (``cfg.logits_shift``) are handled by shifting the model's output
-before the estimators see it. The lm_eval package is optional: without it the class is a plain
+Dream's shifted logits (``cfg.logits_shift``) are passed to the estimators (``logits_shift=``,
+so that they keep the fused head and the answer window) and handled by shifting the model's
+output for the greedy check. The lm_eval package is optional: without it the class is a plain
 object with the same methods (what tests/dlm/test_lm_eval.py drives); with it, it subclasses
 ``lm_eval.api.model.LM`` and is registered as "dlm".
 """
@@ -148,9 +149,10 @@ class DiffusionLMEval(_Base):
             prompt, pm, answer, amask = (t.to(self._device) for t in (prompt, pm, answer, amask))
             # Row b of this call draws from seed + lo + b (dlm.likelihood seeds each row by
             # seed + its index): a request's value does not depend on the batching.
-            nll = conditional_nll(self.scorer, prompt, answer, pm, amask, mask_id=self.mask_id,
+            nll = conditional_nll(self.model, prompt, answer, pm, amask, mask_id=self.mask_id,
                                   mc_num=self.mc_num, batch_size=self.batch,
-                                  cfg_scale=self.cfg_scale, seed=self.seed + lo)  # fmt: skip
+                                  cfg_scale=self.cfg_scale, seed=self.seed + lo,
+                                  logits_shift=self.logits_shift)  # fmt: skip
             greedy = self._greedy(prompt, pm, answer, amask)
             out += [(-float(n), bool(g)) for n, g in zip(nll, greedy)]
         return out
@@ -178,8 +180,9 @@ class DiffusionLMEval(_Base):
         out = []
         for i, r in enumerate(requests):
             x = torch.tensor([self._enc(r.args[0])], dtype=torch.long, device=self._device)
-            nats = elbo(self.scorer, x, mask_id=self.mask_id, mc_num=self.mc_num,
-                        batch_size=self.batch, seed=self.seed + i)  # fmt: skip
+            nats = elbo(self.model, x, mask_id=self.mask_id, mc_num=self.mc_num,
+                        batch_size=self.batch, seed=self.seed + i,
+                        logits_shift=self.logits_shift)  # fmt: skip
             out.append(-float(nats[0]))
         return out
 

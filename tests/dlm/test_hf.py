@@ -348,9 +348,20 @@ def test_tokenizer_and_generate_end_to_end(tmp_path):
     assert isinstance(tok.decode(ours[0, 5:].tolist()), str)
 
 
-def test_cli_sample_and_eval_from_a_model_directory(tmp_path, capsys):
-    """`dlm sample --model DIR` and `dlm eval --model DIR --data FILE` on a Dream checkpoint."""
+def test_cli_sample_and_eval_from_a_model_directory(tmp_path, capsys, monkeypatch):
+    """`dlm sample --model DIR` and `dlm eval --model DIR --data FILE` on a Dream checkpoint
+    (the ELBO with Dream's shifted logits)."""
+    import dlm.likelihood
     from dlm.cli import main
+
+    seen = []
+    real_elbo = dlm.likelihood.elbo
+
+    def spy(*args, **kw):
+        seen.append(kw.get("logits_shift"))
+        return real_elbo(*args, **kw)
+
+    monkeypatch.setattr(dlm.likelihood, "elbo", spy)
 
     _, path = _dream(tmp_path, False, 1)
     _tiny_tokenizer_json(path, V)
@@ -364,6 +375,6 @@ def test_cli_sample_and_eval_from_a_model_directory(tmp_path, capsys):
     rc = main(["eval", "--model", str(path), "--data", str(text), "--seq-len", "32",
                "--windows", "4", "--mc-num", "2"])  # fmt: skip
     out = capsys.readouterr().out
-    assert rc == 0 and "ELBO bound" in out
+    assert rc == 0 and "ELBO bound" in out and seen == [True]
     with pytest.raises(SystemExit, match="needs --data"):
         main(["eval", "--model", str(path)])

@@ -219,3 +219,36 @@ def test_fused_head_and_answer_window_change_no_estimate(time):
         elbo(plain, x, am, fused_head=True, **kw)
     with pytest.raises(TypeError, match="masked_nll_estimate: fused_head must be"):
         elbo(fused, x, am, fused_head=1, **kw)
+
+
+def test_logits_shift_matches_shifting_the_logits():
+    """Dream's shift (position i scored from the output at i - 1): the native option, with the
+    fused head and the window, equals shifting the full logits outside the estimator (what
+    lm-eval's adapter did), on padded prompts and answers, with and without guidance."""
+    from dlm.lm_eval import _Shifted
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=2, max_seq_len=64,
+                      mask_token_id=MASK, logits_shift=True)  # fmt: skip
+    fused = _Ranged(cfg).double().eval()
+    plain = _Unranged(cfg).double().eval()
+    plain.load_state_dict(fused.state_dict())
+    g = torch.Generator().manual_seed(6)
+    p, a = torch.randint(0, MASK, (3, 6), generator=g), torch.randint(0, MASK, (3, 4), generator=g)
+    pm = torch.ones(3, 6, dtype=torch.bool)
+    pm[0, :3] = False
+    amask = torch.ones(3, 4, dtype=torch.bool)
+    amask[1, 2:] = False
+    kw = dict(mask_id=MASK, mc_num=6, batch_size=4, seed=2)
+    for cfg_scale in (0.0, 1.5):
+        fused.ranges, fused.hidden = [], []
+        want = conditional_nll(_Shifted(plain), p, a, pm, amask, cfg_scale=cfg_scale, **kw)
+        got = conditional_nll(fused, p, a, pm, amask, cfg_scale=cfg_scale, fused_head=True,
+                              logits_shift=True, **kw)  # fmt: skip
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+        assert set(fused.ranges) == {(5, 10), (5, 8)} and all(fused.hidden)
+    x, am = torch.cat([p, a], 1), torch.cat([pm, amask], 1)
+    want = elbo(_Shifted(plain), x, am, **kw)
+    for model in (fused, plain):
+        torch.testing.assert_close(elbo(model, x, am, logits_shift=True, **kw), want,
+                                   rtol=1e-10, atol=1e-10)  # fmt: skip
