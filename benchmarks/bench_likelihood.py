@@ -17,7 +17,6 @@ memory cannot hide a peak).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -28,11 +27,14 @@ import torch
 from benchmarks.common import (
     OutOfTime,
     check_time,
-    machine,
     past_deadline,
     peak_memory_mb,
     row,
+    save_rows,
+    standalone_args,
+    status_kb,
     time_fns,
+    vs_baseline,
 )
 from dlm.config import ModelConfig, get_preset
 from dlm.likelihood import conditional_nll
@@ -83,23 +85,15 @@ def _providers(device: str, quick: bool):
     return shape, dtype, providers, model, (B, P, A, mc, bs)
 
 
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
 def _child_peak(provider: str, quick: bool) -> None:
     """Runs in the child: prints {"peak_mem_mb": ...} for one call of ``provider``."""
     fn = dict(_providers("cpu", quick)[2])[provider]
     fn()  # warm-up: lazy initialisation, thread pools
-    base = _status_kb("VmRSS")
+    base = status_kb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current RSS
     fn()
-    print(json.dumps({"peak_mem_mb": (_status_kb("VmHWM") - base) / 1024}))
+    print(json.dumps({"peak_mem_mb": (status_kb("VmHWM") - base) / 1024}))
 
 
 def _cpu_peak_mb(provider: str, quick: bool) -> float | None:
@@ -146,16 +140,10 @@ def main(argv=None) -> int:
     if argv[:1] == ["--_peak-child"]:
         _child_peak(argv[1], "--quick" in argv)
         return 0
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--json", default=None, help="write the rows here")
-    a = p.parse_args(argv)
+    a = standalone_args(__doc__, argv)
     rows = run(a.quick, a.device)
-    base = {r["shape"]: r["ms"] for r in rows if r["provider"] == "torch" and r["status"] == "ok"}
-    for r in rows:
+    for r, sp in vs_baseline(rows):
         ok = r["status"] == "ok"
-        sp = f"{base[r['shape']] / r['ms']:.2f}x" if ok else r["status"]
         ms = f"{r['ms']:9.1f} ms" if ok else ""
         mem = f"{r['peak_mem_mb']:8.0f} MB" if r.get("peak_mem_mb") is not None else ""
         diff = (
@@ -164,9 +152,7 @@ def main(argv=None) -> int:
             else ""
         )
         print(f"{r['shape']:40s} {r['provider']:6s} {ms:>12s} {mem:>11s}  {sp}  {diff}")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"machine": machine(), "rows": rows}, f, indent=1)
+    save_rows(a.json, rows)
     return 0
 
 

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 import dlm_kernels
-from benchmarks.common import check_time, compiled, peak_memory_mb, row, time_fn
+from benchmarks.common import check_time, compiled, peak_memory_mb, row, status_kb, time_fn
 
 # (tokens N, hidden H, vocabulary V). CPU goal: 2048 x 512 x 32000 float32 (issue 4); GPU goal:
 # 16384 x 4096 x 151936 bf16.
@@ -191,14 +191,6 @@ def _time_bwd(fn, hidden, W, target, mask, device, quick) -> dict:
 # ---------------------------------------------------------------------------------------------
 # CPU peak memory: one case per child process (see the module docstring)
 # ---------------------------------------------------------------------------------------------
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
 def _child_peak(provider: str, N: int, H: int, V: int, dtype: str) -> None:
     """Runs in the child: prints {"peak_mem_mb": ...} for one fwd+bwd of ``provider``."""
     fn = dict(_providers("cpu"))[provider]
@@ -207,11 +199,11 @@ def _child_peak(provider: str, N: int, H: int, V: int, dtype: str) -> None:
     step()  # warm-up: lazy initialisation, thread pools
     hidden.grad = None
     W.grad = None
-    base = _status_kb("VmRSS")
+    base = status_kb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current RSS
     fn(hidden, W, target, mask).backward()
-    print(json.dumps({"peak_mem_mb": (_status_kb("VmHWM") - base) / 1024}))
+    print(json.dumps({"peak_mem_mb": (status_kb("VmHWM") - base) / 1024}))
 
 
 def _cpu_peak_mb(provider, N, H, V, dtype) -> float | None:

@@ -13,13 +13,18 @@ preset: d_model 2048, 16 layers, vocabulary 126464) in bfloat16, prompt 64, gen_
 
 from __future__ import annotations
 
-import argparse
-import json
-
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import OutOfTime, check_time, machine, row, time_fns
+from benchmarks.common import (
+    OutOfTime,
+    check_time,
+    row,
+    save_rows,
+    standalone_args,
+    time_fns,
+    vs_baseline,
+)
 from dlm.config import ModelConfig, get_preset
 from dlm.model import DiffusionLM
 from dlm.sampler import _accepts, generate
@@ -135,21 +140,12 @@ def run(quick: bool, device: str) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--json", default=None, help="write the rows here")
-    a = p.parse_args(argv)
+    a = standalone_args(__doc__, argv)
     rows = run(a.quick, a.device)
-    base = {r["shape"]: r["ms"] for r in rows if r["provider"] == "torch" and r["status"] == "ok"}
-    for r in rows:
-        ok = r["status"] == "ok"
-        sp = f"{base[r['shape']] / r['ms']:.2f}x" if ok else r["status"]
+    for r, sp in vs_baseline(rows):
         tok = f"{r.get('tokens_per_s', 0):10.1f} tok/s" if r["status"] == "ok" else ""
         print(f"{r['shape']:36s} {r['provider']:18s} {tok:>18s}  {sp}")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"machine": machine(), "rows": rows}, f, indent=1)
+    save_rows(a.json, rows)
     return 0
 
 

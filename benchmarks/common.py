@@ -148,6 +148,44 @@ def peak_memory_mb(fn: Callable[[], object], device: str) -> float | None:
     return None  # CPU peaks need a fresh process: see rss_peak_mb
 
 
+def status_kb(key: str) -> int:
+    """A field of /proc/self/status in KiB (VmRSS, VmHWM): CPU peak memory in a child process."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def standalone_args(doc: str, argv=None):
+    """The --device / --quick / --json arguments of a benchmark module run on its own."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--json", default=None, help="write the rows here")
+    return p.parse_args(argv)
+
+
+def vs_baseline(rows: list[dict], baseline: str = "torch"):
+    """(row, "1.23x" against the baseline's time for its shape, or the row's status), for a
+    module run on its own to print."""
+    base = {r["shape"]: r["ms"] for r in rows if r["provider"] == baseline and r["status"] == "ok"}
+    for r in rows:
+        ok = r["status"] == "ok" and r["shape"] in base
+        yield r, (f"{base[r['shape']] / r['ms']:.2f}x" if ok else r["status"])
+
+
+def save_rows(path: str | None, rows: list[dict]) -> None:
+    """A module run on its own with --json: its rows and the machine, as benchmarks.run writes."""
+    if path:
+        import json
+
+        with open(path, "w") as f:
+            json.dump({"machine": machine(), "rows": rows}, f, indent=1)
+
+
 def rss_peak_mb() -> float:
     """This process's peak resident set size in MB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -178,6 +178,17 @@ class _Ranged(DiffusionLM):
                                return_hidden=return_hidden, output_range=output_range)  # fmt: skip
 
 
+def _ranged_and_plain(**cfg_kw):
+    """The same float64 weights behind both forwards."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=2, max_seq_len=64,
+                      mask_token_id=MASK, **cfg_kw)  # fmt: skip
+    fused = _Ranged(cfg).double().eval()
+    plain = _Unranged(cfg).double().eval()
+    plain.load_state_dict(fused.state_dict())
+    return fused, plain
+
+
 @pytest.mark.parametrize("time", [False, True], ids=["plain", "time-conditioned"])
 def test_fused_head_and_answer_window_change_no_estimate(time):
     """On DiffusionLM the estimate scores the masked positions from the hidden states (fused
@@ -185,12 +196,7 @@ def test_fused_head_and_answer_window_change_no_estimate(time):
     of the chunk's maskable positions (the answers): equal, in float64, to the plain logits
     path over every position, for the ELBO and the conditional estimate with guidance, on
     padded rows; and the span really is the answers'."""
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=2, max_seq_len=64,
-                      mask_token_id=MASK, time_conditioning=time)  # fmt: skip
-    fused = _Ranged(cfg).double().eval()
-    plain = _Unranged(cfg).double().eval()
-    plain.load_state_dict(fused.state_dict())
+    fused, plain = _ranged_and_plain(time_conditioning=time)
     g = torch.Generator().manual_seed(4)
     p = torch.randint(0, MASK, (3, 6), generator=g)
     a = torch.randint(0, MASK, (3, 4), generator=g)
@@ -227,12 +233,7 @@ def test_logits_shift_matches_shifting_the_logits():
     lm-eval's adapter did), on padded prompts and answers, with and without guidance."""
     from dlm.lm_eval import _Shifted
 
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=2, max_seq_len=64,
-                      mask_token_id=MASK, logits_shift=True)  # fmt: skip
-    fused = _Ranged(cfg).double().eval()
-    plain = _Unranged(cfg).double().eval()
-    plain.load_state_dict(fused.state_dict())
+    fused, plain = _ranged_and_plain(logits_shift=True)
     g = torch.Generator().manual_seed(6)
     p, a = torch.randint(0, MASK, (3, 6), generator=g), torch.randint(0, MASK, (3, 4), generator=g)
     pm = torch.ones(3, 6, dtype=torch.bool)
