@@ -211,17 +211,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.force and args.resume:
         raise ValueError("--force starts a new run; it does not combine with --resume")
     cfg = build_config(args)
+    path = os.path.join(cfg.train.out, CHECKPOINT)
     if args.resume:
-        path = os.path.join(cfg.train.out, CHECKPOINT)
         if not os.path.isfile(path):
             # An error, not a fresh start: a mistyped --out must not silently begin a new run.
             raise FileNotFoundError(
                 f"--resume: no checkpoint at {path}; leave out --resume to start a new run there"
             )
         cfg = build_config(args, base=read_checkpoint_config(path).to_dict())
-    elif not args.force and os.path.exists(os.path.join(cfg.train.out, CHECKPOINT)):
+    elif not args.force and os.path.exists(path):
         # A new run would overwrite it: a trained model lost to a re-run command.
-        path = os.path.join(cfg.train.out, CHECKPOINT)
         raise FileExistsError(
             f"{path} already holds a checkpoint{_checkpoint_step(path)}: --resume continues "
             "that run, --force starts a new one that overwrites it, or choose another --out"
