@@ -56,24 +56,26 @@ if triton is not None:
         return tl.where(x == 0.0, 0.0, x)
 
     @triton.jit
-    def _snap_keys(kx, above, inr, up, dn):
-        # Per pivot (columns of above, [BLOCK_S, NPIV]): the smallest data key on the pivot's
-        # upper side and the largest on its lower side (in range), folded into up / dn.
-        up = tl.minimum(up, tl.min(tl.where(above, kx[:, None], 2**40), 0))
-        dn = tl.maximum(dn, tl.max(tl.where(~above & inr, kx[:, None], -(2**40)), 0))
-        return up, dn
-
-    @triton.jit
     def _inv_temp(Te):
         # 1 / T as a finite, normal float32 (T in (0, 2.9e-39) or above 8e37 would give inf or
         # a denormal/zero, and then NaN weights from 0 * inf or -inf * 0).
         return tl.minimum(tl.maximum(1.0 / Te, 1.2e-38), 3.0e38).to(tl.float32)
 
     @triton.jit
-    def _key(x):
-        # Order-preserving int64 key of a float32 (negative floats have their low bits flipped).
+    def _key(x, SHIFT: tl.constexpr):
+        # Order-preserving int32 key of a float32 from _load_x (negative floats have their low
+        # bits flipped), shifted right by SHIFT: the values widened from bf16 (SHIFT 16) or
+        # fp16 (13) have those low bits all equal, so distinct values keep distinct keys in a
+        # range 2**SHIFT times narrower (fewer search passes). FLT_MAX (+inf's stand-in) is
+        # the one value with other low bits: under bf16 it gets bf16 +inf's key, one above
+        # bf16's largest finite value.
         b = x.to(tl.int32, bitcast=True)
-        return tl.where(b >= 0, b, b ^ 0x7FFFFFFF).to(tl.int64)
+        k = tl.where(b >= 0, b, b ^ 0x7FFFFFFF)
+        if SHIFT > 0:
+            k = k >> SHIFT
+            if SHIFT == 16:
+                k = tl.where(x == 3.4028234663852886e38, k + 1, k)
+        return k
 
     @triton.jit
     def _sample_rows_kernel(
@@ -100,6 +102,7 @@ if triton is not None:
         BLOCK_V: tl.constexpr,  # vocabulary tile
         BLOCK_S: tl.constexpr,  # vocabulary tile of the threshold searches
         NPIV: tl.constexpr,  # pivots per pass of the threshold searches
+        SHIFT: tl.constexpr,  # key shift: 16 for bf16 logits, 13 for fp16, 0 for float32
     ):
         r = tl.program_id(0).to(tl.int64)
         base = logits_ptr + r * stride_row
@@ -194,84 +197,81 @@ if triton is not None:
                 conf = tl.zeros([], tl.float64)
                 need_dist = (T > 0.0) | (MODE == 0) | (MODE == 2) | (MODE == 3)
                 if need_dist:
-                    kmin = _key(tl.full([], ninf, tl.float32))
+                    kmin = _key(tl.full([], ninf, tl.float32), SHIFT).to(tl.int64)
                     kk = kmin  # keep key(x) >= kk
-                    kmax = _key(mx)
+                    kmax = _key(mx, SHIFT).to(tl.int64)
                     # top_k and top_p thresholds by NPIV-way searches over the order-preserving
-                    # int keys: each pass over the row tests NPIV pivots at once ([BLOCK_S, NPIV]
-                    # compares), then snaps the interval's ends to data keys, so a search takes
-                    # ~log_NPIV+1 of the key range passes at most (one per distinct value near
-                    # the end). The weights are float32 exps (sums in float64): a float64 exp per
-                    # element and pass cost ~10x the read of the row on a GPU.
+                    # int32 keys: each pass over the row tests NPIV pivots spread over the open
+                    # interval, so a search takes ceil(log_(NPIV+1) of the key range) passes at
+                    # most: 4 for bf16 logits, 5 for fp16, 8 for float32. The answer is always a
+                    # data key (the count and the mass change only there). Per pass, each
+                    # element costs about three instructions per pivot: the [NPIV, BLOCK_S]
+                    # compares go into per-lane accumulators (pivots in registers, elements
+                    # across threads) that are reduced once after the pass, not per tile. The
+                    # weights are float32 exps: a float64 exp per element and pass cost ~10x
+                    # the read of the row on a GPU.
                     ip = tl.arange(0, NPIV)
                     colS = tl.arange(0, BLOCK_S)
                     if HAS_TOPK:
                         k = tl.load(topk_ptr + r)
                         if (k > 0) & (k < V):
-                            # Largest key K with count(key >= K) >= k: the k-th largest value.
+                            # Largest key K with count(key >= K) >= k (the k-th largest value):
+                            # count(key >= lo) >= k > count(key >= hi + 1) throughout.
                             lo = kmin
                             hi = kmax
                             while lo < hi:
+                                # Pivots in (lo, hi]; all equal hi when hi = lo + 1.
                                 piv = lo + 1 + ((hi - lo - 1) * (ip + 1)) // (NPIV + 1)
-                                cnt = tl.zeros([NPIV], tl.int32)
-                                up = tl.full([NPIV], 2**40, tl.int64)
-                                dn = tl.full([NPIV], -(2**40), tl.int64)
+                                p32 = piv.to(tl.int32)
+                                cnt2 = tl.zeros([NPIV, BLOCK_S], tl.int32)
                                 for start in range(0, V, BLOCK_S):
                                     offs = start + colS
-                                    kx = _key(_load_x(base, offs, V))
-                                    inr = (offs < V)[:, None]
-                                    ge = (kx[:, None] >= piv[None, :]) & inr
-                                    cnt += tl.sum(ge.to(tl.int32), 0)
-                                    up, dn = _snap_keys(kx, ge, inr, up, dn)
+                                    kx = _key(_load_x(base, offs, V), SHIFT)  # kmin past V
+                                    cnt2 += (kx[None, :] >= p32[:, None]).to(tl.int32)
                                 # count(>= piv) falls with the pivot: the last pivot that keeps
-                                # k raises lo to its data key, the first that does not lowers hi.
-                                ok = cnt >= k
+                                # k raises lo to it, the first that does not lowers hi below it.
+                                ok = tl.sum(cnt2, 1) >= k
                                 nok = tl.sum(ok.to(tl.int32), 0)
-                                lo_new = tl.max(tl.where(ok, up, -(2**40)), 0)
-                                hi_new = tl.min(tl.where(ok, 2**40, dn), 0)
-                                lo = tl.where(nok > 0, lo_new, lo)
-                                hi = tl.where(nok < NPIV, hi_new, hi)
+                                lo = tl.where(nok > 0, tl.max(tl.where(ok, piv, lo), 0), lo)
+                                hi = tl.where(nok < NPIV, tl.min(tl.where(ok, hi, piv - 1), 0), hi)
                             kk = lo
                     if HAS_TOPP:
                         p = tl.load(topp_ptr + r)
                         if p < 1.0:
                             invT = _inv_temp(Te)
+                            kk32 = kk.to(tl.int32)
                             zs = tl.zeros([BLOCK_V], tl.float64)
                             for start in range(0, V, BLOCK_V):
                                 offs = start + cols0
                                 x = _load_x(base, offs, V)
                                 w = tl.exp((x - mx) * invT)
-                                zs += tl.where(_key(x) >= kk, w, 0.0).to(tl.float64)
+                                zs += tl.where(_key(x, SHIFT) >= kk32, w, 0.0).to(tl.float64)
                             target = p * tl.sum(zs, 0)
                             # Smallest K with mass(key > K) < target: kept = key >= K.
+                            # mass(key > lo) >= target > mass(key > hi) throughout.
                             lo = kk - 1
                             hi = kmax
                             while hi - lo > 1:
                                 # Pivots in (lo, hi): lo itself is never tested (its mass
-                                # is the whole kept mass, which float32 tile sums could put
+                                # is the whole kept mass, which float32 lane sums could put
                                 # under a target within rounding of it).
                                 piv = lo + 1 + ((hi - lo - 1) * (ip + 1)) // (NPIV + 1)
-                                acc = tl.zeros([NPIV], tl.float64)
-                                up = tl.full([NPIV], 2**40, tl.int64)
-                                dn = tl.full([NPIV], -(2**40), tl.int64)
+                                p32 = piv.to(tl.int32)
+                                acc2 = tl.zeros([NPIV, BLOCK_S], tl.float32)
                                 for start in range(0, V, BLOCK_S):
                                     offs = start + colS
                                     x = _load_x(base, offs, V)
-                                    kx = _key(x)
-                                    inr = ((kx >= kk) & (offs < V))[:, None]
-                                    w = tl.exp((x - mx) * invT)
-                                    gt = (kx[:, None] > piv[None, :]) & inr
-                                    acc += tl.sum(tl.where(gt, w[:, None], 0.0), 0).to(tl.float64)
-                                    up, dn = _snap_keys(kx, gt, inr, up, dn)
-                                # mass(key > piv) falls with the pivot and only changes at data
-                                # keys: the first pivot under the target snaps hi down to a data
-                                # key, the last one at or over it snaps lo to just below one.
-                                under = acc < target
+                                    kx = _key(x, SHIFT)
+                                    w = tl.where(kx >= kk32, tl.exp((x - mx) * invT), 0.0)
+                                    acc2 += tl.where(kx[None, :] > p32[:, None], w[None, :], 0.0)
+                                # mass(key > piv) falls with the pivot: the first pivot under
+                                # the target lowers hi to it, the last one at or over it raises
+                                # lo to it. Lane sums of <= V / BLOCK_S float32 terms, then
+                                # float64 across lanes.
+                                under = tl.sum(acc2.to(tl.float64), 1) < target
                                 nund = tl.sum(under.to(tl.int32), 0)
-                                hi_new = tl.min(tl.where(under, dn, 2**40), 0)
-                                lo_new = tl.max(tl.where(under, -(2**40), up), 0) - 1
-                                hi = tl.where(nund > 0, hi_new, hi)
-                                lo = tl.where(nund < NPIV, lo_new, lo)
+                                hi = tl.where(nund > 0, tl.min(tl.where(under, piv, hi), 0), hi)
+                                lo = tl.where(nund < NPIV, tl.max(tl.where(under, lo, piv), 0), lo)
                             kk = tl.maximum(hi, kk)  # never below top_k's threshold
                     lz = tl.full([], ninf, tl.float64)
                     if HAS_MINP:
@@ -292,6 +292,7 @@ if triton is not None:
                     c2 = (tl.zeros([BLOCK_V], tl.int32) + ctr).to(tl.uint32, bitcast=True)
                     c3 = tl.zeros([BLOCK_V], tl.uint32)
                     invT = _inv_temp(Te)
+                    kk32 = kk.to(tl.int32)
                     zf = tl.zeros([BLOCK_V], tl.float64)
                     ent = tl.zeros([BLOCK_V], tl.float64)
                     ntop = tl.zeros([BLOCK_V], tl.int32)
@@ -301,7 +302,7 @@ if triton is not None:
                     for start in range(0, V, BLOCK_V):
                         offs = start + cols0
                         x = _load_x(base, offs, V)
-                        keep = (_key(x) >= kk) & (offs < V)
+                        keep = (_key(x, SHIFT) >= kk32) & (offs < V)
                         if HAS_MINP:  # the rule of the other paths, in float64
                             keep = keep & (x.to(tl.float64) / Te - mz >= lz)
                         d = tl.where(keep, (x - mx) * invT, ninf)
@@ -312,15 +313,18 @@ if triton is not None:
                         if MODE == 2:
                             ntop += (keep & (x == mx)).to(tl.int32)
                             sec = tl.maximum(sec, tl.where(keep & (x != mx), x, ninf))
-                        if T > 0.0:
+                        # A tile with no kept token cannot change the draw (most tiles of a
+                        # row whose top_p / top_k keep a few hundred tokens): no Philox.
+                        if (T > 0.0) & (tl.max(keep.to(tl.int32), 0) > 0):
                             c0 = offs.to(tl.uint32)
                             w0, w1, _, _ = tl.philox(key, c0, c1, c2, c3)
-                            # Token j beats the best score only if u > exp(-c), c = exp(z - best);
-                            # exp(-c) >= 1 - c, and u < u_up = (top 24 bits + 1) 2^-24. A tile
-                            # where no kept token has u_up > 1 - c cannot change the best: it
-                            # skips the float64 logs. c in float32 as exp(d + mz - best) (one
-                            # exp, no denormal products): relative error < 1e-5 for any c that
-                            # matters, the slack below; a NaN or inf c keeps the token.
+                            # Token j beats the best score only if u > exp(-c), c =
+                            # exp(z - best); exp(-c) >= 1 - c, and u < u_up = (top 24 bits
+                            # + 1) 2^-24. A tile where no kept token has u_up > 1 - c
+                            # cannot change the best: it skips the float64 logs. c in
+                            # float32 as exp(d + mz - best) (one exp, no denormal
+                            # products): relative error < 1e-5 for any c that matters, the
+                            # slack below; a NaN or inf c keeps the token.
                             u_up = ((w0 >> 8).to(tl.float32) + 1.0) * 5.9604644775390625e-08
                             c = tl.exp(d + (mz - best).to(tl.float32))
                             cand = keep & ~(u_up < 1.0 - c * 1.00001 - 1e-6)
@@ -375,9 +379,15 @@ def _block_v(V: int) -> int:
     return min(cap, triton.next_power_of_2(V))
 
 
-def _block_s(V: int) -> int:
-    # The searches hold a [BLOCK_S, NPIV] tile: 256 x 16 keeps it in registers on a GPU.
-    return min(_block_v(V), 256 if not dispatch.triton_interpret() else 65536)
+def _block_s(V: int, num_warps: int = 8) -> int:
+    # The searches hold [NPIV, BLOCK_S] per-lane accumulators: one element per thread (NPIV
+    # registers per accumulator on a GPU; two per thread cost the same ~80 instructions per
+    # element and pivot pass in sm_90 SASS, and spilled at 8 warps).
+    return min(_block_v(V), 32 * num_warps if not dispatch.triton_interpret() else 65536)
+
+
+# Keys of logits widened from these dtypes drop the low bits that are always equal.
+_KEY_SHIFT = {torch.bfloat16: 16, torch.float16: 13, torch.float32: 0}
 
 
 def _sample_configs(V: int) -> list:
@@ -394,7 +404,8 @@ def _sample_configs(V: int) -> list:
         bv = min(bv, cap)
         if (bv, nw) not in seen:
             seen.add((bv, nw))
-            out.append(triton.Config({"BLOCK_V": bv, "BLOCK_S": min(bv, 256)}, num_warps=nw))
+            bs = min(bv, 32 * nw)
+            out.append(triton.Config({"BLOCK_V": bv, "BLOCK_S": bs}, num_warps=nw))
     return out
 
 
@@ -408,8 +419,8 @@ def _autotune_on() -> bool:
 def _triton_sample(logits, rows, valid, temp, topk, topp, minp, mode, seed, offset, seeds,
                    offsets, flags):  # fmt: skip
     """One program per row; passes over a valid row: 1 for a greedy row without filters (online
-    softmax), else 2 + the threshold searches (~log_17 of the key range passes each, fewer when
-    the values near the threshold are few) + the final pass.
+    softmax), else 2 + the threshold searches (log_17 of the key range passes each at most: 4
+    for bf16 logits, 5 for fp16, 8 for float32) + the final pass.
 
     The floor is one read of the logits (R * V * itemsize bytes); the searches re-read the row
     (from L2 on a GPU). On a GPU the tile and warp count are autotuned at the first launch of
@@ -431,7 +442,7 @@ def _triton_sample(logits, rows, valid, temp, topk, topp, minp, mode, seed, offs
     args = (logits, logits.stride(0), rows, valid, temp, topk, topp, minp, tok, conf, V, seed,
             _as_int32(offset), seeds, offsets)  # fmt: skip
     meta = dict(MODE=mode, HAS_TOPK=has_topk, HAS_TOPP=has_topp, HAS_MINP=has_minp,
-                PER_ROW_KEY=per_row, NPIV=16)  # fmt: skip
+                PER_ROW_KEY=per_row, NPIV=16, SHIFT=_KEY_SHIFT[logits.dtype])  # fmt: skip
     capturing = logits.is_cuda and torch.cuda.is_current_stream_capturing()
     if _autotune_on() and logits.is_cuda and not capturing:
         bucket = triton.next_power_of_2(V)

@@ -52,7 +52,7 @@ cases = [(0, (False, True, False), False, 2**40, configs),
 for mode, flags, per_row, seed, cfgs in cases:
     for cfg in cfgs:
         consts = dict(MODE=mode, HAS_TOPK=flags[0], HAS_TOPP=flags[1], HAS_MINP=flags[2],
-                      PER_ROW_KEY=per_row, NPIV=16, **cfg.kwargs)
+                      PER_ROW_KEY=per_row, NPIV=16, SHIFT=16, **cfg.kwargs)
         sig = dict(signature, seed=mangle_type(seed), **{k: "constexpr" for k in consts})
         src = ASTSource(fn=fn, signature=sig,
                         constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})

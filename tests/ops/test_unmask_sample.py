@@ -199,6 +199,47 @@ def test_triton_small_tiles(conf, monkeypatch):
             _check_same(_run("triton", sample_tokens, xs, **kw2), ref, f"triton-{conf}-{T}-{kw}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=lambda d: ids(d=d))  # fmt: skip
+def test_triton_thresholds_on_narrowed_keys(dtype, monkeypatch):
+    # The top_k / top_p searches run over int32 keys of the widened logits shifted right by the
+    # bits a bf16 (16) or fp16 (13) value leaves at zero: the thresholds must still fall on the
+    # reference's data values. Heavy ties (logits rounded to 1/4), values on both sides of zero
+    # and -0.0, top_k boundaries inside a run of ties, top_p targets that a run of ties straddles,
+    # +inf (FLT_MAX to every path) beside the dtype's largest finite value (one bf16 key apart
+    # only because FLT_MAX gets bf16 +inf's key), -inf and NaN; 64-wide tiles so that each pass
+    # spans several tiles. Tokens and confidences against the reference, at T 0 and T > 0.
+    skip_unless_available("triton")
+    import dlm_kernels.ops.unmask_sample as us
+
+    monkeypatch.setattr(us, "_block_v", lambda V: 64)
+    g = torch.Generator().manual_seed(21)
+    v = 301
+    x = torch.round(torch.randn(8, v, generator=g, dtype=torch.float64) * 8) / 4
+    big = torch.finfo(dtype).max
+    x[0, 7], x[0, 200] = float("inf"), big  # top_k 1 and 2 around the +inf stand-in
+    x[1, 150:] = -0.0
+    x[1, :150] = torch.round(x[1, :150])  # few distinct values: long runs of ties at 0 and -0
+    x[2, ::3] = float("-inf")
+    x[2, 1::7] = float("nan")
+    x[3] = x[3].abs() * -1.0 - 2.0  # all negative
+    x[4, 100:110] = 5.0  # a run of ties at the top
+    x[5] = x[5] * 40.0  # a wide spread: many keys between the max and the threshold
+    # Values two fp16 ulps apart, and float32 ones a few ulps apart (rounded away in 16 bits):
+    # keys that a wider shift would merge.
+    x[6] = 200.0 + x[6] / 4 + torch.randint(0, 8, (v,), generator=g) * 2.0**-16
+    x[7, 3] = big
+    xs = x.to(dtype)
+    top_k = torch.tensor([1, 2, 160, 9, 5, 300, 7, 1])
+    top_p = torch.tensor([0.5, 0.999, 0.6, 0.3, 0.95, 0.01, 0.6, 0.9])
+    for kw in (dict(top_k=top_k), dict(top_p=top_p), dict(top_k=top_k, top_p=top_p)):
+        for T, conf in ((0.0, "margin"), (0.7, "prob"), (3.0, "neg_entropy")):
+            kw2 = dict(confidence=conf, temperature=T, seed=5, **kw)
+            ref = _run("reference", sample_tokens, xs, **kw2)
+            got = _run("triton", sample_tokens, xs, **kw2)
+            _check_same(got, ref, f"triton-{dtype}-{conf}-T{T}-{sorted(kw)}")
+
+
 @pytest.mark.parametrize("conf", ["prob", "raw_prob", "margin", "neg_entropy"])
 def test_greedy_cpp_across_blocks(conf):
     # The C++ greedy path reads a row in blocks of 2048 with a running max (AVX2 where built
