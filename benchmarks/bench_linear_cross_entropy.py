@@ -131,15 +131,22 @@ def _providers(device):
          _torch_lce_chunked_all if hasattr(F, "linear_cross_entropy") else None),
         ("torch.compile", _compiled),  # last of the CPU peers: its compile is the slowest
     ]  # fmt: skip
+    peers = []
     for name, make in (("liger", _liger), ("cce", _cce)):
         if not device.startswith("cuda"):
-            out.append((name, "missing: Triton/CUDA-only library, no CPU path"))
+            peers.append((name, "missing: Triton/CUDA-only library, no CPU path"))
             continue
         try:
-            out.append((name, make()))
+            peers.append((name, make()))
         except Exception as e:  # not installed, or an import-time failure
-            out.append((name, f"missing: {type(e).__name__}: {e}"))
-    return out
+            peers.append((name, f"missing: {type(e).__name__}: {e}"))
+    if not device.startswith("cuda"):
+        return out + peers
+    # On a GPU the peers come right after the eager baselines, and the fused Triton path (about
+    # 0.6 s per fwd+bwd at the V 151936 goal shape on an H100) after them: a time budget that
+    # runs out then skips what matters least (session 9's gpu_check never reached the peers).
+    first = [p for p in out if p[0] in ("dlm_kernels", "eager", "gather-eager")]
+    return first + peers + [p for p in out if p not in first]
 
 
 def _fwd_bwd(fn, hidden, W, target, mask):

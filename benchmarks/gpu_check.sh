@@ -61,11 +61,16 @@ if "$PY" -c "import xdist" 2>/dev/null; then SELECT+=(-n "${TEST_WORKERS:-12}");
 SELECT+=(--ignore tests/test_benchmarks.py)
 # SIGINT first so that pytest still prints its summary; KILL 15 s later if it hangs.
 # tests/ops first: the kernels' tests on CUDA are the point; tests/dlm is mostly CPU-bound.
+# Each failure goes to failures.txt as it happens (tests/conftest.py): a run stopped at the
+# budget prints no summary under xdist.
+export DLM_TEST_FAILLOG="$DEST/failures.txt"
 timeout -s INT -k 15 "$TEST_BUDGET" "$PY" -m pytest tests/ops tests/dlm -q --maxfail=100 \
   -p no:cacheprovider \
   -o addopts="-ra --durations=10" ${SELECT[@]+"${SELECT[@]}"} > "$DEST/pytest.txt" 2>&1
 rc_tests=$?
+unset DLM_TEST_FAILLOG
 tail -25 "$DEST/pytest.txt"
+[ -s "$DEST/failures.txt" ] && { stamp "failed tests:"; grep '^FAILED ' "$DEST/failures.txt"; }
 { [ $rc_tests -eq 124 ] || [ $rc_tests -eq 130 ] || [ $rc_tests -eq 2 ]; } && \
   stamp "tests stopped (rc=$rc_tests; 124/130: the ${TEST_BUDGET}s budget ran out)"
 

@@ -33,13 +33,15 @@ BENCHES = [
     "bench_attention",  # last: it takes whatever time the others leave
 ]
 # Shares of --budget. GPU: attention has the most cases (sizes x masks x providers x modes) and
-# autotunes its tiles at the first call of each shape class. CPU: roughly each module's share
-# of a full run (2-core EPYC, 2026-11-27: CE 173 s, LCE 328 s, unmask 47 s (98 s with the
-# greedy-margin case), sample 497 s, attention 3 s), sample held back: its larger cases matter
-# least, unmask's goal shapes (issue 3's CPU goal) most.
+# autotunes its tiles at the first call of each shape class; session 9 measured all of them in a
+# run of its own (benchmarks/results/gpu-h100-2026-11-27-s9-run2-attention.md), so the kernels
+# that changed since (the sampler) and the peers never reached (LCE) come first now.
+# CPU: roughly each module's share of a full run (2-core EPYC, 2026-11-27: CE 173 s, LCE 328 s,
+# unmask 47 s (98 s with the greedy-margin case), sample 497 s, attention 3 s), sample held
+# back: its larger cases matter least, unmask's goal shapes (issue 3's CPU goal) most.
 WEIGHTS = {
-    "cuda": {"bench_attention": 5.0, "bench_linear_cross_entropy": 1.5, "bench_sample": 2.0,
-             "bench_likelihood": 0.7},
+    "cuda": {"bench_attention": 2.0, "bench_linear_cross_entropy": 2.0, "bench_unmask_sample": 2.0,
+             "bench_sample": 2.0, "bench_likelihood": 0.7},
     "cpu": {"bench_cross_entropy": 1.7, "bench_linear_cross_entropy": 3.3,
             "bench_unmask_sample": 1.0, "bench_sample": 2.0, "bench_likelihood": 0.5,
             "bench_attention": 0.1},

@@ -23,3 +23,16 @@ def _seed(request):
     seed = zlib.crc32(request.node.nodeid.encode())
     torch.manual_seed(seed)
     yield
+
+
+_FAILLOG = os.environ.get("DLM_TEST_FAILLOG")
+
+
+def pytest_runtest_logreport(report):
+    # benchmarks/gpu_check.sh: each failure is written down when it happens. Its test run
+    # stops at a time budget, and an interrupted pytest-xdist run prints no summary (session 9
+    # lost the name of its one failure that way). The controller writes (workers forward it
+    # their reports); a worker would write each failure twice.
+    if _FAILLOG and report.failed and "PYTEST_XDIST_WORKER" not in os.environ:
+        with open(_FAILLOG, "a") as f:
+            f.write(f"FAILED {report.nodeid} ({report.when})\n{report.longreprtext[-4000:]}\n\n")
