@@ -551,7 +551,20 @@ def test_fused_head_never_builds_full_logits(model, monkeypatch, vocab):
             rows.append(h.shape[0] if h.dim() == 2 else h.shape[0] * h.shape[1])
         return real_linear(h, w, b)
 
+    # The Triton path (CUDA, or forced under the interpreter) computes the head in its own
+    # kernel, over the first `count` of the gathered rows (a device-side count): spied there.
+    # Without it, the first GPU run of this test failed on an empty list.
+    import dlm_kernels.ops.fused_head_sample as fhs
+
+    real_head = fhs._head_logits_rows_op
+
+    def head_spy(hidden, weight, bias, hrows, count, start, chunk):
+        if weight is model.lm_head.weight:
+            rows.append(max(0, min(int(count), start + chunk) - start))
+        return real_head(hidden, weight, bias, hrows, count, start, chunk)
+
     monkeypatch.setattr(F, "linear", spy)
+    monkeypatch.setattr(fhs, "_head_logits_rows_op", head_spy)
     monkeypatch.setattr(model.lm_head, "forward", lambda h: pytest.fail("full logits built"))
     out = generate(model, ids, am, gen_length=12, steps=6, block_length=6, mask_id=mask,
                    fused_head=True if vocab == V else None)  # fmt: skip
