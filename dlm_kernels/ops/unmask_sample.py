@@ -205,9 +205,11 @@ if triton is not None:
                     # interval, so a search takes ceil(log_(NPIV+1) of the key range) passes at
                     # most: 4 for bf16 logits, 5 for fp16, 8 for float32. The answer is always a
                     # data key (the count and the mass change only there). Per pass, each
-                    # element costs about three instructions per pivot: the [NPIV, BLOCK_S]
-                    # compares go into per-lane accumulators (pivots in registers, elements
-                    # across threads) that are reduced once after the pass, not per tile. The
+                    # element costs 3 (top_k) or 4 (top_p) instructions per pivot: the
+                    # [NPIV, BLOCK_S] compares go into per-lane accumulators (pivots in
+                    # registers, elements across threads) reduced once after the pass, not per
+                    # tile (sm_90 SASS: ~80 / ~97 instructions per element and pass, against
+                    # ~740 with [BLOCK_S, NPIV] tiles reduced per tile and int64 keys). The
                     # weights are float32 exps: a float64 exp per element and pass cost ~10x
                     # the read of the row on a GPU.
                     ip = tl.arange(0, NPIV)
@@ -216,12 +218,13 @@ if triton is not None:
                         k = tl.load(topk_ptr + r)
                         if (k > 0) & (k < V):
                             # Largest key K with count(key >= K) >= k (the k-th largest value):
-                            # count(key >= lo) >= k > count(key >= hi + 1) throughout.
+                            # count(key >= lo) >= k > count(key >= he) throughout (he = hi + 1,
+                            # exclusive, so that pivots split the open interval as top_p's do:
+                            # an inclusive hi cost a fifth pass on bf16 for ~1 in 5 thresholds).
                             lo = kmin
-                            hi = kmax
-                            while lo < hi:
-                                # Pivots in (lo, hi]; all equal hi when hi = lo + 1.
-                                piv = lo + 1 + ((hi - lo - 1) * (ip + 1)) // (NPIV + 1)
+                            he = kmax + 1
+                            while he - lo > 1:
+                                piv = lo + 1 + ((he - lo - 1) * (ip + 1)) // (NPIV + 1)
                                 p32 = piv.to(tl.int32)
                                 cnt2 = tl.zeros([NPIV, BLOCK_S], tl.int32)
                                 for start in range(0, V, BLOCK_S):
@@ -229,11 +232,11 @@ if triton is not None:
                                     kx = _key(_load_x(base, offs, V), SHIFT)  # kmin past V
                                     cnt2 += (kx[None, :] >= p32[:, None]).to(tl.int32)
                                 # count(>= piv) falls with the pivot: the last pivot that keeps
-                                # k raises lo to it, the first that does not lowers hi below it.
+                                # k raises lo to it, the first that does not lowers he to it.
                                 ok = tl.sum(cnt2, 1) >= k
                                 nok = tl.sum(ok.to(tl.int32), 0)
                                 lo = tl.where(nok > 0, tl.max(tl.where(ok, piv, lo), 0), lo)
-                                hi = tl.where(nok < NPIV, tl.min(tl.where(ok, hi, piv - 1), 0), hi)
+                                he = tl.where(nok < NPIV, tl.min(tl.where(ok, he, piv), 0), he)
                             kk = lo
                     if HAS_TOPP:
                         p = tl.load(topp_ptr + r)
@@ -253,22 +256,28 @@ if triton is not None:
                             hi = kmax
                             while hi - lo > 1:
                                 # Pivots in (lo, hi): lo itself is never tested (its mass
-                                # is the whole kept mass, which float32 lane sums could put
+                                # is the whole kept mass, which summation order could put
                                 # under a target within rounding of it).
                                 piv = lo + 1 + ((hi - lo - 1) * (ip + 1)) // (NPIV + 1)
                                 p32 = piv.to(tl.int32)
-                                acc2 = tl.zeros([NPIV, BLOCK_S], tl.float32)
+                                # float64 lanes: the float32 weights sum exactly as the target's
+                                # (float32 lanes over a whole row, ~600 terms at V 151936, lost
+                                # small weights next to a large one: relative error up to 2e-6
+                                # in a numpy model of the GPU layout). One more instruction per
+                                # pivot and element than float32 lanes in sm_90 SASS.
+                                acc2 = tl.zeros([NPIV, BLOCK_S], tl.float64)
                                 for start in range(0, V, BLOCK_S):
                                     offs = start + colS
                                     x = _load_x(base, offs, V)
                                     kx = _key(x, SHIFT)
                                     w = tl.where(kx >= kk32, tl.exp((x - mx) * invT), 0.0)
-                                    acc2 += tl.where(kx[None, :] > p32[:, None], w[None, :], 0.0)
+                                    w64 = w.to(tl.float64)
+                                    acc2 += tl.where(kx[None, :] > p32[:, None], w64[None, :], 0.0)
+                                acc = tl.sum(acc2, 1)
                                 # mass(key > piv) falls with the pivot: the first pivot under
                                 # the target lowers hi to it, the last one at or over it raises
-                                # lo to it. Lane sums of <= V / BLOCK_S float32 terms, then
-                                # float64 across lanes.
-                                under = tl.sum(acc2.to(tl.float64), 1) < target
+                                # lo to it.
+                                under = acc < target
                                 nund = tl.sum(under.to(tl.int32), 0)
                                 hi = tl.where(nund > 0, tl.min(tl.where(under, piv, hi), 0), hi)
                                 lo = tl.where(nund < NPIV, tl.max(tl.where(under, lo, piv), 0), lo)

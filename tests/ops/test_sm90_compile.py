@@ -45,15 +45,20 @@ tmp = tempfile.mkdtemp()
 configs = us._sample_configs(151936)
 # The scalar seed's type is what the launcher gets: i64 for a drawn 62-bit seed, i32 for a small
 # one and for the 0 passed with per-row keys (a kernel that retypes it does not compile).
-cases = [(0, (False, True, False), False, 2**40, configs),
-         (2, (True, True, True), True, 0, configs),
-         (2, (True, True, True), False, 7, configs[:1]),
-         (1, (True, True, True), False, 7, configs[:1])]
-for mode, flags, per_row, seed, cfgs in cases:
+# The logits' dtype sets the key shift (us._KEY_SHIFT): bf16 everywhere, fp16 and float32 once.
+cases = [(0, (False, True, False), False, 2**40, configs, "bf16"),
+         (2, (True, True, True), True, 0, configs, "bf16"),
+         (2, (True, True, True), False, 7, configs[:1], "bf16"),
+         (1, (True, True, True), False, 7, configs[:1], "bf16"),
+         (2, (True, True, True), False, 7, configs[:1], "fp16"),
+         (2, (True, True, True), False, 7, configs[:1], "fp32")]
+shifts = {"bf16": 16, "fp16": 13, "fp32": 0}
+for mode, flags, per_row, seed, cfgs, dt in cases:
     for cfg in cfgs:
         consts = dict(MODE=mode, HAS_TOPK=flags[0], HAS_TOPP=flags[1], HAS_MINP=flags[2],
-                      PER_ROW_KEY=per_row, NPIV=16, SHIFT=16, **cfg.kwargs)
-        sig = dict(signature, seed=mangle_type(seed), **{k: "constexpr" for k in consts})
+                      PER_ROW_KEY=per_row, NPIV=16, SHIFT=shifts[dt], **cfg.kwargs)
+        sig = dict(signature, logits_ptr="*" + dt, seed=mangle_type(seed),
+                   **{k: "constexpr" for k in consts})
         src = ASTSource(fn=fn, signature=sig,
                         constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
         out = triton.compile(src, target=GPUTarget("cuda", 90, 32),
@@ -65,8 +70,8 @@ for mode, flags, per_row, seed, cfgs in cases:
                               capture_output=True, text=True, check=True).stderr
         spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", info)]
         if not spills or max(spills) != 0:
-            sys.exit(f"mode {mode} {flags} {cfg}: {info}")
-        print("ok", mode, flags, cfg.kwargs, cfg.num_warps)
+            sys.exit(f"mode {mode} {flags} {dt} {cfg}: {info}")
+        print("ok", mode, flags, dt, cfg.kwargs, cfg.num_warps)
 """
 
 
@@ -84,7 +89,7 @@ def test_sampler_compiles_for_sm90_without_spills():
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     import dlm_kernels.ops.unmask_sample as us
 
-    assert res.stdout.count("ok") == 2 * len(us._sample_configs(151936)) + 2, res.stdout
+    assert res.stdout.count("ok") == 2 * len(us._sample_configs(151936)) + 4, res.stdout
 
 
 _KERNELS = (
