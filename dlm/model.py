@@ -50,9 +50,10 @@ def rope_cos_sin(position_ids: Tensor, head_dim: int, theta: float) -> tuple[Ten
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate (B, S, H, D) queries or keys; the half-split layout of LLaMA/Qwen checkpoints."""
-    x1, x2 = x.float().chunk(2, dim=-1)
+    xf = x.float()  # once: for bf16 inputs each .float() is a cast kernel (a launch per layer)
+    x1, x2 = xf.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
-    return (x.float() * cos + rotated * sin).to(x.dtype)
+    return (xf * cos + rotated * sin).to(x.dtype)
 
 
 class Attention(nn.Module):
