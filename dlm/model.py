@@ -32,10 +32,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # Normalise in float32 whatever the autocast dtype, as LLaMA and Qwen do.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).to(x.dtype)
+        # Normalise in float32 whatever the autocast dtype, as LLaMA and Qwen do:
+        # x * rsqrt(mean(x^2) + eps) * weight. F.rms_norm gives the same bits on the CPU as those
+        # five ops (checked on torch 2.13) and is one call: on a GPU, where generation at 1B
+        # scale is launch-bound (~1000 dispatches per step), torch may run it as one kernel.
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
 
 
 def rope_cos_sin(position_ids: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:

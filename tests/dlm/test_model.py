@@ -198,3 +198,26 @@ def test_time_conditioned_model_cast_to_other_dtype(dtype):
     assert out.dtype == dtype
     tol = 1e-5 if dtype == torch.float64 else 0.1  # the reference is float32
     torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_rms_norm_bits(dtype):
+    # RMSNorm runs F.rms_norm (one call; on a GPU, where generation is launch-bound, possibly
+    # one kernel). On the CPU it must give the same bits as the five ops it replaced: the
+    # README's demo samples and every saved run depend on them.
+    from dlm.model import RMSNorm
+
+    g = torch.Generator().manual_seed(3)
+    norm = RMSNorm(40, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(40, generator=g))
+    x = (torch.randn(3, 37, 40, generator=g) * 3).to(dtype)
+    xf = x.float()
+    want = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)) * norm.weight.float()
+    got = norm(x)
+    assert got.dtype == dtype
+    assert torch.equal(got, want.to(dtype))
+    # and it trains: the weight and the input get gradients
+    x.requires_grad_(True)
+    norm(x).float().square().sum().backward()
+    assert norm.weight.grad is not None and x.grad is not None
