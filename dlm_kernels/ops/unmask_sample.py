@@ -388,11 +388,11 @@ def _block_v(V: int) -> int:
     return min(cap, triton.next_power_of_2(V))
 
 
-def _block_s(V: int, num_warps: int = 8) -> int:
-    # The searches hold [NPIV, BLOCK_S] per-lane accumulators: one element per thread (NPIV
-    # registers per accumulator on a GPU; two per thread cost the same ~80 instructions per
-    # element and pivot pass in sm_90 SASS, and spilled at 8 warps).
-    return min(_block_v(V), 32 * num_warps if not dispatch.triton_interpret() else 65536)
+def _block_s(V: int) -> int:
+    # The searches hold [NPIV, BLOCK_S] per-lane accumulators: one element per thread (32 x
+    # the default launch's 8 warps; two per thread cost the same instructions per element and
+    # pass in sm_90 SASS, and spilled at 8 warps). The autotune candidates use the same rule.
+    return min(_block_v(V), 32 * 8 if not dispatch.triton_interpret() else 65536)
 
 
 # Keys of logits widened from these dtypes drop the low bits that are always equal.

@@ -553,7 +553,7 @@ def test_fused_head_never_builds_full_logits(model, monkeypatch, vocab):
 
     # The Triton path (CUDA, or forced under the interpreter) computes the head in its own
     # kernel, over the first `count` of the gathered rows (a device-side count): spied there.
-    # Without it, the first GPU run of this test failed on an empty list.
+    # Without it the test failed on an empty list under DLM_KERNELS_IMPL=triton.
     import dlm_kernels.ops.fused_head_sample as fhs
 
     real_head = fhs._head_logits_rows_op
