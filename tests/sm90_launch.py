@@ -132,6 +132,24 @@ def _calls():
                         dk.masked_linear_cross_entropy(h, W, t, m, deterministic=False).backward(),
                         dk.masked_linear_cross_entropy(h, W, t, m).backward()),
             ))  # fmt: skip
+
+    def slab(h, W, b, t, m):  # the eager CUDA path: cuBLAS slabs and two elementwise kernels
+        os.environ["DLM_KERNELS_LCE"] = "slab"
+        try:
+            dk.masked_linear_cross_entropy(
+                h, W, t, m, torch.rand(64), bias=b, label_smoothing=0.1, z_loss=1e-4, softcap=30.0
+            ).backward()
+            dk.masked_linear_cross_entropy(h, W, t, m).backward()
+        finally:
+            os.environ["DLM_KERNELS_LCE"] = "fused"
+
+    for dt in (bf, f32):
+        h = torch.randn(64, 512, dtype=dt, requires_grad=True)
+        W = torch.randn(32000, 512, dtype=dt, requires_grad=True)
+        b = torch.randn(32000, dtype=dt, requires_grad=True)
+        t, m = torch.randint(0, 32000, (64,)), torch.rand(64) < 0.5
+        out.append((f"masked_linear_cross_entropy slab {dt}", lambda h=h, W=W, b=b, t=t, m=m:
+                    slab(h, W, b, t, m)))  # fmt: skip
     for dt, D in ((bf, 128), (bf, 40), (f16, 64), (bf, 256), (f32, 64)):
         B, S, Hq, Hk = 2, 256, 6, 2
         q = torch.randn(B, S, Hq, D, dtype=dt, requires_grad=True)

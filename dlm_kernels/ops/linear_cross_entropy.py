@@ -16,8 +16,9 @@ the logits of those rows are never all alive at once:
   the full logits; single-thread CPU time 1.66 s against 1.91 s for the gather composition.
 - GPU, eager ("slab", the default for CUDA tensors outside CUDA-graph capture and
   torch.compile): the valid rows are gathered (one host sync for their count) and the
-  vocabulary is walked in slabs of ~V/64 columns through cuBLAS; see "CUDA, eager" below for
-  why (the fused kernels' backward measured 5x slower than eager on an H100).
+  vocabulary is walked in slabs of ~V/64 columns: the GEMMs through cuBLAS, the softmax
+  work in one Triton pass per slab; see "CUDA, eager" below for why (the fused kernels'
+  backward measured 5x slower than eager on an H100).
 - GPU, fused ("triton": under CUDA graphs and torch.compile, or DLM_KERNELS_LCE=fused): the
   valid rows are compacted on the device (a stable sort of the mask, no host
   sync: the grid is sized for N rows and tiles past the device-side count exit at once). The
@@ -372,6 +373,99 @@ if triton is not None:
                     mask=col_ok[:, None] & k_ok[None, :],
                 )
 
+    # --- the slab path's elementwise work (see "CUDA, eager" below): one pass over each slab
+
+    @triton.jit
+    def _slab_epilogue(x, b_ptr, cols, col_ok, softcap, HAS_BIAS: tl.constexpr,
+                       HAS_CAP: tl.constexpr):  # fmt: skip
+        """The GEMM's float32 (BLOCK_M, BLOCK_C) tile -> logits: + bias, softcap."""
+        if HAS_BIAS:
+            x += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_CAP:
+            x = softcap * (2.0 * tl.sigmoid(2.0 * x / softcap) - 1.0)
+        return x
+
+    @triton.jit
+    def _slab_fwd_kernel(
+        x_ptr,  # (M, C) float32 h @ W_s.T of one slab, rows contiguous
+        b_ptr,  # bias from the slab's first column (unused without HAS_BIAS)
+        t_ptr,  # (M,) int64 targets
+        m_ptr, s_ptr, xt_ptr, tot_ptr,  # (M,) float32 running max, sum, target logit, row sum
+        M, C, v0,  # rows, slab width, the slab's first column
+        softcap,
+        HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):  # fmt: skip
+        """Folds one slab into each row's online logsumexp: reads the slab once (the torch
+        composition read it five times and wrote it twice)."""
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < M
+        base = offs_m.to(tl.int64) * C
+        m_i = tl.load(m_ptr + offs_m, mask=row_ok, other=float("-inf"))
+        s_i = tl.load(s_ptr + offs_m, mask=row_ok, other=0.0)
+        x_t = tl.load(xt_ptr + offs_m, mask=row_ok, other=0.0)
+        tgt = tl.load(t_ptr + offs_m, mask=row_ok, other=-1) - v0  # column in the slab
+        tgt = tl.where(tgt < C, tgt, -1)  # past the slab: must not match a padding column
+        if HAS_SMOOTHING:
+            total = tl.load(tot_ptr + offs_m, mask=row_ok, other=0.0)
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            col_ok = cols < C
+            ok = row_ok[:, None] & col_ok[None, :]
+            x = tl.load(x_ptr + base[:, None] + cols[None, :], mask=ok, other=0.0)
+            x = _slab_epilogue(x, b_ptr, cols, col_ok, softcap, HAS_BIAS, HAS_CAP)
+            x = tl.where(ok, x, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(x, 1))
+            # A row that has seen only -inf keeps shift 0: exp(-inf - 0) = 0, not NaN.
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s_i = s_i * tl.exp(m_i - shift) + tl.sum(tl.exp(x - shift[:, None]), 1)
+            m_i = m_new
+            x_t += tl.sum(tl.where(cols[None, :] == tgt[:, None], x, 0.0), 1)
+            if HAS_SMOOTHING:
+                total += tl.sum(tl.where(ok, x, 0.0), 1)
+        tl.store(m_ptr + offs_m, m_i, mask=row_ok)
+        tl.store(s_ptr + offs_m, s_i, mask=row_ok)
+        tl.store(xt_ptr + offs_m, x_t, mask=row_ok)
+        if HAS_SMOOTHING:
+            tl.store(tot_ptr + offs_m, total, mask=row_ok)
+
+    @triton.jit
+    def _slab_bwd_kernel(
+        x_ptr,  # (M, C) float32 h @ W_s.T of one slab, rows contiguous
+        b_ptr,  # bias from the slab's first column (unused without HAS_BIAS)
+        t_ptr,  # (M,) int64 targets
+        lse_ptr,  # (M,) float32 from the forward
+        coef_ptr,  # (M,) float32 grad_output * weight
+        g_ptr,  # (M, C) out: d(loss) / d(h @ W_s.T) in the head's dtype
+        dbp_ptr,  # (cdiv(M, BLOCK_M), C) float32 out: column sums per row tile (HAS_DB)
+        M, C, v0, V,  # rows, slab width, the slab's first column, vocabulary size
+        label_smoothing, z_loss, softcap,
+        HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+        HAS_Z: tl.constexpr, HAS_DB: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):  # fmt: skip
+        """One (BLOCK_M, BLOCK_C) tile of the slab's dlogits: reads the float32 logits once and
+        writes the GEMM operand once (the torch composition made six passes)."""
+        pid_m = tl.program_id(0)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        row_ok = offs_m < M
+        col_ok = cols < C
+        ok = row_ok[:, None] & col_ok[None, :]
+        offs = offs_m.to(tl.int64)[:, None] * C + cols[None, :]
+        x = tl.load(x_ptr + offs, mask=ok, other=0.0)
+        x = _slab_epilogue(x, b_ptr, cols, col_ok, softcap, HAS_BIAS, HAS_CAP)
+        tgt = tl.load(t_ptr + offs_m, mask=row_ok, other=-1) - v0  # column in the slab
+        lse = tl.load(lse_ptr + offs_m, mask=row_ok, other=0.0)
+        coef = tl.load(coef_ptr + offs_m, mask=row_ok, other=0.0)
+        g = _dlogits_tile(
+            x, cols, col_ok, row_ok, tgt, lse, coef, V, label_smoothing, z_loss, softcap,
+            HAS_CAP, HAS_SMOOTHING, HAS_Z,
+        )  # fmt: skip
+        tl.store(g_ptr + offs, g.to(g_ptr.dtype.element_ty), mask=ok)
+        if HAS_DB:
+            tl.store(dbp_ptr + pid_m * C + cols, tl.sum(g, 0), mask=col_ok)
+
 
 def _blocks(H: int, dtype: torch.dtype) -> dict:
     # Not tuned on a GPU yet (no device in this session): 64 x 128 tiles with BLOCK_K 64 keep
@@ -470,11 +564,16 @@ def _triton_bwd(
 # are read-modify-written in global memory once per (row tile, vocabulary tile) pair. Until they
 # are tuned on a GPU, eager CUDA calls take this path: the rows that carry loss are gathered
 # (one host sync for their count), then the vocabulary is walked in slabs of columns:
-#   forward   logits = h @ W_s.T (cuBLAS), online logsumexp, target logit, row sum (smoothing)
-#   backward  logits again, G = dloss/dlogits in float32, dH += G @ W_s (float32 accumulate),
-#             dW_s = G.T @ h written once (every row is in the slab: no cross-slab reduction,
-#             no (V, H) float32 buffer), db_s = G.sum(0)
-# Four GEMMs of N_valid x V x H in all (fwd 1, bwd 3), each slab's logits alive once.
+#   forward   x = h @ W_s.T (cuBLAS, float32 out), then _slab_fwd_kernel reads x once: bias,
+#             softcap, online logsumexp, target logit, row sum (smoothing)
+#   backward  x again, _slab_bwd_kernel reads it once and writes G = dloss/dlogits in the
+#             head's dtype (and db_s's column sums), dH += G @ W_s (cuBLAS accumulating in
+#             float32 in place), dW_s = G.T @ h written once (every row is in the slab: no
+#             cross-slab reduction, no (V, H) float32 buffer)
+# Four GEMMs of N_valid x V x H in all (fwd 1, bwd 3), each slab's logits alive once. On the
+# H100 the torch composition of the elementwise work (5 passes over a slab in the forward,
+# ~8 in the backward, a float32 product buffer for dH) cost 15 ms of the forward's 30 and
+# ~27 ms of the backward's 71 (gpu-h100-2026-11-27-s9-run1); the two kernels make it one pass.
 # Chosen inside the ops, at run time, so that torch.compile'd models get it too (the op is
 # opaque to the compiler; the count read is fine there); the fused Triton kernels run under
 # CUDA-graph capture (no host sync allowed) and with DLM_KERNELS_LCE=fused.
@@ -531,15 +630,41 @@ def _mm_f32(a: Tensor, b: Tensor) -> Tensor:
     return torch.mm(a, b).to(torch.float32)
 
 
-def _slab_logits(h, W, bias, v0, v1, cap):
-    """float32 (M, v1 - v0) logits of one slab, softcapped; the GEMM accumulates and writes
-    float32 (as the fused kernels' tiles) where torch.mm has out_dtype."""
-    x = _mm_f32(h, W[v0:v1].t())
-    if bias is not None:
-        x += bias[v0:v1]
-    if cap:
-        x.div_(cap).tanh_().mul_(cap)
-    return x
+_ADDMM_OUT_DTYPE: dict[torch.device, bool] = {}
+
+
+def _addmm_f32_ok(device: torch.device) -> bool:
+    """Whether torch.addmm(c, bf16, bf16, out_dtype=float32, out=c) accumulates in place here
+    (probed once per device, result checked): cuBLAS then adds into c in its epilogue."""
+    if device not in _ADDMM_OUT_DTYPE:
+        ok = False
+        if _mm_out_dtype_ok(device):
+            c = torch.full((2, 2), 0.5, dtype=torch.float32, device=device)
+            a = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
+            try:
+                torch.addmm(c, a, a, out_dtype=torch.float32, out=c)
+                ok = bool((c == 2.5).all())
+            except (RuntimeError, TypeError, NotImplementedError):
+                pass
+        _ADDMM_OUT_DTYPE[device] = ok
+    return _ADDMM_OUT_DTYPE[device]
+
+
+def _acc_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc (float32) += a @ b, in place where cuBLAS can (no float32 product buffer)."""
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and _addmm_f32_ok(a.device):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc += _mm_f32(a, b)
+
+
+def _slab_blocks() -> dict:
+    # Bandwidth-bound passes over a float32 slab, 16 elements per thread: 128 / 79 registers
+    # for the forward / backward kernel with every option, no spills (sm_90, ptxas). Under the
+    # interpreter (numpy) fewer, larger tiles run faster.
+    if dispatch.triton_interpret():
+        return dict(BLOCK_M=16, BLOCK_C=128)
+    return dict(BLOCK_M=16, BLOCK_C=256, num_warps=8)
 
 
 def _slab_rows(valid: Tensor, target: Tensor, weight: Tensor):
@@ -560,20 +685,17 @@ def _slab_fwd(hidden, W, bias, target, valid, weight, eps, z, cap):
     m = torch.full((M,), float("-inf"), **f32)
     s = torch.zeros(M, **f32)
     x_t = torch.zeros(M, **f32)
-    total = torch.zeros(M, **f32) if eps else None
+    total = torch.zeros(M if eps else 1, **f32)
     cols = _slab_cols(M, V)
+    blk = _slab_blocks()
     for v0 in range(0, V, cols):
         v1 = min(V, v0 + cols)
-        x = _slab_logits(h, W, bias, v0, v1, cap)
-        hit = (t >= v0) & (t < v1)
-        x_t += torch.where(hit, x.gather(1, (t - v0).clamp(0, v1 - v0 - 1)[:, None])[:, 0], 0.0)
-        if total is not None:
-            total += x.sum(1)
-        m_new = torch.maximum(m, x.amax(1))
-        # A row that has seen only -inf keeps shift 0: exp(-inf - 0) = 0, not NaN.
-        shift = torch.where(m_new == float("-inf"), 0.0, m_new)
-        s = s * torch.exp(m - shift) + x.sub_(shift[:, None]).exp_().sum(1)
-        m = m_new
+        x = _mm_f32(h, W[v0:v1].t())
+        _slab_fwd_kernel[(triton.cdiv(M, blk["BLOCK_M"]),)](
+            x, bias[v0:] if bias is not None else x, t, m, s, x_t, total, M, v1 - v0, v0,
+            float(cap or 1.0), HAS_BIAS=bias is not None, HAS_CAP=bool(cap),
+            HAS_SMOOTHING=bool(eps), **blk,
+        )  # fmt: skip
     lse_v = m + torch.log(s)
     row = lse_v - x_t
     if eps:
@@ -607,31 +729,29 @@ def _slab_bwd(grad, hidden, W, bias, target, valid, weight, lse, eps, z, cap, ne
     h = hidden.index_select(0, idx)
     lse_v = lse.index_select(0, idx)
     coef = grad.index_select(0, idx) * w
-    scale = coef * (1.0 + 2.0 * z * lse_v) if z else coef
-    hit_val = coef * (1.0 - eps)
     dh_acc = torch.zeros(M, H, dtype=torch.float32, device=dev) if need_dh else None
     cols = _slab_cols(M, V)
+    blk = _slab_blocks()
+    tiles_m = triton.cdiv(M, blk["BLOCK_M"])
+    g = torch.empty(M, cols, dtype=W.dtype, device=dev)
+    dbp = torch.empty(tiles_m if has_db else 1, cols, dtype=torch.float32, device=dev)
     for v0 in range(0, V, cols):
         v1 = min(V, v0 + cols)
-        x = _slab_logits(h, W, bias, v0, v1, cap)
-        deriv = (1.0 - (x / cap) ** 2) if cap else None  # d(c tanh(u / c)) / du
-        g = x.sub_(lse_v[:, None]).exp_().mul_(scale[:, None])
-        # The target's -coef (1 - eps), without a host sync: rows whose target is in another
-        # slab add 0 at a clamped column.
-        hit = (t >= v0) & (t < v1)
-        col = (t - v0).clamp(0, v1 - v0 - 1)[:, None]
-        g.scatter_add_(1, col, torch.where(hit, -hit_val, 0.0)[:, None])
-        if eps:
-            g.sub_((coef * (eps / V))[:, None])
-        if deriv is not None:
-            g.mul_(deriv)
+        C = v1 - v0
+        x = _mm_f32(h, W[v0:v1].t())
+        gs = g if C == cols else g.view(-1)[: M * C].view(M, C)  # contiguous (M, C)
+        _slab_bwd_kernel[(tiles_m, triton.cdiv(C, blk["BLOCK_C"]))](
+            x, bias[v0:] if bias is not None else x, t, lse_v, coef, gs, dbp, M, C, v0, V,
+            float(eps), float(z), float(cap or 1.0), HAS_BIAS=bias is not None,
+            HAS_CAP=bool(cap), HAS_SMOOTHING=bool(eps), HAS_Z=bool(z), HAS_DB=has_db, **blk,
+        )  # fmt: skip
+        del x
         if has_db:
-            db[v0:v1] = g.sum(0).to(db.dtype)
-        gl = g.to(W.dtype)
+            db[v0:v1] = dbp.view(-1)[: tiles_m * C].view(tiles_m, C).sum(0).to(db.dtype)
         if need_dh:
-            dh_acc += _mm_f32(gl, W[v0:v1])
+            _acc_mm(dh_acc, gs, W[v0:v1])
         if write_dw:
-            torch.mm(gl.t(), h, out=dW[v0:v1])
+            torch.mm(gs.t(), h, out=dW[v0:v1])
     if need_dh:
         dh.index_copy_(0, idx, dh_acc.to(dh.dtype))
     return dh, dW, db

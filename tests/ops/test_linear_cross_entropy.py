@@ -202,6 +202,24 @@ def test_rows_without_loss_are_never_read(name):
 
 
 @pytest.mark.parametrize("name", KERNELS)
+def test_minus_inf_bias_columns(name):
+    # A -inf bias bans tokens (a tokenizer's unused ids): they get probability 0 and zero
+    # gradients, the loss stays finite. Slab edges (100 columns) fall inside the banned runs.
+    _skip(name)
+    hidden, W, b, target, mask, weight = _inputs((2, 37), 40, 1003, torch.float32, dev=_dev(name))
+    banned = torch.zeros(1003, dtype=torch.bool, device=b.device)
+    banned[::7] = True
+    banned[:205] = True  # the first two slabs whole (a row max of -inf) and an edge
+    allowed = (~banned).nonzero().squeeze(1)
+    target = allowed[target % allowed.numel()]
+    b = b.masked_fill(banned, float("-inf"))
+    loss, (dh, dW, db) = _check(name, hidden, W, b, target, mask, weight, reduction="none")
+    assert torch.isfinite(loss).all()
+    assert torch.count_nonzero(dW[banned]) == 0 and torch.count_nonzero(db[banned]) == 0
+    assert torch.isfinite(dh).all()
+
+
+@pytest.mark.parametrize("name", KERNELS)
 def test_triton_atomics_and_return_lse(name):
     # deterministic=False (the atomic backward on Triton; the CPU path ignores it) and the lse.
     _skip(name)
