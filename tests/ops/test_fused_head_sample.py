@@ -189,11 +189,19 @@ def test_chunk_boundaries():
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), chunk
 
 
-@pytest.mark.parametrize("name", ["cpp", "triton"])
+@pytest.mark.parametrize("name", ["cpp", "triton", "triton-cublas"])
 def test_logits_are_chunked_and_only_for_candidates(name, monkeypatch):
-    # The sampler sees every chunk's logits: none may exceed chunk_rows rows, and (CPU path) the
-    # rows add up to the candidate count, not B * L: the head never ran for other positions.
+    # The sampler sees every chunk's logits: none may exceed chunk_rows rows, and (CPU path,
+    # eager CUDA's cuBLAS chunks) the rows add up to the candidate count, not B * L: the head
+    # never ran for other positions. "triton" is the no-sync loop (CUDA graphs, compile).
+    blas = name == "triton-cublas"
+    name = "triton" if blas else name
     skip_unless_available(name)
+    monkeypatch.setenv("DLM_KERNELS_HEAD", "cublas" if blas else "fused")
+    rows_op = fh._head_logits_rows_op
+    kernel_rows = []
+    monkeypatch.setattr(fh, "_head_logits_rows_op",
+                        lambda *a: kernel_rows.append(a[-1]) or rows_op(*a))  # fmt: skip
     x, mask, mask_id, h, W, _ = _batch(b=2, l=13, v=67)
     block = torch.zeros_like(mask)
     block[:, 3:10] = True
@@ -211,10 +219,30 @@ def test_logits_are_chunked_and_only_for_candidates(name, monkeypatch):
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert all(rows <= 4 for rows, _ in seen), seen
     assert sum(v for _, v in seen) == int((mask & block).sum())
-    if name == "cpp":
+    if name == "cpp" or blas:
         assert sum(rows for rows, _ in seen) == int((mask & block).sum())
-    else:  # the fixed no-sync loop: ceil(B * L / chunk_rows) chunks
-        assert len(seen) == -(-2 * 13 // 4)
+        assert not kernel_rows  # cuBLAS (F.linear) computed them
+    else:  # the fixed no-sync loop: ceil(B * L / chunk_rows) chunks of the gather-GEMM kernel
+        assert len(seen) == -(-2 * 13 // 4) and kernel_rows == [4] * 6 + [2]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: ids(d=d))
+def test_triton_cublas_chunks(dtype, monkeypatch):
+    # Eager CUDA's path (forced here on any device): host-read count, F.linear per chunk over
+    # the gathered rows, the Triton row sampler; bias, softcap, Dream's shift, a NaN row.
+    skip_unless_available("triton")
+    monkeypatch.setenv("DLM_KERNELS_HEAD", "cublas")
+    x, _, mask_id, h, W, b = _batch(b=2, l=11, v=203, dtype=dtype)
+    h[0, 4, 7] = float("nan")
+    x[0, 4] = mask_id
+    for shift in (False, True):
+        new, _ = _check("triton", x, h, W, mask_id=mask_id, bias=b, softcap=2.5,
+                        logits_shift=shift, chunk_rows=5, num_transfer=4, seed=1,
+                        **SAMPLED)  # fmt: skip
+        assert bool(((new >= 0) & (new <= mask_id)).all())
+    monkeypatch.setenv("DLM_KERNELS_HEAD", "fast")
+    with impl("triton"), pytest.raises(ValueError, match="DLM_KERNELS_HEAD"):
+        fused_head_unmask_step(x, h, W, mask_id=mask_id, num_transfer=1)
 
 
 @pytest.mark.parametrize("name", ["cpp", "triton"])
