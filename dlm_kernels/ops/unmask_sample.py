@@ -127,54 +127,61 @@ if triton is not None:
             tl.store(tok_ptr + r, 0)
             tl.store(conf_ptr + r, ninf)
         elif one_pass:
-            # exp in float32 (the confidence is a float32 output; float64 exp costs ~10x the
-            # read on a GPU), sums in float64 lanes.
-            mx = tl.full([], ninf, tl.float32)
-            sec = tl.full([], ninf, tl.float32)  # the second value, with multiplicity (margin)
-            amax = tl.full([], 0, tl.int64)
-            zs = tl.zeros([BLOCK_V], tl.float64)  # sum exp(x - mx)
-            es = tl.zeros([BLOCK_V], tl.float64)  # sum exp(x - mx) (x - mx)
+            # Per-lane online softmax: every lane (one element slot of the tile) keeps its own
+            # running max, lowest index of it, sum exp(x - max) (float64) and, for margin, its
+            # second value with multiplicity; for neg_entropy sum exp(x - max) (x - max). One
+            # exp per element (exp(-|x - max|): the new term, or the rescale when the max
+            # grows), no cross-thread reduction until the row's end.
+            m_l = tl.full([BLOCK_V], ninf, tl.float32)
+            i_l = tl.zeros([BLOCK_V], tl.int32)
+            z_l = tl.zeros([BLOCK_V], tl.float64)
+            if MODE == 2:
+                s_l = tl.full([BLOCK_V], ninf, tl.float32)
+            if MODE == 3:
+                e_l = tl.zeros([BLOCK_V], tl.float64)
             for start in range(0, V, BLOCK_V):
                 offs = start + cols0
                 x = _load_x(base, offs, V)
-                tm = tl.max(x, 0)
-                ti = tl.min(tl.where(x == tm, offs, 2147483647), 0).to(tl.int64)
                 if MODE == 2:
-                    # The tile's second value (tm again if tm occurs twice), merged with the
-                    # running pair: the top two of (mx, sec) and (tm, ts).
-                    ntm = tl.sum((x == tm).to(tl.int32), 0)
-                    ts = tl.max(tl.where(x != tm, x, ninf), 0)
-                    ts = tl.where(ntm >= 2, tm, ts)
-                    sec = tl.maximum(tl.minimum(mx, tm), tl.maximum(sec, ts))
-                amax = tl.where(tm > mx, ti, amax)
-                nm = tl.maximum(mx, tm)
-                if nm > mx:
-                    # Rescale the sums to the new max (nothing to rescale while mx is -inf).
-                    dm = tl.where(mx > ninf, mx.to(tl.float64) - nm.to(tl.float64), 0.0)
-                    sc = tl.exp(dm)
-                    if MODE == 3:
-                        es = sc * (es + dm * zs)
-                    zs = sc * zs
-                    mx = nm
-                d = tl.where(x > ninf, x - mx, ninf)
-                w = tl.exp(d)
-                zs += w.to(tl.float64)
+                    s_l = tl.maximum(s_l, tl.minimum(m_l, x))
+                up = x > m_l
+                d = x - m_l
+                # x = -inf adds nothing (d is -inf, or NaN beside a lane max of -inf).
+                e = tl.where(x > ninf, tl.exp(-tl.abs(d)), 0.0).to(tl.float64)
                 if MODE == 3:
-                    es += tl.where(w > 0.0, w * d, 0.0).to(tl.float64)  # 0 log 0 = 0
-            Z = tl.sum(zs, 0)
+                    # up: scale (es + dm zs) by e with dm = m_l - x (a lane that has seen only
+                    # -inf has zs = es = 0: nothing to rescale); else add e (x - m_l).
+                    dm = tl.where(m_l > ninf, -d, 0.0).to(tl.float64)
+                    e_l = tl.where(up, e * (e_l + dm * z_l), e_l + e * tl.where(e > 0.0, d, 0.0))
+                z_l = tl.where(up, z_l * e + 1.0, z_l + e)
+                i_l = tl.where(up, offs, i_l)
+                m_l = tl.where(up, x, m_l)
+            mx = tl.max(m_l, 0)
             if mx == ninf:
                 tl.store(tok_ptr + r, 0)
                 tl.store(conf_ptr + r, ninf)
             else:
+                amax = tl.min(tl.where(m_l == mx, i_l, 2147483647), 0).to(tl.int64)
+                # Each lane's sums moved to the row max: exp(m_l - mx) exactly in float64.
+                dl = tl.where(m_l > ninf, m_l.to(tl.float64) - mx.to(tl.float64), ninf)
+                f = tl.exp(dl)
+                Z = tl.sum(f * z_l, 0)
                 tl.store(tok_ptr + r, amax)
                 if (MODE == 0) | (MODE == 1):
                     tl.store(conf_ptr + r, (1.0 / Z).to(tl.float32))
                 elif MODE == 2:
+                    # The row's second value with multiplicity: the max again if two lanes
+                    # hold it, else the best other lane max, or a lane's own second value.
+                    n_top = tl.sum((m_l == mx).to(tl.int32), 0)
+                    sec = tl.max(tl.where(m_l != mx, m_l, ninf), 0)
+                    sec = tl.where(n_top >= 2, mx, sec)
+                    sec = tl.maximum(sec, tl.max(s_l, 0))
                     # p1 - p2 = (1 - exp(sec - mx)) / Z, 0 for a tie at the top.
                     e2 = tl.exp(sec.to(tl.float64) - mx.to(tl.float64))
                     tl.store(conf_ptr + r, tl.where(sec == mx, 0.0, (1.0 - e2) / Z).to(tl.float32))
                 else:
-                    tl.store(conf_ptr + r, (tl.sum(es, 0) / Z - tl.log(Z)).to(tl.float32))
+                    ES = tl.sum(tl.where(f > 0.0, f * (e_l + dl * z_l), 0.0), 0)
+                    tl.store(conf_ptr + r, (ES / Z - tl.log(Z)).to(tl.float32))
         else:
             # Pass 1: max and its lowest index.
             mx = tl.full([], ninf, tl.float32)

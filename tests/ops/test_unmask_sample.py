@@ -181,7 +181,7 @@ def test_triton_small_tiles(conf, monkeypatch):
 
     monkeypatch.setattr(us, "_block_v", lambda V: 64)
     g = torch.Generator().manual_seed(12)
-    x = torch.randn(7, 301, generator=g, dtype=torch.float64) * 2
+    x = torch.randn(10, 301, generator=g, dtype=torch.float64) * 2
     x[0] += torch.linspace(0, 20, 301, dtype=torch.float64)  # a new max in every tile
     x[1, [70, 200]] = 12.0  # a tie across tiles: the lower index
     x[2, :100] = float("-inf")  # -inf tiles before the first finite value
@@ -189,9 +189,15 @@ def test_triton_small_tiles(conf, monkeypatch):
     x[4, 64] = 10.0  # the first element of a tile
     x[6, [10, 300]] = torch.tensor([9.0, 9.5], dtype=torch.float64)  # margin: the second value
     # in an earlier tile than the max, the max in the ragged last tile
+    # The same slot of two tiles (one lane of the one-pass greedy rows): a tie at the top (the
+    # lower index, margin 0), and the top two values in either order.
+    x[7, [5, 69]] = 12.0
+    x[8, [20, 84]] = torch.tensor([11.0, 10.5], dtype=torch.float64)
+    x[9, [30, 94]] = torch.tensor([10.5, 11.0], dtype=torch.float64)
     xs = x.to(torch.float32)
-    top_p = torch.tensor([1.0, 0.9, 1.0, 1.0, 0.7, 1.0, 1.0])  # some rows filtered, some not
-    top_k = torch.tensor([0, 5, 0, 301, 9, 0, 0])
+    # some rows filtered, some not
+    top_p = torch.tensor([1.0, 0.9, 1.0, 1.0, 0.7, 1.0, 1.0, 1.0, 1.0, 1.0])
+    top_k = torch.tensor([0, 5, 0, 301, 9, 0, 0, 0, 0, 0])
     for kw in (dict(), dict(top_p=top_p), dict(top_k=top_k)):
         for T in (0.0, 0.8):
             kw2 = dict(confidence=conf, temperature=T, seed=3, **kw)
