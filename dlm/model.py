@@ -8,7 +8,8 @@ Attention runs through ``dlm_kernels.bidirectional_attention`` and the training 
 ``dlm_kernels.masked_linear_cross_entropy``, which takes the final hidden states and the LM head
 weight and never builds the (tokens, vocab) logits. ``ModelConfig.kernels = False`` swaps both
 for plain PyTorch (SDPA and full logits + cross-entropy): the reference path the convergence test
-compares against.
+compares against. With kernels on, inference on CUDA (no gradient) also runs RMSNorm and RoPE as
+one Triton kernel each (dlm_kernels/ops/norm_rope.py), for a forward with fewer launches.
 """
 
 from __future__ import annotations
@@ -23,19 +24,24 @@ from torch.utils.checkpoint import checkpoint
 import dlm_kernels
 from dlm.config import ModelConfig
 from dlm_kernels.dispatch import as_int
+from dlm_kernels.ops import norm_rope
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-5):
+    def __init__(self, dim: int, eps: float = 1e-5, kernels: bool = True):
         super().__init__()
         self.eps = eps
+        self.kernels = kernels  # False: always the torch ops (ModelConfig.kernels)
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
         # Normalise in float32 whatever the autocast dtype, as LLaMA and Qwen do:
         # x * rsqrt(mean(x^2) + eps) * weight. F.rms_norm gives the same bits on the CPU as those
-        # five ops (checked on torch 2.13) and is one call: on a GPU, where generation at 1B
-        # scale is launch-bound (~1000 dispatches per step), torch may run it as one kernel.
+        # five ops (checked on torch 2.13). On a GPU, where generation at 1B scale is
+        # launch-bound (~1000 dispatches per step), inference takes one Triton kernel instead
+        # (dlm_kernels/ops/norm_rope.py); training keeps these ops and their autograd.
+        if self.kernels and norm_rope.use_fused(x, self.weight):  # CUDA, no grad: one launch
+            return norm_rope.rms_norm(x, self.weight, self.eps)
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
 
 
@@ -49,8 +55,11 @@ def rope_cos_sin(position_ids: Tensor, head_dim: int, theta: float) -> tuple[Ten
     return angles.cos(), angles.sin()
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate (B, S, H, D) queries or keys; the half-split layout of LLaMA/Qwen checkpoints."""
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, kernels: bool = True) -> Tensor:
+    """Rotate (B, S, H, D) queries or keys; the half-split layout of LLaMA/Qwen checkpoints.
+    kernels=False: always the torch ops (ModelConfig.kernels)."""
+    if kernels and norm_rope.use_fused(x):  # CUDA, no gradient: one launch instead of seven
+        return norm_rope.rope(x, cos, sin)
     xf = x.float()  # once: for bf16 inputs each .float() is a cast kernel (a launch per layer)
     x1, x2 = xf.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
@@ -78,7 +87,7 @@ class Attention(nn.Module):
         q = self.wq(xq).view(B, n, cfg.n_heads, cfg.head_dim)
         k = self.wk(x).view(B, S, cfg.n_kv_heads, cfg.head_dim)
         v = self.wv(x).view(B, S, cfg.n_kv_heads, cfg.head_dim)
-        q, k = apply_rope(q, cq, sq), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, cq, sq, cfg.kernels), apply_rope(k, cos, sin, cfg.kernels)
         if attn.get("kv_cache") is not None:
             # Sampling with a KV cache (dlm.sampler.KVCache): store this slice's keys/values and
             # attend to the whole cached sequence (the attention op's Sq < Sk mode).
@@ -155,9 +164,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.kernels)
         self.attn = Attention(cfg)
-        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.kernels)
         self.mlp = MLP(cfg)
 
     def forward(
@@ -197,7 +206,7 @@ class DiffusionLM(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.time_emb = TimeEmbedding(cfg.d_model) if cfg.time_conditioning else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.kernels)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight

@@ -15,7 +15,8 @@ Decided once per process from the environment, then per call from the tensors' d
 
 One op refines its CUDA path: ``masked_linear_cross_entropy`` runs cuBLAS over vocabulary slabs
 in eager mode and its fused Triton kernels under CUDA-graph capture, or as chosen with
-``DLM_KERNELS_LCE=auto|slab|fused`` (ops/linear_cross_entropy.py).
+``DLM_KERNELS_LCE=auto|slab|fused`` (ops/linear_cross_entropy.py); ``fused_head_unmask_step``
+likewise runs cuBLAS in eager mode (``DLM_KERNELS_HEAD=auto|cublas|fused``).
 
 Set with ``DLM_KERNELS_IMPL=...``; tests and benchmarks switch it for a block with
 ``with dispatch.use("cpp"): ...``. If the C++ extension is missing or fails to load, the ops fall

@@ -150,6 +150,18 @@ def _calls():
         t, m = torch.randint(0, 32000, (64,)), torch.rand(64) < 0.5
         out.append((f"masked_linear_cross_entropy slab {dt}", lambda h=h, W=W, b=b, t=t, m=m:
                     slab(h, W, b, t, m)))  # fmt: skip
+    from dlm.model import rope_cos_sin
+    from dlm_kernels.ops import norm_rope
+
+    for dt in (bf, f32):
+        xs = [torch.randn(2, 37, d, dtype=dt) for d in (2048, 40)]
+        ws = [torch.randn(d, dtype=dt) for d in (2048, 40)]
+        qs = [torch.randn(2, 37, h, d, dtype=dt) for h, d in ((16, 128), (3, 40))]
+        cs = [rope_cos_sin(torch.arange(37).expand(2, 37), d, 1e4) for d in (128, 40)]
+        out.append((f"rms_norm / rope {dt}", lambda xs=xs, ws=ws, qs=qs, cs=cs: (
+            [norm_rope.rms_norm(x, w, 1e-5) for x, w in zip(xs, ws)],
+            [norm_rope.rope(q, *c) for q, c in zip(qs, cs)]),
+        ))  # fmt: skip
     for dt, D in ((bf, 128), (bf, 40), (f16, 64), (bf, 256), (f32, 64)):
         B, S, Hq, Hk = 2, 256, 6, 2
         q = torch.randn(B, S, Hq, D, dtype=dt, requires_grad=True)

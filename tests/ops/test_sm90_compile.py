@@ -95,8 +95,8 @@ def test_sampler_compiles_for_sm90_without_spills():
 _KERNELS = (
     "_attn_bwd_dkdv_kernel _attn_bwd_dq_kernel _attn_bwd_preprocess_kernel _attn_fwd_kernel "
     "_head_rows_kernel _lce_bwd_atomic_kernel _lce_bwd_dh_kernel _lce_bwd_dw_kernel "
-    "_lce_fwd_kernel _mce_bwd_kernel _mce_fwd_kernel _sample_rows_kernel _slab_bwd_kernel "
-    "_slab_fwd_kernel"
+    "_lce_fwd_kernel _mce_bwd_kernel _mce_fwd_kernel _rms_norm_kernel _rope_kernel "
+    "_sample_rows_kernel _slab_bwd_kernel _slab_fwd_kernel"
 ).split()
 
 
