@@ -134,6 +134,7 @@ def _calls():
             ))  # fmt: skip
 
     def slab(h, W, b, t, m):  # the eager CUDA path: cuBLAS slabs and two elementwise kernels
+        prev = os.environ["DLM_KERNELS_LCE"]
         os.environ["DLM_KERNELS_LCE"] = "slab"
         try:
             dk.masked_linear_cross_entropy(
@@ -141,7 +142,7 @@ def _calls():
             ).backward()
             dk.masked_linear_cross_entropy(h, W, t, m).backward()
         finally:
-            os.environ["DLM_KERNELS_LCE"] = "fused"
+            os.environ["DLM_KERNELS_LCE"] = prev
 
     for dt in (bf, f32):
         h = torch.randn(64, 512, dtype=dt, requires_grad=True)

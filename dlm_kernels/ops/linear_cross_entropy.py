@@ -651,8 +651,11 @@ def _addmm_f32_ok(device: torch.device) -> bool:
 
 
 def _acc_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
-    """acc (float32) += a @ b, in place where cuBLAS can (no float32 product buffer)."""
-    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and _addmm_f32_ok(a.device):
+    """acc (float32) += a @ b, in place where the GEMM can (no float32 product buffer): always
+    for float32 operands, for bf16 / fp16 where torch.addmm takes out_dtype (probed)."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and _addmm_f32_ok(a.device):
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     else:
         acc += _mm_f32(a, b)

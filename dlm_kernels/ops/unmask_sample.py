@@ -127,13 +127,17 @@ if triton is not None:
             tl.store(tok_ptr + r, 0)
             tl.store(conf_ptr + r, ninf)
         elif one_pass:
-            # Per-lane online softmax: every lane (one element slot of the tile) keeps its own
-            # running max, lowest index of it, sum exp(x - max) (float64) and, for margin, its
-            # second value with multiplicity; for neg_entropy sum exp(x - max) (x - max). One
-            # exp per element (exp(-|x - max|): the new term, or the rescale when the max
-            # grows), no cross-thread reduction until the row's end.
+            # Per-lane online softmax. Every lane (one element slot of the tile) keeps its max
+            # and the lowest index of it (for margin also its second value with multiplicity),
+            # and float64 sums of exp(x - a) (for neg_entropy also exp(x - a) (x - a)) against
+            # its own anchor a. The anchor moves to x only when x exceeds it by more than 8
+            # (lazy rescaling): terms stay below e^8 and a rescale multiplies the sums by less
+            # than e^-8, so the float32 exp of its factor never compounds (moving it on every
+            # new max, a slowly rising row lost 1e-5 relative). One exp per element; no
+            # cross-thread reduction until the row's end.
             m_l = tl.full([BLOCK_V], ninf, tl.float32)
             i_l = tl.zeros([BLOCK_V], tl.int32)
+            a_l = tl.full([BLOCK_V], ninf, tl.float32)
             z_l = tl.zeros([BLOCK_V], tl.float64)
             if MODE == 2:
                 s_l = tl.full([BLOCK_V], ninf, tl.float32)
@@ -144,26 +148,29 @@ if triton is not None:
                 x = _load_x(base, offs, V)
                 if MODE == 2:
                     s_l = tl.maximum(s_l, tl.minimum(m_l, x))
-                up = x > m_l
-                d = x - m_l
-                # x = -inf adds nothing (d is -inf, or NaN beside a lane max of -inf).
-                e = tl.where(x > ninf, tl.exp(-tl.abs(d)), 0.0).to(tl.float64)
+                top = x > m_l
+                i_l = tl.where(top, offs, i_l)
+                m_l = tl.where(top, x, m_l)
+                # d is +inf at a lane's first finite value (anchor -inf) and on overflow, NaN
+                # for x = -inf beside an anchor of -inf: x = -inf adds nothing.
+                d = x - a_l
+                mv = d > 8.0
+                e = tl.where(x > ninf, tl.exp(tl.where(mv, -d, d)), 0.0).to(tl.float64)
                 if MODE == 3:
-                    # up: scale (es + dm zs) by e with dm = m_l - x (a lane that has seen only
-                    # -inf has zs = es = 0: nothing to rescale); else add e (x - m_l).
-                    dm = tl.where(m_l > ninf, -d, 0.0).to(tl.float64)
-                    e_l = tl.where(up, e * (e_l + dm * z_l), e_l + e * tl.where(e > 0.0, d, 0.0))
-                z_l = tl.where(up, z_l * e + 1.0, z_l + e)
-                i_l = tl.where(up, offs, i_l)
-                m_l = tl.where(up, x, m_l)
+                    # mv: scale (es + dm zs) by e, dm = a - x exactly in float64 (a lane whose
+                    # anchor is -inf has zs = es = 0); else add e (x - a).
+                    dm = tl.where(a_l > ninf, a_l.to(tl.float64) - x.to(tl.float64), 0.0)
+                    e_l = tl.where(mv, e * (e_l + dm * z_l), e_l + e * tl.where(e > 0.0, d, 0.0))
+                z_l = tl.where(mv, z_l * e + 1.0, z_l + e)
+                a_l = tl.where(mv, x, a_l)
             mx = tl.max(m_l, 0)
             if mx == ninf:
                 tl.store(tok_ptr + r, 0)
                 tl.store(conf_ptr + r, ninf)
             else:
                 amax = tl.min(tl.where(m_l == mx, i_l, 2147483647), 0).to(tl.int64)
-                # Each lane's sums moved to the row max: exp(m_l - mx) exactly in float64.
-                dl = tl.where(m_l > ninf, m_l.to(tl.float64) - mx.to(tl.float64), ninf)
+                # Each lane's sums moved from its anchor to the row max, in float64.
+                dl = tl.where(a_l > ninf, a_l.to(tl.float64) - mx.to(tl.float64), ninf)
                 f = tl.exp(dl)
                 Z = tl.sum(f * z_l, 0)
                 tl.store(tok_ptr + r, amax)
@@ -179,7 +186,7 @@ if triton is not None:
                     # p1 - p2 = (1 - exp(sec - mx)) / Z, 0 for a tie at the top.
                     e2 = tl.exp(sec.to(tl.float64) - mx.to(tl.float64))
                     tl.store(conf_ptr + r, tl.where(sec == mx, 0.0, (1.0 - e2) / Z).to(tl.float32))
-                else:
+                elif MODE == 3:  # (MODE 4, random, never takes this branch: one_pass is False)
                     ES = tl.sum(tl.where(f > 0.0, f * (e_l + dl * z_l), 0.0), 0)
                     tl.store(conf_ptr + r, (ES / Z - tl.log(Z)).to(tl.float32))
         else:

@@ -171,6 +171,15 @@ def test_cache_mode_with_mask_and_blocks(path, dtype):
 
 
 @pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("scale", [0.31, -0.2, 0.0], ids=["pos", "neg", "zero"])
+def test_softmax_scale(path, scale):
+    # A positive scale takes the forward's folded form (the row max on raw scores, scaled once),
+    # a scale <= 0 the general one; padding and blocks put -inf scores beside the scale.
+    q, k, v = _inputs(2, 37, 37, 3, 1, 40, torch.float32)
+    _check(path, q, k, v, attention_mask=_padding_mask(2, 37), block_size=12, softmax_scale=scale)
+
+
+@pytest.mark.parametrize("path", PATHS)
 def test_gqa_ratio_3_with_mask(path):
     q, k, v = _inputs(2, 37, 37, 6, 2, 40, torch.float32)
     _check(path, q, k, v, attention_mask=_padding_mask(2, 37), block_size=16)

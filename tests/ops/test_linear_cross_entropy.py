@@ -447,6 +447,15 @@ def test_bad_inputs(monkeypatch):
     f(hidden, W, bad, ~m)  # an out-of-range target where no loss is carried is fine
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: ids(d=d))
+def test_slab_kernels_small_tiles(dtype, monkeypatch):
+    # The slab kernels with tiles smaller than a slab: the forward's loop over a slab's column
+    # tiles and the backward's second grid axis run (with the test's 100-column slabs and the
+    # default tiles neither would), ragged row and column tiles, the 3-column last slab.
+    monkeypatch.setattr(lce, "_slab_blocks", lambda: dict(BLOCK_M=4, BLOCK_C=32))
+    _check("slab", *_inputs((1, 37), 40, 1003, dtype), **OPTIONS["all-none"])
+
+
 @pytest.mark.slow
 def test_large_vocabulary_slab(monkeypatch):
     # The eager CUDA path at Dream's vocabulary with its own slab width (V // 64 columns).

@@ -181,7 +181,7 @@ def test_triton_small_tiles(conf, monkeypatch):
 
     monkeypatch.setattr(us, "_block_v", lambda V: 64)
     g = torch.Generator().manual_seed(12)
-    x = torch.randn(10, 301, generator=g, dtype=torch.float64) * 2
+    x = torch.randn(11, 301, generator=g, dtype=torch.float64) * 2
     x[0] += torch.linspace(0, 20, 301, dtype=torch.float64)  # a new max in every tile
     x[1, [70, 200]] = 12.0  # a tie across tiles: the lower index
     x[2, :100] = float("-inf")  # -inf tiles before the first finite value
@@ -195,14 +195,38 @@ def test_triton_small_tiles(conf, monkeypatch):
     x[8, [20, 84]] = torch.tensor([11.0, 10.5], dtype=torch.float64)
     x[9, [30, 94]] = torch.tensor([10.5, 11.0], dtype=torch.float64)
     xs = x.to(torch.float32)
+    # A lane's most negative float before +inf (FLT_MAX): their difference overflows float32.
+    xs[10] = xs[6]
+    xs[10, [15, 79]] = torch.tensor([torch.finfo(torch.float32).min, float("inf")])
     # some rows filtered, some not
-    top_p = torch.tensor([1.0, 0.9, 1.0, 1.0, 0.7, 1.0, 1.0, 1.0, 1.0, 1.0])
-    top_k = torch.tensor([0, 5, 0, 301, 9, 0, 0, 0, 0, 0])
+    top_p = torch.tensor([1.0, 0.9, 1.0, 1.0, 0.7, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    top_k = torch.tensor([0, 5, 0, 301, 9, 0, 0, 0, 0, 0, 0])
     for kw in (dict(), dict(top_p=top_p), dict(top_k=top_k)):
         for T in (0.0, 0.8):
             kw2 = dict(confidence=conf, temperature=T, seed=3, **kw)
             ref = _run("reference", sample_tokens, xs, **kw2)
             _check_same(_run("triton", sample_tokens, xs, **kw2), ref, f"triton-{conf}-{T}-{kw}")
+
+
+@pytest.mark.parametrize("conf", ["prob", "margin", "neg_entropy"])
+def test_triton_greedy_rising_rows_keep_precision(conf, monkeypatch):
+    # Rows whose max rises slowly give every lane of the one-pass greedy path a new max at
+    # almost every tile. Rescaling its sum at each one by a float32 factor compounded to ~1e-5
+    # relative error; the confidence must stay at float32 rounding (relative, not the 1e-6
+    # absolute tolerance, which small probabilities pass anyway).
+    skip_unless_available("triton")
+    import dlm_kernels.ops.unmask_sample as us
+
+    monkeypatch.setattr(us, "_block_v", lambda V: 4)
+    g = torch.Generator().manual_seed(5)
+    ramp = torch.linspace(0, 1, 1024, dtype=torch.float64)
+    x = torch.stack([ramp, ramp * 4, ramp * 0.25 + torch.rand(1024, generator=g) * 1e-3])
+    x = x.to(torch.float32)
+    ref = _run("reference", sample_tokens, x, confidence=conf)
+    tok, c = _run("triton", sample_tokens, x, confidence=conf)
+    assert torch.equal(tok, ref[0])
+    rel = ((c.double() - ref[1].double()).abs() / ref[1].double().abs()).max().item()
+    assert rel < 5e-7, rel
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
