@@ -63,6 +63,17 @@ if triton is not None:
         return tl.dot(a, b, acc, input_precision=PREC)
 
     @triton.jit
+    def _epilogue(x, b_ptr, cols, col_ok, softcap, HAS_BIAS: tl.constexpr,
+                  HAS_CAP: tl.constexpr):  # fmt: skip
+        """A float32 (rows, cols) tile of h @ W.T -> logits: + bias, then the softcap."""
+        if HAS_BIAS:
+            x += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_CAP:
+            # tanh(u) = 2 sigmoid(2u) - 1: saturates to +-1 without overflow.
+            x = softcap * (2.0 * tl.sigmoid(2.0 * x / softcap) - 1.0)
+        return x
+
+    @triton.jit
     def _logits_tile(
         h_ptr,  # (N, H) hidden, rows contiguous
         stride_h,  # elements between rows of hidden
@@ -101,12 +112,20 @@ if triton is not None:
                 other=0.0,
             )
             acc = _dot(a, b, acc, PREC, UPCAST)
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_v, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        if HAS_CAP:
-            # tanh(u) = 2 sigmoid(2u) - 1: saturates to +-1 without overflow.
-            acc = softcap * (2.0 * tl.sigmoid(2.0 * acc / softcap) - 1.0)
-        return acc
+        return _epilogue(acc, b_ptr, offs_v, col_ok, softcap, HAS_BIAS, HAS_CAP)
+
+    @triton.jit
+    def _online_lse(x, cols, col_ok, tgt, m_i, s_i, x_t, total, HAS_SMOOTHING: tl.constexpr):
+        """Fold a (rows, cols) tile of logits (-inf outside col_ok) into each row's running
+        max m_i, sum s_i of exp(x - m_i), target logit x_t and (smoothing) row sum total."""
+        m_new = tl.maximum(m_i, tl.max(x, 1))
+        # A row that has seen only -inf keeps shift 0: exp(-inf - 0) = 0, not NaN.
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s_i = s_i * tl.exp(m_i - shift) + tl.sum(tl.exp(x - shift[:, None]), 1)
+        x_t += tl.sum(tl.where(cols[None, :] == tgt[:, None], x, 0.0), 1)
+        if HAS_SMOOTHING:
+            total += tl.sum(tl.where(col_ok[None, :], x, 0.0), 1)
+        return m_new, s_i, x_t, total
 
     @triton.jit
     def _dlogits_tile(
@@ -195,14 +214,9 @@ if triton is not None:
                     softcap, HAS_BIAS, HAS_CAP, BLOCK_M, BLOCK_V, BLOCK_K, PREC, UPCAST,
                 )  # fmt: skip
                 x = tl.where(col_ok[None, :], x, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(x, 1))
-                # A row that has seen only -inf keeps shift 0: exp(-inf - 0) = 0, not NaN.
-                shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-                s_i = s_i * tl.exp(m_i - shift) + tl.sum(tl.exp(x - shift[:, None]), 1)
-                m_i = m_new
-                x_t += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], x, 0.0), 1)
-                if HAS_SMOOTHING:
-                    total += tl.sum(tl.where(col_ok[None, :], x, 0.0), 1)
+                m_i, s_i, x_t, total = _online_lse(
+                    x, offs_v, col_ok, tgt, m_i, s_i, x_t, total, HAS_SMOOTHING
+                )
             lse = m_i + tl.log(s_i)
             loss = lse - x_t
             if HAS_SMOOTHING:
@@ -376,16 +390,6 @@ if triton is not None:
     # --- the slab path's elementwise work (see "CUDA, eager" below): one pass over each slab
 
     @triton.jit
-    def _slab_epilogue(x, b_ptr, cols, col_ok, softcap, HAS_BIAS: tl.constexpr,
-                       HAS_CAP: tl.constexpr):  # fmt: skip
-        """The GEMM's float32 (BLOCK_M, BLOCK_C) tile -> logits: + bias, softcap."""
-        if HAS_BIAS:
-            x += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        if HAS_CAP:
-            x = softcap * (2.0 * tl.sigmoid(2.0 * x / softcap) - 1.0)
-        return x
-
-    @triton.jit
     def _slab_fwd_kernel(
         x_ptr,  # (M, C) float32 h @ W_s.T of one slab, rows contiguous
         b_ptr,  # bias from the slab's first column (unused without HAS_BIAS)
@@ -406,6 +410,7 @@ if triton is not None:
         x_t = tl.load(xt_ptr + offs_m, mask=row_ok, other=0.0)
         tgt = tl.load(t_ptr + offs_m, mask=row_ok, other=-1) - v0  # column in the slab
         tgt = tl.where(tgt < C, tgt, -1)  # past the slab: must not match a padding column
+        total = tl.zeros([BLOCK_M], tl.float32)
         if HAS_SMOOTHING:
             total = tl.load(tot_ptr + offs_m, mask=row_ok, other=0.0)
         for c0 in range(0, C, BLOCK_C):
@@ -413,16 +418,11 @@ if triton is not None:
             col_ok = cols < C
             ok = row_ok[:, None] & col_ok[None, :]
             x = tl.load(x_ptr + base[:, None] + cols[None, :], mask=ok, other=0.0)
-            x = _slab_epilogue(x, b_ptr, cols, col_ok, softcap, HAS_BIAS, HAS_CAP)
+            x = _epilogue(x, b_ptr, cols, col_ok, softcap, HAS_BIAS, HAS_CAP)
             x = tl.where(ok, x, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(x, 1))
-            # A row that has seen only -inf keeps shift 0: exp(-inf - 0) = 0, not NaN.
-            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            s_i = s_i * tl.exp(m_i - shift) + tl.sum(tl.exp(x - shift[:, None]), 1)
-            m_i = m_new
-            x_t += tl.sum(tl.where(cols[None, :] == tgt[:, None], x, 0.0), 1)
-            if HAS_SMOOTHING:
-                total += tl.sum(tl.where(ok, x, 0.0), 1)
+            m_i, s_i, x_t, total = _online_lse(
+                x, cols, col_ok, tgt, m_i, s_i, x_t, total, HAS_SMOOTHING
+            )
         tl.store(m_ptr + offs_m, m_i, mask=row_ok)
         tl.store(s_ptr + offs_m, s_i, mask=row_ok)
         tl.store(xt_ptr + offs_m, x_t, mask=row_ok)
@@ -454,7 +454,7 @@ if triton is not None:
         ok = row_ok[:, None] & col_ok[None, :]
         offs = offs_m.to(tl.int64)[:, None] * C + cols[None, :]
         x = tl.load(x_ptr + offs, mask=ok, other=0.0)
-        x = _slab_epilogue(x, b_ptr, cols, col_ok, softcap, HAS_BIAS, HAS_CAP)
+        x = _epilogue(x, b_ptr, cols, col_ok, softcap, HAS_BIAS, HAS_CAP)
         tgt = tl.load(t_ptr + offs_m, mask=row_ok, other=-1) - v0  # column in the slab
         lse = tl.load(lse_ptr + offs_m, mask=row_ok, other=0.0)
         coef = tl.load(coef_ptr + offs_m, mask=row_ok, other=0.0)
