@@ -42,7 +42,7 @@ class RMSNorm(nn.Module):
         # (dlm_kernels/ops/norm_rope.py); training keeps these ops and their autograd.
         if self.kernels and norm_rope.use_fused(x, self.weight):  # CUDA, no grad: one launch
             return norm_rope.rms_norm(x, self.weight, self.eps)
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+        return norm_rope.rms_norm_ref(x, self.weight, self.eps)
 
 
 def rope_cos_sin(position_ids: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
@@ -60,10 +60,7 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, kernels: bool = True) -> Ten
     kernels=False: always the torch ops (ModelConfig.kernels)."""
     if kernels and norm_rope.use_fused(x):  # CUDA, no gradient: one launch instead of seven
         return norm_rope.rope(x, cos, sin)
-    xf = x.float()  # once: for bf16 inputs each .float() is a cast kernel (a launch per layer)
-    x1, x2 = xf.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (xf * cos + rotated * sin).to(x.dtype)
+    return norm_rope.rope_ref(x, cos, sin)
 
 
 class Attention(nn.Module):

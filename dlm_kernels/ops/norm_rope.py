@@ -6,9 +6,10 @@ these two make most of them: RMSNorm in float32 is three casts, pow, mean, add, 
 muls (F.rms_norm decomposes into those outside a compiler), RoPE two casts, neg, cat, two muls
 and an add, twice per layer each. Here each is one kernel: ~28 launches fewer per layer.
 
-Meaning: exactly the torch forms in dlm/model.py (``rms_norm_ref`` and ``rope_ref`` below), in
-float32, rounded once to the input's dtype; they differ only in float32 summation order and
-fused multiply-adds (a last-bit difference before that rounding).
+Meaning: exactly the torch forms ``rms_norm_ref`` and ``rope_ref`` below (which dlm/model.py
+runs whenever these kernels do not), in float32, rounded once to the input's dtype; they differ
+only in float32 summation order and fused multiply-adds (a last-bit difference before that
+rounding).
 
 Forward only, by design: dlm/model.py calls these when no gradient is needed (generation and
 evaluation under no_grad / inference_mode) and the dispatch picks Triton (CUDA tensors, or the
@@ -38,7 +39,7 @@ def rms_norm_ref(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 def rope_ref(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate (B, S, H, D) by RoPE's (B, S, 1, D) float32 cos / sin, half-split layout."""
-    xf = x.float()
+    xf = x.float()  # once: for bf16 inputs each .float() is a cast kernel
     x1, x2 = xf.chunk(2, dim=-1)
     return (xf * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
 
