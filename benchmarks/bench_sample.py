@@ -8,7 +8,8 @@ low_confidence remasking).
 CPU: a tiny character-level model (the demo's shape). GPU: a 1B-shaped random model (the "1b"
 preset: d_model 2048, 16 layers, vocabulary 126464) in bfloat16, prompt 64, gen_length 256,
 64 steps, block_length 32, batch 1 and 8, without and with Fast-dLLM's prefix / dual KV cache
-(when the model supports kv_cache=; otherwise those rows say "missing").
+(when the model supports kv_cache=; otherwise those rows say "missing"), and on a GPU with the
+forward replayed from CUDA graphs (generate's cuda_graph=True).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from benchmarks.common import (
     row,
     save_rows,
     standalone_args,
+    time_fn,
     time_fns,
     vs_baseline,
 )
@@ -100,9 +102,9 @@ def _case(name, model, mask_id, dtype, device, quick, B, P, G, steps, bl) -> lis
     prompt = torch.randint(0, mask_id - 1, (B, P), generator=g).to(device)
     ref = llada_style_loop(model, prompt, steps, G, bl, mask_id)
 
-    def ours(kv=None):
+    def ours(kv=None, graph=False):
         return generate(model, prompt, gen_length=G, steps=steps, block_length=bl,
-                        mask_id=mask_id, kv_cache=kv)  # fmt: skip
+                        mask_id=mask_id, kv_cache=kv, cuda_graph=graph)  # fmt: skip
 
     def tps(t):
         return B * G / (t["ms"] / 1e3)
@@ -125,6 +127,16 @@ def _case(name, model, mask_id, dtype, device, quick, B, P, G, steps, bl) -> lis
         for kv in ("prefix", "dual"):
             rows.append(row("sample", f"dlm+{kv}-cache", shape, dtype, None,
                             status="missing: DiffusionLM.forward takes no kv_cache"))  # fmt: skip
+    if device.startswith("cuda"):
+        # The model's forward replayed from CUDA graphs (dlm.cuda_graph), one per block window:
+        # captured at the first call (the warm-up), replayed in the timed calls.
+        t = time_fn(lambda: ours(graph=True), device, quick=quick)
+        rows.append(row("sample", "dlm+cuda-graph", shape, dtype, t, tokens_per_s=tps(t),
+                        same_tokens_as_baseline=bool((ours(graph=True) == ref).all()),
+                        same_tokens_as_dlm=bool((ours(graph=True) == out).all())))  # fmt: skip
+    else:
+        rows.append(row("sample", "dlm+cuda-graph", shape, dtype, None,
+                        status="missing: CUDA graphs need a GPU"))  # fmt: skip
     return rows
 
 

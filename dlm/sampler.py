@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 import dlm_kernels
+from dlm.cuda_graph import GraphedForward, graphed_forward
 
 # alg -> the op's confidence mode (None: ancestral, no confidence).
 ALGS: dict[str, str | None] = {
@@ -344,6 +345,7 @@ def generate(
     generator: torch.Generator | None = None,
     seed: int | list[int] | None = None,
     fused_head: bool | None = None,
+    cuda_graph: bool | GraphedForward = False,
 ) -> Tensor | tuple[Tensor, list[Tensor]]:
     """Fill ``gen_length`` masks after each prompt (and any mask inside it) with the model.
 
@@ -401,6 +403,14 @@ def generate(
             through their own forward, never use it. The tokens are those of the logits path up
             to rounding (a GEMM over fewer rows; guidance applied to the hidden states, the
             same map since the head is linear), which matters only at near-ties.
+        cuda_graph: replay the model's forward from CUDA graphs, one captured per window shape
+            (``dlm.cuda_graph``): a forward becomes one launch instead of a few hundred, for
+            models small enough that launching kernels is what a step waits on. CUDA tensors,
+            a model in eval mode, no kv_cache. The graphs are kept with the model for later
+            calls of the same shapes; a signature whose capture fails warns and runs eagerly.
+            Every step then runs the whole batch (no reuse of unchanged rows' predictions).
+            A GraphedForward instance: use (and keep) those graphs. Off by default: not yet
+            timed on a GPU.
 
     Returns:
         (B, P + gen_length) int64 sequences; with output_history, (sequences, [x after each step]).
@@ -440,7 +450,7 @@ def _loop(
     logits_shift=False, schedule="even", eps=1e-3, kv_cache=None, output_history=False,
     generator=None, seed=None, forward_fn=None, logits_hook=None, tokens_hook=None,
     commit_fn=None, position_ids=True, counter=None, ban_mask=True, block_counts_only=False,
-    fused_head=None, ban_tokens=(), every_step=False,
+    fused_head=None, ban_tokens=(), every_step=False, cuda_graph=False,
 ):  # fmt: skip
     """The loop behind ``generate``, with the hooks the compat wrappers need (run it through
     ``_generate``, which sets inference mode):
@@ -522,6 +532,7 @@ def _loop(
         raise ValueError("generate: ban_tokens needs the logits path (fused_head=False)")
     head = _fused_head(model, False if ban_tokens else fused_head, forward_fn, logits_hook,
                        tokens_hook, commit_fn)  # fmt: skip
+    graphs = _graphs(model, cuda_graph, kv_cache, forward_fn, dev)
     if t_of is not None:
         # A time-conditioned model sees t of the masked fraction of the row's real tokens,
         # prompt included: dlm train masks whole sequences (no SFT prompt mask), so that is
@@ -585,7 +596,10 @@ def _loop(
                 kw["return_hidden"] = True
             if out_range is not None:
                 kw["output_range"] = out_range
-            logits = call_model(model, xs[:, q0:q1], **kw)
+            if graphs is not None:
+                logits = graphs(xs[:, q0:q1], **kw)
+            else:
+                logits = call_model(model, xs[:, q0:q1], **kw)
         if uncond_src is not None:
             c, u = logits.chunk(2, dim=0)
             logits = guide(c, u, cfg_scale)
@@ -719,6 +733,7 @@ def _loop(
                     or len(need) == B
                     or logits_hook is not None
                     or win != logits_win
+                    or (graphs is not None and need)  # a graph per window shape: whole batch
                 ):
                     # A logits hook gets fresh logits of this step's x every step (it may edit
                     # them in place: reusing them would compound its edits).
@@ -806,6 +821,30 @@ def _commit(xw, lw, cw, rule: _Step, conf_mode, threshold, factor, alg_temp, mas
     if factor is not None:
         return op(xw, lw, factor=factor, **kw)
     return op(xw, lw, num_transfer=rule.num_transfer, alg_temp=alg_temp, **kw)
+
+
+def _graphs(model, want, kv_cache, forward_fn, dev) -> GraphedForward | None:
+    """The GraphedForward the loop calls the model through, or None (cuda_graph=False)."""
+    if want is False or want is None:
+        return None
+    if want is not True and not isinstance(want, GraphedForward):
+        raise TypeError("generate: cuda_graph must be True, False or a dlm.cuda_graph."
+                        f"GraphedForward, got {want!r}")  # fmt: skip
+    if kv_cache is not None:
+        raise ValueError("generate: cuda_graph does not combine with kv_cache (the cached "
+                         "forwards change shape within a block)")  # fmt: skip
+    if forward_fn is not None:
+        raise ValueError("generate: cuda_graph does not combine with forward_fn")
+    if isinstance(model, torch.nn.Module) and model.training:
+        raise ValueError("generate: cuda_graph needs the model in eval mode (model.eval()): a "
+                         "graph would replay the same dropout masks at every step")  # fmt: skip
+    if want is True:
+        if dev.type != "cuda":
+            raise ValueError(f"generate: cuda_graph=True needs CUDA tensors, got the prompt on "
+                             f"{dev}")  # fmt: skip
+        want = graphed_forward(model)
+    want.check_parameters()
+    return want
 
 
 def _fused_head(model, want, forward_fn, logits_hook, tokens_hook, commit_fn, who="generate"):
