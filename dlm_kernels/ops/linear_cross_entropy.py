@@ -394,28 +394,31 @@ if triton is not None:
         x_ptr,  # (M, C) float32 h @ W_s.T of one slab, rows contiguous
         b_ptr,  # bias from the slab's first column (unused without HAS_BIAS)
         t_ptr,  # (M,) int64 targets
-        m_ptr, s_ptr, xt_ptr, tot_ptr,  # (M,) float32 running max, sum, target logit, row sum
+        m_ptr, s_ptr, xt_ptr, tot_ptr,  # (P, M) float32 partial max, sum, target logit, row sum
         M, C, v0,  # rows, slab width, the slab's first column
+        p0, SPAN,  # this slab's first partial row; columns per program along grid axis 1
         softcap,
         HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
     ):  # fmt: skip
-        """Folds one slab into each row's online logsumexp: reads the slab once (the torch
-        composition read it five times and wrote it twice)."""
+        """One (BLOCK_M rows, SPAN columns) piece of a slab, folded into an online logsumexp
+        and written as partial row p0 + program_id(1); _slab_fwd combines the partials once,
+        after the last slab. Reads the slab once (the torch composition read it five times
+        and wrote it twice); the column split keeps the GPU busy when few rows carry loss."""
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        c_lo = tl.program_id(1) * SPAN
+        c_hi = tl.minimum(C, c_lo + SPAN)
         row_ok = offs_m < M
         base = offs_m.to(tl.int64) * C
-        m_i = tl.load(m_ptr + offs_m, mask=row_ok, other=float("-inf"))
-        s_i = tl.load(s_ptr + offs_m, mask=row_ok, other=0.0)
-        x_t = tl.load(xt_ptr + offs_m, mask=row_ok, other=0.0)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        s_i = tl.zeros([BLOCK_M], tl.float32)
+        x_t = tl.zeros([BLOCK_M], tl.float32)
+        total = tl.zeros([BLOCK_M], tl.float32)
         tgt = tl.load(t_ptr + offs_m, mask=row_ok, other=-1) - v0  # column in the slab
         tgt = tl.where(tgt < C, tgt, -1)  # past the slab: must not match a padding column
-        total = tl.zeros([BLOCK_M], tl.float32)
-        if HAS_SMOOTHING:
-            total = tl.load(tot_ptr + offs_m, mask=row_ok, other=0.0)
-        for c0 in range(0, C, BLOCK_C):
+        for c0 in range(c_lo, c_hi, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
-            col_ok = cols < C
+            col_ok = cols < c_hi
             ok = row_ok[:, None] & col_ok[None, :]
             x = tl.load(x_ptr + base[:, None] + cols[None, :], mask=ok, other=0.0)
             x = _epilogue(x, b_ptr, cols, col_ok, softcap, HAS_BIAS, HAS_CAP)
@@ -423,11 +426,12 @@ if triton is not None:
             m_i, s_i, x_t, total = _online_lse(
                 x, cols, col_ok, tgt, m_i, s_i, x_t, total, HAS_SMOOTHING
             )
-        tl.store(m_ptr + offs_m, m_i, mask=row_ok)
-        tl.store(s_ptr + offs_m, s_i, mask=row_ok)
-        tl.store(xt_ptr + offs_m, x_t, mask=row_ok)
+        out = (p0 + tl.program_id(1)).to(tl.int64) * M + offs_m
+        tl.store(m_ptr + out, m_i, mask=row_ok)
+        tl.store(s_ptr + out, s_i, mask=row_ok)
+        tl.store(xt_ptr + out, x_t, mask=row_ok)
         if HAS_SMOOTHING:
-            tl.store(tot_ptr + offs_m, total, mask=row_ok)
+            tl.store(tot_ptr + out, total, mask=row_ok)
 
     @triton.jit
     def _slab_bwd_kernel(
@@ -565,7 +569,10 @@ def _triton_bwd(
 # are tuned on a GPU, eager CUDA calls take this path: the rows that carry loss are gathered
 # (one host sync for their count), then the vocabulary is walked in slabs of columns:
 #   forward   x = h @ W_s.T (cuBLAS, float32 out), then _slab_fwd_kernel reads x once: bias,
-#             softcap, online logsumexp, target logit, row sum (smoothing)
+#             softcap, online logsumexp, target logit, row sum (smoothing), as partials per
+#             (row tile, column piece) combined once at the end; the pieces split a slab's
+#             columns only when the row tiles alone are fewer than two programs per SM (at 256
+#             masked rows, 16 programs per slab walked 16k columns each; not yet timed)
 #   backward  x again, _slab_bwd_kernel reads it once and writes G = dloss/dlogits in the
 #             head's dtype (and db_s's column sums), dH += G @ W_s (cuBLAS accumulating in
 #             float32 in place), dW_s = G.T @ h written once (every row is in the slab: no
@@ -670,6 +677,30 @@ def _slab_blocks() -> dict:
     return dict(BLOCK_M=16, BLOCK_C=256, num_warps=8)
 
 
+_SLAB_PROGRAMS: dict = {}  # device -> programs the forward kernel aims for per slab
+
+
+def _slab_programs(device: torch.device) -> int:
+    """Programs per slab the forward kernel's grid aims for: two per SM (8 warps at 128
+    registers each fit twice); few under the interpreter, where each program costs Python."""
+    if dispatch.triton_interpret() or device.type != "cuda":
+        return 4
+    if device not in _SLAB_PROGRAMS:
+        _SLAB_PROGRAMS[device] = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return _SLAB_PROGRAMS[device]
+
+
+def _slab_split(M: int, cols: int, blk: dict, programs: int) -> tuple[int, int]:
+    """(splits, span): the forward cuts each slab's columns into `splits` pieces of `span`
+    columns (whole column tiles) when the row tiles alone are fewer than `programs`: at 256
+    masked rows the row tiles were 16 programs for a GPU of 132 SMs."""
+    tiles_m = triton.cdiv(M, blk["BLOCK_M"])
+    col_tiles = triton.cdiv(cols, blk["BLOCK_C"])
+    want = max(1, min(col_tiles, triton.cdiv(programs, tiles_m)))
+    span = triton.cdiv(col_tiles, want) * blk["BLOCK_C"]
+    return triton.cdiv(cols, span), span
+
+
 def _slab_rows(valid: Tensor, target: Tensor, weight: Tensor):
     idx = valid.nonzero().squeeze(1)  # the one host sync: the count of rows that carry loss
     return idx, target.index_select(0, idx), weight.index_select(0, idx)
@@ -685,20 +716,30 @@ def _slab_fwd(hidden, W, bias, target, valid, weight, eps, z, cap):
     if M == 0:
         return loss, lse
     h = hidden.index_select(0, idx)
-    m = torch.full((M,), float("-inf"), **f32)
-    s = torch.zeros(M, **f32)
-    x_t = torch.zeros(M, **f32)
-    total = torch.zeros(M if eps else 1, **f32)
     cols = _slab_cols(M, V)
     blk = _slab_blocks()
-    for v0 in range(0, V, cols):
+    splits, span = _slab_split(M, cols, blk, _slab_programs(hidden.device))
+    # Partial (max, sum, target logit, row sum) per (slab, column piece, row); pieces a short
+    # last slab leaves unwritten stay at the identity (-inf, 0, 0, 0).
+    P = triton.cdiv(V, cols) * splits
+    m_p = torch.full((P, M), float("-inf"), **f32)
+    s_p = torch.zeros(P, M, **f32)
+    xt_p = torch.zeros(P, M, **f32)
+    tot_p = torch.zeros(P if eps else 1, M, **f32)
+    for i, v0 in enumerate(range(0, V, cols)):
         v1 = min(V, v0 + cols)
         x = _mm_f32(h, W[v0:v1].t())
-        _slab_fwd_kernel[(triton.cdiv(M, blk["BLOCK_M"]),)](
-            x, bias[v0:] if bias is not None else x, t, m, s, x_t, total, M, v1 - v0, v0,
-            float(cap or 1.0), HAS_BIAS=bias is not None, HAS_CAP=bool(cap),
+        _slab_fwd_kernel[(triton.cdiv(M, blk["BLOCK_M"]), triton.cdiv(v1 - v0, span))](
+            x, bias[v0:] if bias is not None else x, t, m_p, s_p, xt_p, tot_p, M, v1 - v0, v0,
+            i * splits, span, float(cap or 1.0), HAS_BIAS=bias is not None, HAS_CAP=bool(cap),
             HAS_SMOOTHING=bool(eps), **blk,
         )  # fmt: skip
+    m = m_p.amax(0)
+    # A row whose every logit is -inf keeps shift 0 (no -inf - -inf); its lse is -inf.
+    shift = torch.where(m == float("-inf"), 0.0, m)
+    s = (s_p * torch.exp(m_p - shift)).sum(0)
+    x_t = xt_p.sum(0)
+    total = tot_p.sum(0)
     lse_v = m + torch.log(s)
     row = lse_v - x_t
     if eps:

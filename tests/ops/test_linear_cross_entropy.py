@@ -447,13 +447,22 @@ def test_bad_inputs(monkeypatch):
     f(hidden, W, bad, ~m)  # an out-of-range target where no loss is carried is fine
 
 
+@pytest.mark.parametrize("programs", [1, 10, 1000], ids=lambda p: f"programs{p}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: ids(d=d))
-def test_slab_kernels_small_tiles(dtype, monkeypatch):
+def test_slab_kernels_small_tiles(dtype, programs, monkeypatch):
     # The slab kernels with tiles smaller than a slab: the forward's loop over a slab's column
     # tiles and the backward's second grid axis run (with the test's 100-column slabs and the
-    # default tiles neither would), ragged row and column tiles, the 3-column last slab.
+    # default tiles neither would), ragged row and column tiles, the 3-column last slab. The
+    # forward's column split: none (each program loops over a slab's 4 column tiles), pieces
+    # of 2 tiles (a short last piece), one tile per program; each with every option.
     monkeypatch.setattr(lce, "_slab_blocks", lambda: dict(BLOCK_M=4, BLOCK_C=32))
-    _check("slab", *_inputs((1, 37), 40, 1003, dtype), **OPTIONS["all-none"])
+    monkeypatch.setattr(lce, "_slab_programs", lambda device: programs)
+    inputs = _inputs((1, 37), 40, 1003, dtype)
+    M = int(inputs[4].sum())
+    splits = {1: 1, 10: 2, 1000: 4}[programs]
+    assert lce._slab_split(M, 100, dict(BLOCK_M=4, BLOCK_C=32), programs)[0] == splits
+    _check("slab", *inputs, **OPTIONS["all-none"])
+    _check("slab", *inputs, **OPTIONS["all"])
 
 
 @pytest.mark.slow
