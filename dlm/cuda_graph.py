@@ -11,74 +11,126 @@ the same signature.
     logits = graphs(input_ids, attention_mask=am, output_range=(a, b))  # == model(...)'s logits
 
 What a graph assumes, and how it is kept true:
-  * Same shapes, dtypes and non-tensor arguments: the signature is the cache key. A new
-    signature is captured once (after one eager warm-up run on a side stream, where autotuners
-    and lazy initialisation run).
+  * Same shapes, dtypes and non-tensor arguments, and the same global state that changes what
+    the forward launches (autocast, DLM_KERNELS_IMPL, TF32): all part of the signature, the
+    cache key. A new signature is captured once.
   * Tensor arguments are copied into the graph's own input buffers before each replay, and the
     output is cloned out of the graph's output buffer, which the next replay overwrites.
   * The parameters stay where they are. In-place updates (an optimizer step, load_state_dict)
     are seen by the graphs, which read the parameters' memory; parameters moved or replaced
-    (``model.to(...)``) change their addresses, which ``check_parameters`` notices: it drops
-    every graph, and the next calls recapture.
-  * The forward makes no host sync and no CPU-side choice from tensor values. A capture that
-    fails anyway (a model that checks its mask on the host, say) warns once, and that
-    signature runs eagerly from then on.
-  * No randomness inside the forward (dropout): ``generate`` uses graphs only for a model in
-    eval mode.
+    (``model.to(...)``) change their addresses, which ``check_parameters`` notices.
+  * The forward makes no host sync. Before each capture the forward runs twice on the capture
+    stream: once to autotune and initialise, once with torch's sync debug mode set to
+    "error", so that a host sync (a Hugging Face model checking its mask, DLM_KERNELS_IMPL=
+    flash_attn's varlen lengths) raises there, before any capture. That signature then warns
+    once and runs eagerly. A capture that fails after that point may leave the allocator
+    mid-capture: it warns and switches graphs off for the whole process.
+  * No randomness and no gradients: the forward runs under no_grad; ``generate`` uses graphs
+    only for a model in eval mode.
 
-All graphs of one GraphedForward share one memory pool: they run one at a time, each output is
-kept alive by its graph (so no later capture reuses its memory) and copied out before the next
-replay, so a pool the size of one forward's activations serves them all.
+Memory. All graphs of one GraphedForward share one memory pool and one capture stream: they run
+one at a time and each output is copied out right after its replay, so a pool the size of one
+forward's activations serves them all. Graphs are never destroyed one by one: graphs captured on
+one stream share cuBLAS's workspace for that stream, and destroying one graph can free it under
+the others (pytorch/pytorch#193402). When the parameters move, or the graphs exceed
+_MAX_GRAPHS or _MAX_BYTES of buffers, every graph is dropped at once and the next calls
+recapture.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 import weakref
-from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-_MAX_GRAPHS = 64  # signatures kept per model (least recently used dropped first)
+_MAX_GRAPHS = 32  # signatures kept per model before all are dropped (and recaptured on use)
+_MAX_BYTES = 2 << 30  # bytes of input + output buffers kept per model, likewise
+_BROKEN: str | None = None  # set when a capture failed midway: no more captures in the process
 
 
 class CudaGraphBackend:
-    """Captures with torch.cuda.CUDAGraph into one shared memory pool."""
+    """Captures with torch.cuda.CUDAGraph on its own stream into its own memory pool."""
 
     def __init__(self) -> None:
         self.pool = None
+        self.stream: torch.cuda.Stream | None = None
 
-    def capture(self, fn: Callable[[], Tensor]):
-        """(graph with .replay(), the output tensor the replays rewrite)."""
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn()  # warm-up: Triton autotuning, cuBLAS handles, lazy init happen outside capture
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = fn()
+    def capture(self, fn: Callable[[], Tensor], device: torch.device):
+        """(graph with .replay(), the output tensor its replays rewrite)."""
+        global _BROKEN
+        with torch.cuda.device(device):
+            if self.stream is None:
+                self.stream = torch.cuda.Stream()
+                self.pool = torch.cuda.graph_pool_handle()
+            caller = torch.cuda.current_stream()
+            self.stream.wait_stream(caller)
+            with torch.cuda.stream(self.stream):
+                fn()  # Triton autotuning, cuBLAS handles, lazy init: outside the capture
+                mode = torch.cuda.get_sync_debug_mode()
+                torch.cuda.set_sync_debug_mode("error")  # a host sync raises here, not mid-capture
+                try:
+                    fn()
+                finally:
+                    torch.cuda.set_sync_debug_mode(mode)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.stream(self.stream):
+                # thread_local: another thread's CUDA calls (a data loader's pinning thread)
+                # cannot invalidate this capture.
+                graph.capture_begin(self.pool, capture_error_mode="thread_local")
+                try:
+                    out = fn()
+                except BaseException:
+                    self._abandon(graph, device)
+                    raise
+                try:
+                    graph.capture_end()
+                except BaseException:
+                    _BROKEN = "a CUDA graph capture could not end"
+                    self._end_pool(device)
+                    raise
+            caller.wait_stream(self.stream)
         return graph, out
+
+    def _abandon(self, graph, device) -> None:
+        global _BROKEN
+        try:
+            graph.capture_end()
+        except Exception:  # noqa: BLE001 (an invalidated capture cannot end cleanly)
+            _BROKEN = "a CUDA graph capture failed midway"
+            self._end_pool(device)
+
+    def _end_pool(self, device) -> None:
+        # capture_end raises before it tells the allocator the capture ended; tell it here.
+        end = getattr(torch._C, "_cuda_endAllocateToPool", None)
+        if end is not None:
+            try:
+                end(device.index if device.index is not None else 0, self.pool)
+            except Exception:  # noqa: BLE001, S110 (best effort: graphs are off from now on)
+                pass
 
 
 class _Entry:
-    __slots__ = ("graph", "inputs", "out")
+    __slots__ = ("graph", "inputs", "out", "nbytes")
 
     def __init__(self, graph, inputs: dict[str, Tensor], out: Tensor) -> None:
         self.graph, self.inputs, self.out = graph, inputs, out
+        self.nbytes = out.nbytes + sum(t.nbytes for t in inputs.values())
 
 
 class GraphedForward:
     """``model(input_ids, **kwargs)``'s float logits (or whatever float tensor the model returns,
-    through ``dlm.sampler.call_model``), from CUDA graphs captured per call signature.
+    through ``dlm.sampler.call_model``), from CUDA graphs captured per call signature, under
+    no_grad (a forward only).
 
     Args:
-        model: the module or callable (as ``generate`` takes it).
-        backend: what captures (default: CudaGraphBackend). Tests pass a stand-in.
+        model: the module or callable (as ``generate`` takes it), held weakly where it can be.
+        backend: what captures (default: CudaGraphBackend, CUDA tensors only). Tests pass a
+            stand-in with the same ``capture(fn, device) -> (graph, out)``.
 
     Tensor keyword arguments are graph inputs (copied in each call); every other keyword
     argument (bools, ints, tuples such as ``output_range``, None) is part of the signature.
@@ -92,13 +144,19 @@ class GraphedForward:
         except TypeError:
             self._ref, self._strong = None, model
         self.backend = backend if backend is not None else CudaGraphBackend()
-        self.graphs: OrderedDict[tuple, _Entry | None] = OrderedDict()
+        self.graphs: dict[tuple, _Entry | None] = {}
         self.captures = 0  # graphs captured so far (a count for tests and benchmarks)
         self._params: tuple | None = None
 
     @property
     def model(self):
         return self._strong if self._ref is None else self._ref()
+
+    def reset(self) -> None:
+        """Drop every graph at once (never one by one: see the module's docstring)."""
+        if self.graphs and isinstance(self.backend, CudaGraphBackend):
+            torch.cuda.synchronize()  # none may be running when it is destroyed
+        self.graphs = {}
 
     def check_parameters(self) -> None:
         """Drop every graph when the model's parameters or buffers moved (``model.to(...)``,
@@ -109,45 +167,61 @@ class GraphedForward:
         sig = tuple((t.data_ptr(), t.dtype, tuple(t.shape)) for t in mod.parameters())
         sig += tuple((t.data_ptr(), t.dtype, tuple(t.shape)) for t in mod.buffers())
         if sig != self._params:
-            self.graphs.clear()
+            self.reset()
             self._params = sig
 
     def __call__(self, input_ids: Tensor, **kwargs) -> Tensor:
         from dlm.sampler import call_model  # the sampler imports this module
 
-        args = dict(kwargs, input_ids=input_ids)
-        key = _signature(args)
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(args)
-            while len(self.graphs) > _MAX_GRAPHS:
-                self.graphs.popitem(last=False)
-        else:
-            self.graphs.move_to_end(key)
-        entry = self.graphs[key]
-        if entry is None:  # its capture failed: this signature runs eagerly
-            return call_model(self.model, input_ids, **kwargs)
-        for name, buf in entry.inputs.items():
-            buf.copy_(args[name])
-        entry.graph.replay()
-        return entry.out.clone()
+        dev = input_ids.device
+        if isinstance(self.backend, CudaGraphBackend) and dev.type != "cuda":
+            raise ValueError(
+                f"GraphedForward: CUDA graphs need CUDA tensors, got input_ids on {dev}"
+            )
+        with torch.no_grad():
+            args = dict(kwargs, input_ids=input_ids)
+            key = _signature(args)
+            entry = self.graphs.get(key, False)
+            if entry is False:
+                # Full: drop them all before this capture (not after: it shares their stream).
+                kept = sum(e.nbytes for e in self.graphs.values() if e is not None)
+                if len(self.graphs) >= _MAX_GRAPHS or kept >= _MAX_BYTES:
+                    self.reset()
+                entry = self.graphs[key] = None if _BROKEN else self._capture(args, dev)
+            if entry is None:  # its capture failed: this signature runs eagerly
+                return call_model(self.model, input_ids, **kwargs)
+            for name, buf in entry.inputs.items():
+                buf.copy_(args[name])
+            other = dev.type == "cuda" and dev.index not in (None, torch.cuda.current_device())
+            if other:  # a graph replays on its own device's stream
+                with torch.cuda.device(dev):
+                    entry.graph.replay()
+            else:
+                entry.graph.replay()
+            return entry.out.clone()
 
-    def _capture(self, args: dict) -> _Entry | None:
+    def _capture(self, args: dict, dev: torch.device) -> _Entry | None:
         from dlm.sampler import call_model
 
-        inputs = {k: torch.empty(v.shape, dtype=v.dtype, device=v.device).copy_(v)
-                  for k, v in args.items() if isinstance(v, Tensor)}  # fmt: skip
+        # Ordinary tensors, also when captured under inference_mode: a later call outside it
+        # still copies into them.
+        with torch.inference_mode(False):
+            inputs = {k: v.clone(memory_format=torch.contiguous_format)
+                      for k, v in args.items() if isinstance(v, Tensor)}  # fmt: skip
         static = {k: inputs.get(k, v) for k, v in args.items()}
         ids = static.pop("input_ids")
+        model = self.model
 
         def run() -> Tensor:
-            return call_model(self.model, ids, **static)
+            return call_model(model, ids, **static)
 
         try:
-            graph, out = self.backend.capture(run)
+            graph, out = self.backend.capture(run, dev)
         except Exception as e:  # noqa: BLE001 (any failure: this signature runs eagerly)
+            off = f"; {_BROKEN}: CUDA graphs are off for this process" if _BROKEN else ""
             warnings.warn(
                 f"GraphedForward: capturing the model's forward failed ({type(e).__name__}: "
-                f"{str(e)[:200]}); calls with this signature run without a CUDA graph",
+                f"{str(e)[:200]}); calls with this signature run without a CUDA graph{off}",
                 RuntimeWarning,
                 stacklevel=3,
             )
@@ -157,7 +231,8 @@ class GraphedForward:
 
 
 def _signature(args: dict) -> tuple:
-    key = []
+    dev = args["input_ids"].device
+    key: list = [_global_state(dev.type)]
     for name in sorted(args):
         v = args[name]
         if isinstance(v, Tensor):
@@ -172,6 +247,18 @@ def _signature(args: dict) -> tuple:
                 ) from None
             key.append((name, "value", v))
     return tuple(key)
+
+
+def _global_state(device_type: str) -> tuple:
+    """What changes the kernels a forward launches without being an argument."""
+    autocast = torch.is_autocast_enabled(device_type)
+    return (
+        autocast,
+        torch.get_autocast_dtype(device_type) if autocast else None,
+        os.environ.get("DLM_KERNELS_IMPL", ""),
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+    )
 
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

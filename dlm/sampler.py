@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 import dlm_kernels
-from dlm.cuda_graph import GraphedForward, graphed_forward
+from dlm.cuda_graph import CudaGraphBackend, GraphedForward, graphed_forward
 
 # alg -> the op's confidence mode (None: ancestral, no confidence).
 ALGS: dict[str, str | None] = {
@@ -839,10 +839,11 @@ def _graphs(model, want, kv_cache, forward_fn, dev) -> GraphedForward | None:
         raise ValueError("generate: cuda_graph needs the model in eval mode (model.eval()): a "
                          "graph would replay the same dropout masks at every step")  # fmt: skip
     if want is True:
-        if dev.type != "cuda":
-            raise ValueError(f"generate: cuda_graph=True needs CUDA tensors, got the prompt on "
-                             f"{dev}")  # fmt: skip
         want = graphed_forward(model)
+    elif want.model is not model:
+        raise ValueError("generate: cuda_graph is a GraphedForward of another model")
+    if isinstance(want.backend, CudaGraphBackend) and dev.type != "cuda":
+        raise ValueError(f"generate: cuda_graph needs CUDA tensors, got the prompt on {dev}")
     want.check_parameters()
     return want
 

@@ -26,7 +26,7 @@ class ReplayBackend:
     def __init__(self, fail: bool = False):
         self.fail, self.replays = fail, 0
 
-    def capture(self, fn):
+    def capture(self, fn, device):
         if self.fail:
             raise RuntimeError("operation not permitted when stream is capturing")
         out = fn()
@@ -186,10 +186,29 @@ def test_moved_parameters_drop_the_graphs():
     assert g.captures == 3 and len(g.graphs) == 1
 
 
-def test_failed_capture_warns_once_and_runs_eagerly():
-    m = _model()
-    g = cg.GraphedForward(m, backend=ReplayBackend(fail=True))
-    ids = torch.randint(0, MASK, (2, 6))
+class _Syncing(torch.nn.Module):
+    """A model whose forward reads a value on the host (as some Hugging Face models check
+    their masks): it cannot be captured."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+
+    def forward(self, input_ids, attention_mask=None, **kw):
+        if bool((input_ids < 0).any()):
+            raise ValueError("negative ids")
+        return self.inner(input_ids, attention_mask=attention_mask, **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_failed_capture_warns_once_and_runs_eagerly(backend):
+    dev, _ = _setup(backend)
+    m = _Syncing(_model(dev=dev)).eval()
+    if backend == "replay":
+        g = cg.GraphedForward(m, backend=ReplayBackend(fail=True))
+    else:
+        g = cg.GraphedForward(m)
+    ids = torch.randint(0, MASK, (2, 6), device=dev)
     kw = dict(gen_length=8, steps=4, mask_id=MASK, seed=1)
     with pytest.warns(RuntimeWarning, match="capturing the model's forward failed"):
         out = generate(m, ids, cuda_graph=g, **kw)
@@ -198,6 +217,16 @@ def test_failed_capture_warns_once_and_runs_eagerly():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         generate(m, ids, cuda_graph=g, **kw)  # the failure is remembered: no second warning
+    if backend == "cuda":
+        # The host sync was caught before any capture: nothing is left mid-capture, and a
+        # model that can be captured still is.
+        assert cg._BROKEN is None
+        assert torch.cuda.current_stream() == torch.cuda.default_stream()
+        torch.cuda.empty_cache()
+        good = _model(dev=dev)
+        g2 = cg.GraphedForward(good)
+        assert torch.equal(generate(good, ids, cuda_graph=g2, **kw), generate(good, ids, **kw))
+        assert g2.captures == 1
 
 
 def test_graphed_forward_is_kept_per_model_and_released_with_it():
@@ -213,12 +242,68 @@ def test_graphed_forward_is_kept_per_model_and_released_with_it():
     assert cg.graphed_forward(fn).model is fn
 
 
+def test_full_cache_is_dropped_whole_before_the_next_capture(monkeypatch):
+    # Graphs on one capture stream share cuBLAS's workspace: never destroy one under the
+    # others, and never after a capture that may already use it.
+    monkeypatch.setattr(cg, "_MAX_GRAPHS", 2)
+    m = _model()
+    live = []
+
+    class Recording(ReplayBackend):
+        def capture(self, fn, device):
+            live.append(len(g.graphs))
+            return super().capture(fn, device)
+
+    g = cg.GraphedForward(m, backend=Recording())
+    ids = torch.randint(0, MASK, (2, 6))
+    with torch.inference_mode():
+        for a in range(3):
+            assert torch.equal(g(ids, output_range=(a, 6)), m(ids, output_range=(a, 6)))
+    assert live == [0, 1, 0] and len(g.graphs) == 1 and g.captures == 3
+    monkeypatch.setattr(cg, "_MAX_BYTES", 1)
+    with torch.inference_mode():
+        g(ids, output_range=(4, 6))
+    assert live[-1] == 0 and len(g.graphs) == 1
+
+
+def test_signature_includes_autocast_and_the_impl(monkeypatch):
+    m = _model()
+    g = cg.GraphedForward(m, backend=ReplayBackend())
+    ids = torch.randint(0, MASK, (2, 6))
+    with torch.inference_mode():
+        g(ids)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = g(ids)
+            assert out.dtype == m(ids).dtype
+        assert g.captures == 2
+        monkeypatch.setenv("DLM_KERNELS_IMPL", "reference")
+        g(ids)
+        assert g.captures == 3
+
+
+def test_direct_calls_outside_inference_mode():
+    # Buffers captured under generate's inference mode still take a later no_grad call's
+    # inputs, and the output is an ordinary tensor without a graph to backpropagate through.
+    m = _model()
+    g = cg.GraphedForward(m, backend=ReplayBackend())
+    ids = torch.randint(0, MASK, (2, 5))
+    generate(m, ids, cuda_graph=g, gen_length=4, steps=2, mask_id=MASK)
+    full = torch.full((2, 9), MASK)
+    full[:, :5] = ids
+    with torch.no_grad():
+        a = g(full, output_range=(5, 9))
+        assert torch.equal(a, m(full, output_range=(5, 9)))
+    b = g(full, output_range=(5, 9))
+    assert not b.requires_grad and not b.is_inference()
+    b += 1  # an ordinary tensor: editable in place
+
+
 def test_cuda_graph_arguments():
     m = _model()
     ids = torch.randint(0, MASK, (2, 5))
     kw = dict(gen_length=4, steps=2, mask_id=MASK)
     g = cg.GraphedForward(m, backend=ReplayBackend())
-    with pytest.raises(ValueError, match="cuda_graph=True needs CUDA tensors, got the prompt on"):
+    with pytest.raises(ValueError, match="cuda_graph needs CUDA tensors, got the prompt on cpu"):
         generate(m, ids, cuda_graph=True, **kw)
     with pytest.raises(ValueError, match="does not combine with kv_cache"):
         generate(m, ids, cuda_graph=g, kv_cache="prefix", **kw)
@@ -230,4 +315,10 @@ def test_cuda_graph_arguments():
     m.eval()
     with pytest.raises(TypeError, match="argument kv_cache must be a tensor or a hashable"):
         g(ids, kv_cache=[1])
+    with pytest.raises(ValueError, match="a GraphedForward of another model"):
+        generate(_model(), ids, cuda_graph=g, **kw)
+    with pytest.raises(ValueError, match="cuda_graph needs CUDA tensors, got the prompt on"):
+        generate(m, ids, cuda_graph=cg.GraphedForward(m), **kw)
+    with pytest.raises(ValueError, match="CUDA graphs need CUDA tensors, got input_ids on"):
+        cg.GraphedForward(m)(ids)
     assert torch.equal(generate(m, ids, cuda_graph=False, **kw), generate(m, ids, **kw))
