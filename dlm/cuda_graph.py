@@ -27,6 +27,9 @@ What a graph assumes, and how it is kept true:
     mid-capture: it warns and switches graphs off for the whole process.
   * No randomness and no gradients: the forward runs under no_grad; ``generate`` uses graphs
     only for a model in eval mode.
+  * A KV cache (Fast-dLLM's prefix / dual) is state the graphs write and read in place: it is
+    a dlm.sampler.StaticKVCache from ``static_cache``, whose buffers never move, and its
+    ``graph_key`` (the object and the slice it writes) is part of the signature.
 
 Memory. All graphs of one GraphedForward share one memory pool and one capture stream: they run
 one at a time and each output is copied out right after its replay, so a pool the size of one
@@ -145,6 +148,7 @@ class GraphedForward:
             self._ref, self._strong = None, model
         self.backend = backend if backend is not None else CudaGraphBackend()
         self.graphs: dict[tuple, _Entry | None] = {}
+        self.caches: dict = {}  # batch shape -> StaticKVCache (see static_cache)
         self.captures = 0  # graphs captured so far (a count for tests and benchmarks)
         self._params: tuple | None = None
 
@@ -157,6 +161,16 @@ class GraphedForward:
         if self.graphs and isinstance(self.backend, CudaGraphBackend):
             torch.cuda.synchronize()  # none may be running when it is destroyed
         self.graphs = {}
+        self.caches = {}
+
+    def static_cache(self, key):
+        """The dlm.sampler.StaticKVCache these graphs use for one batch shape ``key``: one per
+        shape, kept as long as the graphs (a graph writes and reads its buffers in place)."""
+        from dlm.sampler import StaticKVCache
+
+        if key not in self.caches:
+            self.caches[key] = StaticKVCache()
+        return self.caches[key]
 
     def check_parameters(self) -> None:
         """Drop every graph when the model's parameters or buffers moved (``model.to(...)``,
@@ -237,6 +251,8 @@ def _signature(args: dict) -> tuple:
         v = args[name]
         if isinstance(v, Tensor):
             key.append((name, "tensor", tuple(v.shape), v.dtype, v.device))
+        elif hasattr(v, "graph_key"):  # a StaticKVCache: its buffers and slice are baked in
+            key.append((name, "graph_key", v.graph_key()))
         else:
             try:
                 hash(v)

@@ -93,6 +93,31 @@ class KVCache:
         return kc, vc
 
 
+class StaticKVCache(KVCache):
+    """A KVCache whose buffers never move, for forwards replayed from CUDA graphs: a whole-
+    sequence forward copies its keys and values into buffers allocated at its first call
+    (outside any capture: the warm-up runs first), instead of keeping the forward's own
+    tensors, which live in the graphs' memory pool. ``graph_key`` (the object and ``start``)
+    is part of a graph's signature: a graph bakes in the buffers' addresses and the slice it
+    writes. One per batch shape, kept by the GraphedForward (``static_cache``)."""
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        kc = self.keys.get(layer)
+        if self.start == 0 and (kc is None or k.shape[1] >= kc.shape[1]):
+            if kc is None or kc.shape != k.shape or kc.dtype != k.dtype:
+                if k.is_cuda and torch.cuda.is_current_stream_capturing():
+                    raise RuntimeError("StaticKVCache: buffers must exist before a capture "
+                                       "(run the forward once first)")  # fmt: skip
+                self.keys[layer], self.values[layer] = torch.empty_like(k), torch.empty_like(v)
+            self.keys[layer].copy_(k)
+            self.values[layer].copy_(v)
+            return self.keys[layer], self.values[layer]
+        return super().update(layer, k, v)
+
+    def graph_key(self) -> tuple:
+        return (id(self), self.start)
+
+
 def _accepts(model, name: str) -> bool:
     fn = model.forward if isinstance(model, torch.nn.Module) else model
     try:
@@ -406,7 +431,8 @@ def generate(
         cuda_graph: replay the model's forward from CUDA graphs, one captured per window shape
             (``dlm.cuda_graph``): a forward becomes one launch instead of a few hundred, for
             models small enough that launching kernels is what a step waits on. CUDA tensors,
-            a model in eval mode, no kv_cache. The graphs are kept with the model for later
+            a model in eval mode. With kv_cache, the cache lives in fixed buffers kept with the
+            graphs (``StaticKVCache``). The graphs are kept with the model for later
             calls of the same shapes; a signature whose capture fails warns and runs eagerly.
             Every step then runs the whole batch (no reuse of unchanged rows' predictions).
             A GraphedForward instance: use (and keep) those graphs. Off by default: not yet
@@ -532,7 +558,7 @@ def _loop(
         raise ValueError("generate: ban_tokens needs the logits path (fused_head=False)")
     head = _fused_head(model, False if ban_tokens else fused_head, forward_fn, logits_hook,
                        tokens_hook, commit_fn)  # fmt: skip
-    graphs = _graphs(model, cuda_graph, kv_cache, forward_fn, dev)
+    graphs = _graphs(model, cuda_graph, forward_fn, dev)
     if t_of is not None:
         # A time-conditioned model sees t of the masked fraction of the row's real tokens,
         # prompt included: dlm train masks whole sequences (no SFT prompt mask), so that is
@@ -683,7 +709,12 @@ def _loop(
         n0 = cand0.sum(1)
         counts = even_counts(n0, spb) if (schedule == "even" and not parallel) else None
         ts = dream_timesteps(spb, eps, dev) if schedule == "dream" else None
-        cache = KVCache() if kv_cache is not None else None
+        cache = None
+        if kv_cache is not None:
+            # Under graphs, one cache per batch shape kept with them: its buffers' addresses
+            # are baked into the graphs. Each block's first forward rewrites all of it.
+            rows = B * (2 if uncond_src is not None else 1)
+            cache = KVCache() if graphs is None else graphs.static_cache((rows, L))
         # Where this block's candidates may be; recomputed only when rows finish (stop_at_eos).
         reach = in_reach & ~done[:, None] if stop_at_eos else in_reach
         n_host = None  # the block's per-row counts on the host when they are all equal
@@ -823,16 +854,13 @@ def _commit(xw, lw, cw, rule: _Step, conf_mode, threshold, factor, alg_temp, mas
     return op(xw, lw, num_transfer=rule.num_transfer, alg_temp=alg_temp, **kw)
 
 
-def _graphs(model, want, kv_cache, forward_fn, dev) -> GraphedForward | None:
+def _graphs(model, want, forward_fn, dev) -> GraphedForward | None:
     """The GraphedForward the loop calls the model through, or None (cuda_graph=False)."""
     if want is False or want is None:
         return None
     if want is not True and not isinstance(want, GraphedForward):
         raise TypeError("generate: cuda_graph must be True, False or a dlm.cuda_graph."
                         f"GraphedForward, got {want!r}")  # fmt: skip
-    if kv_cache is not None:
-        raise ValueError("generate: cuda_graph does not combine with kv_cache (the cached "
-                         "forwards change shape within a block)")  # fmt: skip
     if forward_fn is not None:
         raise ValueError("generate: cuda_graph does not combine with forward_fn")
     if isinstance(model, torch.nn.Module) and model.training:

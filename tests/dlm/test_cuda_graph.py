@@ -137,6 +137,35 @@ def test_generate_with_graphs_gives_the_eager_tokens(backend, case):
     assert g.captures == 3
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+@pytest.mark.parametrize("case", ["plain", "padded-shift-fused", "cfg"])
+def test_kv_cache_under_graphs_gives_the_eager_tokens(backend, mode, case):
+    # Fast-dLLM's caches under graphs: each block's whole-sequence forward and its cached step
+    # are two signatures, the cache's buffers stay put (a graph bakes in their addresses) and
+    # are reused by the next call of the same shape.
+    dev, make = _setup(backend)
+    m = _model(dev=dev)
+    kw = dict(gen_length=12, steps=6, block_length=4, mask_id=MASK, seed=3, kv_cache=mode,
+              alg="maskgit_plus", temperature=0.7)  # fmt: skip
+    if case == "padded-shift-fused":
+        ids, am = _padded_batch(dev)
+        kw.update(logits_shift=True, fused_head=True)
+    else:
+        ids, am = torch.randint(0, MASK, (2, 5), device=dev), None
+        if case == "cfg":
+            kw.update(cfg_scale=1.5, alg="low_confidence", temperature=0.0)
+    g = make(m)
+    out = generate(m, ids, am, cuda_graph=g, **kw)
+    assert torch.equal(out, generate(m, ids, am, **kw))
+    assert g.captures == 6 and len(g.caches) == 1
+    (cache,) = g.caches.values()
+    ptrs = [cache.keys[i].data_ptr() for i in sorted(cache.keys)]
+    assert torch.equal(generate(m, ids, am, cuda_graph=g, **kw), out)
+    assert g.captures == 6
+    assert [cache.keys[i].data_ptr() for i in sorted(cache.keys)] == ptrs
+
+
 def test_rows_that_did_not_change_are_recomputed_with_the_batch():
     # The eager loop reruns only the rows a step changed (a smaller batch); under a graph each
     # window has one shape, so every forward runs the whole batch.
@@ -305,8 +334,6 @@ def test_cuda_graph_arguments():
     g = cg.GraphedForward(m, backend=ReplayBackend())
     with pytest.raises(ValueError, match="cuda_graph needs CUDA tensors, got the prompt on cpu"):
         generate(m, ids, cuda_graph=True, **kw)
-    with pytest.raises(ValueError, match="does not combine with kv_cache"):
-        generate(m, ids, cuda_graph=g, kv_cache="prefix", **kw)
     with pytest.raises(TypeError, match="cuda_graph must be True, False or"):
         generate(m, ids, cuda_graph="yes", **kw)
     m.train()
