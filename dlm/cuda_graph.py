@@ -12,7 +12,7 @@ the same signature.
 
 What a graph assumes, and how it is kept true:
   * Same shapes, dtypes and non-tensor arguments, and the same global state that changes what
-    the forward launches (autocast, DLM_KERNELS_IMPL, TF32): all part of the signature, the
+    the forward launches (autocast, dlm_kernels' dispatch, TF32): all part of the signature, the
     cache key. A new signature is captured once.
   * Tensor arguments are copied into the graph's own input buffers before each replay, and the
     output is cloned out of the graph's output buffer, which the next replay overwrites.
@@ -23,15 +23,18 @@ What a graph assumes, and how it is kept true:
     stream: once to autotune and initialise, once with torch's sync debug mode set to
     "error", so that a host sync (a Hugging Face model checking its mask, DLM_KERNELS_IMPL=
     flash_attn's varlen lengths) raises there, before any capture. That signature then warns
-    once and runs eagerly. A capture that fails after that point may leave the allocator
-    mid-capture: it warns and switches graphs off for the whole process.
+    once and runs eagerly. A capture that fails after that point drops every graph of the
+    model (see Memory); one that cannot even end may leave the allocator mid-capture: it
+    warns and switches graphs off for the whole process.
   * No randomness and no gradients: the forward runs under no_grad; ``generate`` uses graphs
     only for a model in eval mode.
   * A KV cache (Fast-dLLM's prefix / dual) is state the graphs write and read in place: it is
     a dlm.sampler.StaticKVCache from ``static_cache``, whose buffers never move, and its
-    ``graph_key`` (the object and the slice it writes) is part of the signature.
+    ``graph_key`` (a number never reused, and the slice it writes) is part of the signature;
+    each graph keeps the caches it baked in alive. Any other object argument is an error.
 
-Memory. All graphs of one GraphedForward share one memory pool and one capture stream: they run
+Memory. All graphs of one GraphedForward share one memory pool and one capture stream (per
+device): they run
 one at a time and each output is copied out right after its replay, so a pool the size of one
 forward's activations serves them all. Graphs are never destroyed one by one: graphs captured on
 one stream share cuBLAS's workspace for that stream, and destroying one graph can free it under
@@ -42,7 +45,6 @@ recapture.
 
 from __future__ import annotations
 
-import os
 import warnings
 import weakref
 from collections.abc import Callable
@@ -56,73 +58,84 @@ _BROKEN: str | None = None  # set when a capture failed midway: no more captures
 
 
 class CudaGraphBackend:
-    """Captures with torch.cuda.CUDAGraph on its own stream into its own memory pool."""
+    """Captures with torch.cuda.CUDAGraph on its own stream and memory pool per device."""
 
     def __init__(self) -> None:
-        self.pool = None
-        self.stream: torch.cuda.Stream | None = None
+        self.streams: dict[int, tuple[torch.cuda.Stream, tuple]] = {}  # device -> stream, pool
+        self.failed: list = []  # graphs of failed captures: destroyed only with the rest
+
+    def synchronize(self) -> None:
+        for index in self.streams:
+            torch.cuda.synchronize(index)
 
     def capture(self, fn: Callable[[], Tensor], device: torch.device):
         """(graph with .replay(), the output tensor its replays rewrite)."""
-        global _BROKEN
-        with torch.cuda.device(device):
-            if self.stream is None:
-                self.stream = torch.cuda.Stream()
-                self.pool = torch.cuda.graph_pool_handle()
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        with torch.cuda.device(index):
+            if index not in self.streams:
+                self.streams[index] = (torch.cuda.Stream(), torch.cuda.graph_pool_handle())
+            stream, pool = self.streams[index]
             caller = torch.cuda.current_stream()
-            self.stream.wait_stream(caller)
-            with torch.cuda.stream(self.stream):
-                fn()  # Triton autotuning, cuBLAS handles, lazy init: outside the capture
-                mode = torch.cuda.get_sync_debug_mode()
-                torch.cuda.set_sync_debug_mode("error")  # a host sync raises here, not mid-capture
-                try:
-                    fn()
-                finally:
-                    torch.cuda.set_sync_debug_mode(mode)
+            stream.wait_stream(caller)
+            try:
+                with torch.cuda.stream(stream):
+                    fn()  # Triton autotuning, cuBLAS handles, lazy init: outside the capture
+                    mode = torch.cuda.get_sync_debug_mode()
+                    torch.cuda.set_sync_debug_mode("error")  # a host sync raises here
+                    try:
+                        fn()
+                    finally:
+                        torch.cuda.set_sync_debug_mode(mode)
+            finally:
+                caller.wait_stream(stream)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.stream(self.stream):
+            with torch.cuda.stream(stream):
                 # thread_local: another thread's CUDA calls (a data loader's pinning thread)
                 # cannot invalidate this capture.
-                graph.capture_begin(self.pool, capture_error_mode="thread_local")
+                graph.capture_begin(pool, capture_error_mode="thread_local")
                 try:
                     out = fn()
                 except BaseException:
-                    self._abandon(graph, device)
+                    self._abandon(graph, index, pool)
                     raise
                 try:
                     graph.capture_end()
                 except BaseException:
-                    _BROKEN = "a CUDA graph capture could not end"
-                    self._end_pool(device)
+                    self._abandon(graph, index, pool, ended=True)
                     raise
-            caller.wait_stream(self.stream)
+            caller.wait_stream(stream)
         return graph, out
 
-    def _abandon(self, graph, device) -> None:
+    def _abandon(self, graph, index: int, pool, ended: bool = False) -> None:
+        """After a failed capture: end it if it can end, and keep the graph object. Destroying
+        it now would clear cuBLAS's workspace for this stream under the live graphs
+        (pytorch/pytorch#193402); GraphedForward drops every graph at once instead."""
         global _BROKEN
-        try:
-            graph.capture_end()
-        except Exception:  # noqa: BLE001 (an invalidated capture cannot end cleanly)
-            _BROKEN = "a CUDA graph capture failed midway"
-            self._end_pool(device)
-
-    def _end_pool(self, device) -> None:
-        # capture_end raises before it tells the allocator the capture ended; tell it here.
+        self.failed.append(graph)
+        if not ended:
+            try:
+                graph.capture_end()
+                return
+            except Exception:  # noqa: BLE001 (an invalidated capture cannot end cleanly)
+                pass
+        _BROKEN = "a CUDA graph capture could not end"
+        # capture_end raised before it told the allocator the capture ended: tell it here.
         end = getattr(torch._C, "_cuda_endAllocateToPool", None)
         if end is not None:
             try:
-                end(device.index if device.index is not None else 0, self.pool)
+                end(index, pool)
             except Exception:  # noqa: BLE001, S110 (best effort: graphs are off from now on)
                 pass
 
 
 class _Entry:
-    __slots__ = ("graph", "inputs", "out", "nbytes")
+    __slots__ = ("graph", "inputs", "out", "nbytes", "state")
 
-    def __init__(self, graph, inputs: dict[str, Tensor], out: Tensor) -> None:
+    def __init__(self, graph, inputs: dict[str, Tensor], out: Tensor, state: list) -> None:
         self.graph, self.inputs, self.out = graph, inputs, out
         self.nbytes = out.nbytes + sum(t.nbytes for t in inputs.values())
+        self.state = state  # objects whose buffers the graph baked in (a StaticKVCache): alive
 
 
 class GraphedForward:
@@ -158,16 +171,19 @@ class GraphedForward:
 
     def reset(self) -> None:
         """Drop every graph at once (never one by one: see the module's docstring)."""
-        if self.graphs and isinstance(self.backend, CudaGraphBackend):
-            torch.cuda.synchronize()  # none may be running when it is destroyed
+        if isinstance(self.backend, CudaGraphBackend):
+            self.backend.synchronize()  # none may be running when it is destroyed
+            self.backend.failed.clear()
         self.graphs = {}
         self.caches = {}
 
-    def static_cache(self, key):
-        """The dlm.sampler.StaticKVCache these graphs use for one batch shape ``key``: one per
-        shape, kept as long as the graphs (a graph writes and reads its buffers in place)."""
+    def static_cache(self, key, device: torch.device):
+        """The dlm.sampler.StaticKVCache these graphs use for one batch shape ``key`` on
+        ``device``: one per shape, kept as long as the graphs (a graph writes and reads its
+        buffers in place)."""
         from dlm.sampler import StaticKVCache
 
+        key = (key, device, _global_state(device.type))  # autocast changes the buffers' dtype
         if key not in self.caches:
             self.caches[key] = StaticKVCache()
         return self.caches[key]
@@ -232,6 +248,9 @@ class GraphedForward:
         try:
             graph, out = self.backend.capture(run, dev)
         except Exception as e:  # noqa: BLE001 (any failure: this signature runs eagerly)
+            if getattr(self.backend, "failed", None):
+                # A capture that began: drop every graph now, together with its remains.
+                self.reset()
             off = f"; {_BROKEN}: CUDA graphs are off for this process" if _BROKEN else ""
             warnings.warn(
                 f"GraphedForward: capturing the model's forward failed ({type(e).__name__}: "
@@ -241,7 +260,8 @@ class GraphedForward:
             )
             return None
         self.captures += 1
-        return _Entry(graph, inputs, out)
+        state = [v for v in static.values() if hasattr(v, "graph_key")]
+        return _Entry(graph, inputs, out, state)
 
 
 def _signature(args: dict) -> tuple:
@@ -253,28 +273,43 @@ def _signature(args: dict) -> tuple:
             key.append((name, "tensor", tuple(v.shape), v.dtype, v.device))
         elif hasattr(v, "graph_key"):  # a StaticKVCache: its buffers and slice are baked in
             key.append((name, "graph_key", v.graph_key()))
-        else:
-            try:
-                hash(v)
-            except TypeError:
-                raise TypeError(
-                    f"GraphedForward: argument {name} must be a tensor or a hashable value "
-                    f"(part of the graph's signature), got {type(v).__name__}"
-                ) from None
+        elif _plain(v):
             key.append((name, "value", v))
+        else:
+            raise TypeError(
+                f"GraphedForward: argument {name} must be a tensor, a StaticKVCache or a plain "
+                f"value (None, bool, int, float, str, a tuple of them), got {type(v).__name__}"
+            )
     return tuple(key)
+
+
+def _plain(v) -> bool:
+    """Values a graph may bake in as constants. Any other object (a plain KVCache, a list)
+    could change between replays without the signature seeing it."""
+    if isinstance(v, tuple):
+        return all(map(_plain, v))
+    return v is None or isinstance(v, (bool, int, float, str, torch.dtype, torch.device))
 
 
 def _global_state(device_type: str) -> tuple:
     """What changes the kernels a forward launches without being an argument."""
+    import dlm_kernels.dispatch
+
     autocast = torch.is_autocast_enabled(device_type)
     return (
         autocast,
         torch.get_autocast_dtype(device_type) if autocast else None,
-        os.environ.get("DLM_KERNELS_IMPL", ""),
-        torch.backends.cuda.matmul.allow_tf32,
-        torch.backends.cudnn.allow_tf32,
+        dlm_kernels.dispatch.current_impl(),
+        _tf32(),
     )
+
+
+def _tf32() -> tuple:
+    # torch >= 2.9 has fp32_precision; reading allow_tf32 raises once a user set the new API.
+    m, c = torch.backends.cuda.matmul, torch.backends.cudnn
+    if hasattr(m, "fp32_precision"):
+        return (m.fp32_precision, getattr(c, "fp32_precision", None))
+    return (m.allow_tf32, c.allow_tf32)
 
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

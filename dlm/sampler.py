@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -101,21 +102,34 @@ class StaticKVCache(KVCache):
     is part of a graph's signature: a graph bakes in the buffers' addresses and the slice it
     writes. One per batch shape, kept by the GraphedForward (``static_cache``)."""
 
+    _uids = itertools.count()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.uid = next(self._uids)  # never reused, unlike id()
+
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         kc = self.keys.get(layer)
         if self.start == 0 and (kc is None or k.shape[1] >= kc.shape[1]):
-            if kc is None or kc.shape != k.shape or kc.dtype != k.dtype:
+            if kc is None:
                 if k.is_cuda and torch.cuda.is_current_stream_capturing():
                     raise RuntimeError("StaticKVCache: buffers must exist before a capture "
                                        "(run the forward once first)")  # fmt: skip
-                self.keys[layer], self.values[layer] = torch.empty_like(k), torch.empty_like(v)
+                with torch.inference_mode(False):  # ordinary tensors, writable in any mode
+                    self.keys[layer] = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+                    self.values[layer] = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+            elif kc.shape != k.shape or kc.dtype != k.dtype:
+                # Graphs may hold these buffers' addresses: never reallocate them.
+                raise RuntimeError(f"StaticKVCache: layer {layer}'s keys are {tuple(kc.shape)} "
+                                   f"{kc.dtype}, got {tuple(k.shape)} {k.dtype}; use one cache "
+                                   "per batch shape and dtype")  # fmt: skip
             self.keys[layer].copy_(k)
             self.values[layer].copy_(v)
             return self.keys[layer], self.values[layer]
         return super().update(layer, k, v)
 
     def graph_key(self) -> tuple:
-        return (id(self), self.start)
+        return (self.uid, self.start)
 
 
 def _accepts(model, name: str) -> bool:
@@ -714,7 +728,7 @@ def _loop(
             # Under graphs, one cache per batch shape kept with them: its buffers' addresses
             # are baked into the graphs. Each block's first forward rewrites all of it.
             rows = B * (2 if uncond_src is not None else 1)
-            cache = KVCache() if graphs is None else graphs.static_cache((rows, L))
+            cache = KVCache() if graphs is None else graphs.static_cache((rows, L), dev)
         # Where this block's candidates may be; recomputed only when rows finish (stop_at_eos).
         reach = in_reach & ~done[:, None] if stop_at_eos else in_reach
         n_host = None  # the block's per-row counts on the host when they are all equal

@@ -16,7 +16,8 @@ import torch
 from dlm import cuda_graph as cg
 from dlm.config import ModelConfig
 from dlm.model import DiffusionLM
-from dlm.sampler import generate
+from dlm.sampler import StaticKVCache, generate
+from dlm_kernels import dispatch
 
 V, MASK = 53, 52
 BACKENDS = ["replay"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -295,7 +296,7 @@ def test_full_cache_is_dropped_whole_before_the_next_capture(monkeypatch):
     assert live[-1] == 0 and len(g.graphs) == 1
 
 
-def test_signature_includes_autocast_and_the_impl(monkeypatch):
+def test_signature_includes_autocast_and_the_impl():
     m = _model()
     g = cg.GraphedForward(m, backend=ReplayBackend())
     ids = torch.randint(0, MASK, (2, 6))
@@ -305,8 +306,8 @@ def test_signature_includes_autocast_and_the_impl(monkeypatch):
             out = g(ids)
             assert out.dtype == m(ids).dtype
         assert g.captures == 2
-        monkeypatch.setenv("DLM_KERNELS_IMPL", "reference")
-        g(ids)
+        with dispatch.use("reference"):
+            g(ids)
         assert g.captures == 3
 
 
@@ -340,7 +341,9 @@ def test_cuda_graph_arguments():
     with pytest.raises(ValueError, match=r"eval mode \(model.eval\(\)\)"):
         generate(m, ids, cuda_graph=g, **kw)
     m.eval()
-    with pytest.raises(TypeError, match="argument kv_cache must be a tensor or a hashable"):
+    with pytest.raises(
+        TypeError, match="argument kv_cache must be a tensor, a StaticKVCache or a plain"
+    ):
         g(ids, kv_cache=[1])
     with pytest.raises(ValueError, match="a GraphedForward of another model"):
         generate(_model(), ids, cuda_graph=g, **kw)
@@ -349,3 +352,64 @@ def test_cuda_graph_arguments():
     with pytest.raises(ValueError, match="CUDA graphs need CUDA tensors, got input_ids on"):
         cg.GraphedForward(m)(ids)
     assert torch.equal(generate(m, ids, cuda_graph=False, **kw), generate(m, ids, **kw))
+
+
+def test_a_failed_capture_that_began_drops_every_graph():
+    # A capture that began and failed leaves a graph on the capture stream; destroying it
+    # clears cuBLAS's workspace under the live graphs (pytorch#193402): all go at once.
+    m = _model()
+
+    class FailsAfterOne(ReplayBackend):
+        def __init__(self):
+            super().__init__()
+            self.failed = []  # as CudaGraphBackend: graphs whose capture began and failed
+
+        def capture(self, fn, device):
+            if g.captures:
+                self.failed.append("a graph")
+                raise RuntimeError("operation failed during capture")
+            return super().capture(fn, device)
+
+    g = cg.GraphedForward(m, backend=FailsAfterOne())
+    ids = torch.randint(0, MASK, (2, 6))
+    with torch.inference_mode():
+        g(ids)
+        assert len(g.graphs) == 1
+        with pytest.warns(RuntimeWarning, match="capturing the model's forward failed"):
+            out = g(ids, output_range=(2, 6))
+        assert torch.equal(out, m(ids, output_range=(2, 6)))
+        assert list(g.graphs.values()) == [None]  # the first graph went too
+
+
+def test_static_kv_cache_keeps_its_buffers():
+    # Its key is never reused, even by a cache made after it is gone (id() would be).
+    assert len({StaticKVCache().graph_key()[0] for _ in range(20)}) == 20
+    a, b = StaticKVCache(), StaticKVCache()
+    k = torch.randn(2, 5, 1, 4)
+    ka, _ = a.update(0, k, k)
+    ptr = ka.data_ptr()
+    assert a.update(0, k + 1, k)[0].data_ptr() == ptr  # rewritten in place
+    a.start = 3
+    assert a.update(0, k[:, :2], k[:, :2])[0].data_ptr() == ptr
+    a.start = 0
+    with pytest.raises(RuntimeError, match="never reallocate|one cache per batch shape"):
+        a.update(0, k.double(), k.double())
+    with torch.inference_mode():
+        kb, _ = b.update(0, k, k)
+    assert not kb.is_inference()
+    b.update(0, k, k)  # outside inference mode too
+
+
+def test_tf32_set_through_the_new_api():
+    # torch >= 2.9: once fp32_precision is set, reading allow_tf32 raises.
+    m = _model()
+    g = cg.GraphedForward(m, backend=ReplayBackend())
+    ids = torch.randint(0, MASK, (2, 6))
+    mm = torch.backends.cuda.matmul
+    prev = mm.fp32_precision
+    try:
+        mm.fp32_precision = "tf32"
+        with torch.inference_mode():
+            assert torch.equal(g(ids), m(ids))
+    finally:
+        mm.fp32_precision = prev
