@@ -107,6 +107,8 @@ def register(subparsers) -> None:
     p.add_argument("--logits-shift", action="store_true", help="Dream's shifted logits")
     p.add_argument("--kv-cache", choices=[c for c in KV_CACHES if c], default=None,
                    help="Fast-dLLM's block KV cache (default: none)")  # fmt: skip
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="replay the model's forward from CUDA graphs (CUDA only; not yet timed)")
     p.add_argument("--seed", type=nonneg, default=0, help="sample b uses seed + b")
     p.add_argument("--show-steps", action="store_true", help="print every denoising step")
     p.add_argument("--device", type=_device_name, default="auto", help="auto | cpu | cuda[:N]")
@@ -208,6 +210,8 @@ def _prompts(tok, texts: list[str] | None, num: int, dev: str):
 def cmd_sample(args) -> int:
     from dlm.sampler import _accepts
 
+    if args.cuda_graph and torch.device(_device(args.device)).type != "cuda":
+        raise ValueError(f"--cuda-graph needs a CUDA device, got --device {args.device}")
     model, tok, cfg, dev = _load(args)
     if args.kv_cache and not _accepts(model, "kv_cache"):
         raise ValueError("--kv-cache needs a model whose forward takes kv_cache=")
@@ -215,7 +219,7 @@ def cmd_sample(args) -> int:
     ids, am, rows = _prompts(tok, args.prompt, args.num, dev)
     eos = getattr(model.cfg, "eos_token_id", None)
     # Dream's pad id is its eos id: banning "pad" there would ban the end of text too.
-    wrapped = _Banned(model, [i for i in tok.special_ids if i not in (mask, eos)])
+    wrapped = _Banned(model, [i for i in tok.special_ids if i not in (mask, eos)]).eval()
     logits_shift = args.logits_shift or bool(getattr(model.cfg, "logits_shift", False))
     t0 = time.perf_counter()
     out = generate(
@@ -225,6 +229,7 @@ def cmd_sample(args) -> int:
         threshold=args.threshold, factor=args.factor, cfg_scale=args.cfg_scale, mask_id=mask,
         logits_shift=logits_shift, schedule=args.schedule, kv_cache=args.kv_cache,
         output_history=args.show_steps, seed=[args.seed + b for b in range(ids.shape[0])],
+        cuda_graph=args.cuda_graph,
     )  # fmt: skip
     dt = time.perf_counter() - t0
     x, history = out if args.show_steps else (out, [])

@@ -19,6 +19,10 @@ CASES = {
     "steps-negative": (["sample", "--checkpoint", "x", "--steps", "-1"], "--steps: must be >= 1"),
     "top-p-above-1": (["sample", "--checkpoint", "x", "--top-p", "1.5"], "--top-p: must be in"),
     "device-typo": (["sample", "--checkpoint", "x", "--device", "gpu"], "--device: expected"),
+    "cuda-graph-on-cpu": (
+        ["sample", "--checkpoint", "x", "--device", "cpu", "--cuda-graph"],
+        "--cuda-graph needs a CUDA device, got --device cpu",
+    ),
     "windows-0": (["eval", "--checkpoint", "x", "--windows", "0"], "--windows: must be >= 1"),
     "seq-len-0": (["eval", "--checkpoint", "x", "--seq-len", "0"], "--seq-len: must be >= 1"),
     "eval-data-missing": (["eval", "--checkpoint", "x", "--data", "{tmp}/no.txt"], "--data: no"),
