@@ -107,8 +107,11 @@ def register(subparsers) -> None:
     p.add_argument("--logits-shift", action="store_true", help="Dream's shifted logits")
     p.add_argument("--kv-cache", choices=[c for c in KV_CACHES if c], default=None,
                    help="Fast-dLLM's block KV cache (default: none)")  # fmt: skip
-    p.add_argument("--cuda-graph", action="store_true",
-                   help="replay the model's forward from CUDA graphs (CUDA only; not yet timed)")
+    p.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="replay the model's forward from CUDA graphs (CUDA only; not yet timed)",
+    )
     p.add_argument("--seed", type=nonneg, default=0, help="sample b uses seed + b")
     p.add_argument("--show-steps", action="store_true", help="print every denoising step")
     p.add_argument("--device", type=_device_name, default="auto", help="auto | cpu | cuda[:N]")
