@@ -28,6 +28,7 @@ from benchmarks.common import (
     vs_baseline,
 )
 from dlm.config import ModelConfig, get_preset
+from dlm.cuda_graph import graphed_forward
 from dlm.model import DiffusionLM
 from dlm.sampler import _accepts, generate
 
@@ -128,7 +129,8 @@ def _case(name, model, mask_id, dtype, device, quick, B, P, G, steps, bl) -> lis
     graphed = [("dlm+cuda-graph" + (f"+{kv}-cache" if kv else ""),
                 lambda kv=kv: ours(kv, graph=True),
                 lambda kv=kv: dict(token_agreement_vs_eager=agree(ours(kv, graph=True),
-                                                                  ours(kv))))
+                                                                  ours(kv)),
+                                   graphs_captured=graphed_forward(model).captures))
                for kv in [None, *kvs]]  # fmt: skip
     rows = []
     if device.startswith("cuda"):

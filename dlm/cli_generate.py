@@ -151,7 +151,11 @@ class _Banned(torch.nn.Module):
 
     def __init__(self, model, banned: list[int]):
         super().__init__()
-        self.model, self.banned = model, banned
+        self.model = model
+        # A tensor index on the model's device: a Python list would be copied to the GPU with
+        # a blocking copy at every call, which a CUDA graph cannot capture (--cuda-graph).
+        dev = next(model.parameters()).device
+        self.banned = torch.tensor(banned, dtype=torch.long, device=dev) if banned else None
         self.cfg = getattr(model, "cfg", None)
         self.time_of = getattr(model, "time_of", None)
 
@@ -162,7 +166,8 @@ class _Banned(torch.nn.Module):
         if t is not None:
             kw["t"] = t
         logits = self.model(input_ids, **kw)
-        logits[..., self.banned] = float("-inf")
+        if self.banned is not None:
+            logits.index_fill_(-1, self.banned, float("-inf"))
         return logits
 
 

@@ -54,7 +54,7 @@ from torch import Tensor
 
 # Signatures kept per model before all are dropped (and recaptured on use). generate at gen 256,
 # block 32 makes 8 (no cache) or 16 (a cache: each block's full forward and its cached step);
-# 64 holds the three modes at one batch size (40) without a flush in between.
+# the three modes at one batch size make 31 (prefix and dual share their full forwards).
 _MAX_GRAPHS = 64
 _MAX_BYTES = 2 << 30  # bytes of input + output buffers kept per model, likewise
 _BROKEN: str | None = None  # set when a capture failed midway: no more captures in the process

@@ -448,7 +448,7 @@ def generate(
             a model in eval mode. With kv_cache, the cache lives in fixed buffers kept with the
             graphs (``StaticKVCache``). The graphs are kept with the model for later
             calls of the same shapes; a signature whose capture fails warns and runs eagerly.
-            Every step then runs the whole batch (no reuse of unchanged rows' predictions).
+            Every forward then runs the whole batch (no rerun of only the rows that changed).
             A GraphedForward instance: use (and keep) those graphs. Off by default: not yet
             timed on a GPU.
 

@@ -135,3 +135,26 @@ def test_new_run_never_overwrites_a_checkpoint_unasked(tmp_path, capsys):
     from dlm.trainer import read_checkpoint_step
 
     assert read_checkpoint_step(str(ckpt)) == (3, 3)
+
+
+def test_sample_bans_the_special_tokens_in_place():
+    # dlm sample never draws the tokenizer's special tokens (besides mask and EOS): their
+    # logits are -inf, through a tensor index that a CUDA graph can capture (a Python list
+    # index would be copied to the GPU with a blocking copy at every call).
+    class Fixed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(7))
+
+        def forward(self, input_ids, **kw):
+            return self.w.expand(*input_ids.shape, 7).clone()
+
+    inner = Fixed()
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    out = cli_generate._Banned(inner, [1, 4])(ids)
+    ref = inner(ids)
+    assert torch.isinf(out[..., [1, 4]]).all() and (out[..., [1, 4]] < 0).all()
+    keep = [0, 2, 3, 5, 6]
+    assert torch.equal(out[..., keep], ref[..., keep])
+    assert isinstance(cli_generate._Banned(inner, [1, 4]).banned, torch.Tensor)
+    assert torch.equal(cli_generate._Banned(inner, [])(ids), ref)

@@ -457,10 +457,10 @@ def test_slab_kernels_small_tiles(dtype, programs, monkeypatch):
     # of 2 tiles (a short last piece), one tile per program; each with every option.
     monkeypatch.setattr(lce, "_slab_blocks", lambda: dict(BLOCK_M=4, BLOCK_C=32))
     monkeypatch.setattr(lce, "_slab_programs", lambda device: programs)
-    inputs = _inputs((1, 37), 40, 1003, dtype)
-    M = int(inputs[4].sum())
+    inputs = list(_inputs((1, 37), 40, 1003, dtype))
+    inputs[4] = torch.arange(37, device=DEV)[None] % 2 == 0  # 19 rows: 5 row tiles
     splits = {1: 1, 10: 2, 1000: 4}[programs]
-    assert lce._slab_split(M, 100, dict(BLOCK_M=4, BLOCK_C=32), programs)[0] == splits
+    assert lce._slab_split(19, 100, dict(BLOCK_M=4, BLOCK_C=32), programs)[0] == splits
     _check("slab", *inputs, **OPTIONS["all-none"])
     _check("slab", *inputs, **OPTIONS["all"])
 
