@@ -98,9 +98,10 @@ class StaticKVCache(KVCache):
     """A KVCache whose buffers never move, for forwards replayed from CUDA graphs: a whole-
     sequence forward copies its keys and values into buffers allocated at its first call
     (outside any capture: the warm-up runs first), instead of keeping the forward's own
-    tensors, which live in the graphs' memory pool. ``graph_key`` (the object and ``start``)
-    is part of a graph's signature: a graph bakes in the buffers' addresses and the slice it
-    writes. One per batch shape, kept by the GraphedForward (``static_cache``)."""
+    tensors, which live in the graphs' memory pool. ``graph_key`` (a number never reused,
+    and ``start``) is part of a graph's signature: a graph bakes in the buffers' addresses and
+    the slice it writes. One per batch shape, device and autocast state, kept by the
+    GraphedForward (``static_cache``)."""
 
     _uids = itertools.count()
 
