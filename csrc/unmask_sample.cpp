@@ -226,6 +226,13 @@ inline float greedy_conf(int mode, float m, float sec, double Z, double ent) {
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
+// The constants of exp8 / exp16 below (the 2^r polynomial highest power first): one set for
+// both widths, so that they give the same bits per lane.
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23
+constexpr float kExp2Poly[6] = {1.33079e-3f, 9.67156e-3f, 5.550585e-2f, 2.4022241e-1f,
+                                6.9314709e-1f, 1.0f};
+
 // Explicit AVX2 for the greedy pass: gcc's vectorisation of the scalar loop below ran at ~16
 // cycles per 8 logits; these run at ~5, and the next block is prefetched while the exps of this
 // one are computed, so the pass runs near the speed of reading the logits once.
@@ -246,16 +253,12 @@ inline float hmax8(__m256 v) {
 // one FMA, 2^r by a degree-5 polynomial fitted for relative error on [-1/2, 1/2] (1.04e-7, under
 // float32's 2^-23), then n added into the exponent bits. exp(0) = 1 exactly.
 inline __m256 exp8(__m256 d) {
-  const __m256 l2e = _mm256_set1_ps(1.44269504088896341f);
-  const __m256 magic = _mm256_set1_ps(12582912.0f);
+  const __m256 l2e = _mm256_set1_ps(kLog2e);
+  const __m256 magic = _mm256_set1_ps(kRoundMagic);
   const __m256 nm = _mm256_fmadd_ps(d, l2e, magic);
   const __m256 r = _mm256_fmsub_ps(d, l2e, _mm256_sub_ps(nm, magic));
-  __m256 p = _mm256_set1_ps(1.33079e-3f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(9.67156e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.550585e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(2.4022241e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(6.9314709e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  __m256 p = _mm256_set1_ps(kExp2Poly[0]);
+  for (int i = 1; i < 6; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExp2Poly[i]));
   const __m256i e = _mm256_slli_epi32(_mm256_castps_si256(nm), 23);
   return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
 }
@@ -273,16 +276,12 @@ inline void merge_top2(__m256 m1, __m256 s1, __m256 m2, __m256 s2, __m256* m, __
 // exp8 lane for lane (the same operations, so the same bits per element); only the order of
 // the float32 block sums differs (2 x 16 lanes instead of 4 x 8).
 inline __m512 exp16(__m512 d) {
-  const __m512 l2e = _mm512_set1_ps(1.44269504088896341f);
-  const __m512 magic = _mm512_set1_ps(12582912.0f);
+  const __m512 l2e = _mm512_set1_ps(kLog2e);
+  const __m512 magic = _mm512_set1_ps(kRoundMagic);
   const __m512 nm = _mm512_fmadd_ps(d, l2e, magic);
   const __m512 r = _mm512_fmsub_ps(d, l2e, _mm512_sub_ps(nm, magic));
-  __m512 p = _mm512_set1_ps(1.33079e-3f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(9.67156e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.550585e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(2.4022241e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.9314709e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  __m512 p = _mm512_set1_ps(kExp2Poly[0]);
+  for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExp2Poly[i]));
   const __m512i e = _mm512_slli_epi32(_mm512_castps_si512(nm), 23);
   return _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(p), e));
 }
