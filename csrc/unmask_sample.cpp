@@ -199,14 +199,33 @@ float top_p_threshold(std::vector<std::pair<float, double>>& c, double target, f
   return best;
 }
 
+// The first j in [0, V) with x[j] == v (v is the max of x[0..V), so one exists; V - 1 otherwise).
+inline int64_t first_index_of(const float* x, int64_t V, float v) {
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  const __m512 wv = _mm512_set1_ps(v);
+  for (; j + 16 <= V; j += 16) {
+    const __mmask16 hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(x + j), wv, _CMP_EQ_OQ);
+    if (hit) return j + __builtin_ctz(static_cast<unsigned>(hit));
+  }
+#endif
+#if defined(__AVX2__)
+  const __m256 vv = _mm256_set1_ps(v);
+  for (; j + 8 <= V; j += 8) {
+    const int hit = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + j), vv, _CMP_EQ_OQ));
+    if (hit) return j + __builtin_ctz(static_cast<unsigned>(hit));
+  }
+#endif
+  while (j < V - 1 && x[j] != v) ++j;
+  return j;
+}
+
 // The greedy pass found a block (x, starting at logit b) whose max bm beats the running max m:
 // record bm's first index and rescale the running sums Z = sum exp(x - m) and
 // ent = sum exp(x - m) (x - m) from m to bm (online softmax).
-inline void raise_max(const float* x, int64_t b, float bm, float* m, int64_t* amax, double* Z,
-                      double* ent) {
-  int64_t i = 0;
-  while (x[i] != bm) ++i;
-  *amax = b + i;
+inline void raise_max(const float* x, int64_t n, int64_t b, float bm, float* m, int64_t* amax,
+                      double* Z, double* ent) {
+  *amax = b + first_index_of(x, n, bm);
   if (*Z > 0.0) {
     const double dm = static_cast<double>(*m) - static_cast<double>(bm);
     const double r = std::exp(dm);
@@ -462,7 +481,7 @@ bool greedy_row(const T* src, int64_t V, int mode, int64_t* tok_out, float* conf
                                : block_max32<false>(x, n32, &bm, nullptr);
     if (bad || bm == -ninf) return false;
     if (mode == 2) sec = std::max(std::min(m, bm), std::max(sec, bs));
-    if (bm > m) raise_max(x, b, bm, &m, &amax, &Z, &ent);
+    if (bm > m) raise_max(x, n32, b, bm, &m, &amax, &Z, &ent);
     if (m == ninf) continue;  // every logit so far is -inf: nothing to add
     const int64_t next = b + kGBlk < V ? std::min(kGBlk, V - b - kGBlk) : 0;
     const char* pf = next > 0 ? reinterpret_cast<const char*>(src + b + kGBlk) : nullptr;
@@ -535,7 +554,7 @@ bool greedy_row(const T* src, int64_t V, int mode, int64_t* tok_out, float* conf
       if (ntop >= 2) bs = bm;
       sec = std::max(std::min(m, bm), std::max(sec, bs));
     }
-    if (bm > m) raise_max(buf, b, bm, &m, &amax, &Z, &ent);
+    if (bm > m) raise_max(buf, n, b, bm, &m, &amax, &Z, &ent);
     float zb = 0.0f, eb = 0.0f;
     if (mode == 3) {
 #pragma omp simd reduction(+ : zb, eb)
@@ -570,20 +589,6 @@ inline double exp_sum(const float* x, int64_t V, float m) {
   return Z;
 }
 #endif
-
-// The first j in [0, V) with x[j] == v (v is the row's max, so one exists; V - 1 otherwise).
-inline int64_t first_index_of(const float* x, int64_t V, float v) {
-  int64_t j = 0;
-#if defined(__AVX2__)
-  const __m256 vv = _mm256_set1_ps(v);
-  for (; j + 8 <= V; j += 8) {
-    const int hit = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + j), vv, _CMP_EQ_OQ));
-    if (hit) return j + __builtin_ctz(static_cast<unsigned>(hit));
-  }
-#endif
-  while (j < V - 1 && x[j] != v) ++j;
-  return j;
-}
 
 #if defined(__AVX2__)
 // For each 8-bit mask, the positions of its set bits, lowest first (the left-pack table).

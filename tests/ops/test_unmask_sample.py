@@ -279,10 +279,12 @@ def test_greedy_cpp_across_blocks(conf):
     # -inf only, scattered -inf, large logits (the exps are taken of x - max, never of x), and
     # every input dtype. For margin, the per-lane second values: a second value in the max's
     # own SIMD lane (positions 32 apart), in an earlier block, and a tie in one lane (margin 0).
+    # The max's index is found by a vector search of its block: ties inside one vector too.
     skip_unless_available("cpp")
     g = torch.Generator().manual_seed(11)
     v = 5003
-    x = torch.randn(11, v, generator=g, dtype=torch.float64)
+    x = torch.randn(12, v, generator=g, dtype=torch.float64)
+    x[11, [1041, 1050, 3000]] = 9.0  # tied in one 16-wide vector (and one 8-wide apart), and later
     x[8, [100, 132]] = torch.tensor([9.0, 8.5], dtype=torch.float64)
     x[9, [10, 3000]] = torch.tensor([8.0, 9.0], dtype=torch.float64)
     x[10, [64, 96]] = 9.0
