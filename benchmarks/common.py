@@ -61,6 +61,20 @@ def check_time() -> None:
         raise OutOfTime("time budget spent: case not run")
 
 
+# CPU repetitions: at least _MIN_REPS (1 with --quick); calls of a few ms go on until each
+# callable has run for _MIN_SECONDS or _MAX_REPS times, so that the median of a cheap op is not
+# 7 samples of a shared 2-core machine's noise (session 12 saw 2x between runs of one op).
+_MIN_REPS, _MAX_REPS, _MIN_SECONDS = 7, 50, 0.3
+
+
+def _more_reps(quick: bool, done: int, seconds: float) -> bool:
+    """Whether a CPU timing loop runs another repetition, ``done`` of them so far having taken
+    ``seconds`` (per callable)."""
+    if quick:
+        return done < 1
+    return done < _MIN_REPS or (done < _MAX_REPS and seconds < _MIN_SECONDS)
+
+
 def time_fn(fn: Callable[[], object], device: str, *, quick: bool = False) -> dict:
     """Median / p20 / p80 milliseconds of ``fn()``."""
     check_time()
@@ -92,10 +106,10 @@ def time_fn(fn: Callable[[], object], device: str, *, quick: bool = False) -> di
         )
         return {"ms": ms[0], "ms_p20": ms[1], "ms_p80": ms[2]}
     fn()  # warm-up (allocator, first-call dispatch)
-    reps = 1 if quick else 7
     times = []
-    budget = time.perf_counter() + (0.5 if quick else 20.0)
-    for _ in range(reps):
+    start = time.perf_counter()
+    budget = start + (0.5 if quick else 20.0)
+    while _more_reps(quick, len(times), time.perf_counter() - start):
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
@@ -108,16 +122,19 @@ def time_fn(fn: Callable[[], object], device: str, *, quick: bool = False) -> di
 
 def time_fns(fns: list[Callable[[], object]], device: str, *, quick: bool = False) -> list[dict]:
     """``time_fn`` of several callables, interleaved on the CPU (one call of each per round), so
-    that a load change on a shared machine hits every provider alike; on CUDA, one by one."""
+    that a load change on a shared machine hits every provider alike; on CUDA, one by one.
+    Interleaving also means each call finds the caches as the others left them: where a
+    baseline sweeps hundreds of MB, an op over inputs that real use has just written (a
+    sampler's logits) is timed one by one (time_fn) instead."""
     if device.startswith("cuda") or len(fns) < 2:
         return [time_fn(fn, device, quick=quick) for fn in fns]
     check_time()
     for fn in fns:
         fn()  # warm-up
-    reps = 1 if quick else 7
     times: list[list[float]] = [[] for _ in fns]
-    budget = time.perf_counter() + (0.5 if quick else 20.0) * len(fns)
-    for _ in range(reps):
+    start = time.perf_counter()
+    budget = start + (0.5 if quick else 20.0) * len(fns)
+    while _more_reps(quick, len(times[0]), (time.perf_counter() - start) / len(fns)):
         for i, fn in enumerate(fns):
             t0 = time.perf_counter()
             fn()

@@ -107,3 +107,28 @@ def test_rows_timed_before_the_deadline_are_kept(monkeypatch):
         common.set_deadline(None)
     assert [r["status"] for r in rows] == ["ok", "ok"]
     assert all(r["ms"] > 0 and r.get("peak_mem_mb") is None for r in rows)
+
+
+def test_cpu_timing_repeats_cheap_calls(monkeypatch):
+    # CPU timings take at least 7 samples (1 with --quick); a cheap call goes on to 50 so that
+    # its median is not a handful of a shared machine's noisy samples; a slow one stops at 7.
+    from benchmarks import common
+
+    monkeypatch.setattr(common, "_MIN_SECONDS", 60.0)  # every call counts as cheap
+    calls = []
+    common.time_fn(lambda: calls.append(1), "cpu")
+    assert len(calls) == 1 + common._MAX_REPS  # the warm-up, then every repetition
+    calls.clear()
+    common.time_fn(lambda: calls.append(1), "cpu", quick=True)
+    assert len(calls) == 2
+    monkeypatch.setattr(common, "_MIN_SECONDS", 0.0)  # every call counts as slow
+    calls.clear()
+    common.time_fn(lambda: calls.append(1), "cpu")
+    assert len(calls) == 1 + common._MIN_REPS
+    counts = [[], []]
+    out = common.time_fns([lambda: counts[0].append(1), lambda: counts[1].append(1)], "cpu")
+    assert [len(c) for c in counts] == [1 + common._MIN_REPS] * 2 and len(out) == 2
+    monkeypatch.setattr(common, "_MIN_SECONDS", 60.0)
+    counts = [[], []]
+    common.time_fns([lambda: counts[0].append(1), lambda: counts[1].append(1)], "cpu")
+    assert [len(c) for c in counts] == [1 + common._MAX_REPS] * 2
