@@ -27,7 +27,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("tok"), py::arg("conf"), py::arg("cand"), py::arg("rule"),
         py::arg("num_transfer"), py::arg("threshold"), py::arg("factor"), py::arg("alg_temp"),
         py::arg("theta"), py::arg("seed"), py::arg("offset"), py::arg("seeds"),
-        py::arg("offsets"), py::arg("left_pad"));
+        py::arg("offsets"), py::arg("left_pad"), py::arg("pos") = py::none());
   m.def("simd_path", &dlm::simd_path, "\"avx2\" if the explicit AVX2 paths were compiled in");
   m.def("built_for_native", &dlm::built_for_native, "whether the build used -march=native");
   m.def("philox4x32", &dlm::philox4x32, "Philox4x32-10 words (n, 4) for counters (c0, c1, c2, c3)",

@@ -924,9 +924,10 @@ std::vector<at::Tensor> sample_rows(const at::Tensor& logits, const at::Tensor& 
   check(rows, at::kLong, "rows");
   check(valid, at::kBool, "valid");
   check(temperature, at::kDouble, "temperature");
-  check(top_k, at::kLong, "top_k");
-  check(top_p, at::kDouble, "top_p");
-  check(min_p, at::kDouble, "min_p");
+  // A filter that is off is never read: its tensor may be a placeholder of any size.
+  if (has_topk) check(top_k, at::kLong, "top_k");
+  if (has_topp) check(top_p, at::kDouble, "top_p");
+  if (has_minp) check(min_p, at::kDouble, "min_p");
   // Per-row Philox keys (a batch of rows that each carry their own seed and step count).
   TORCH_CHECK(seeds.has_value() == offsets.has_value(),
               "sample_rows: give both seeds and offsets or neither");
@@ -950,9 +951,9 @@ std::vector<at::Tensor> sample_rows(const at::Tensor& logits, const at::Tensor& 
   const int64_t* rw = rows.data_ptr<int64_t>();
   const bool* vd = valid.data_ptr<bool>();
   const double* tp = temperature.data_ptr<double>();
-  const int64_t* kp = top_k.data_ptr<int64_t>();
-  const double* pp = top_p.data_ptr<double>();
-  const double* mp = min_p.data_ptr<double>();
+  const int64_t* kp = has_topk ? top_k.data_ptr<int64_t>() : nullptr;
+  const double* pp = has_topp ? top_p.data_ptr<double>() : nullptr;
+  const double* mp = has_minp ? min_p.data_ptr<double>() : nullptr;
   int64_t* to = tok.data_ptr<int64_t>();
   float* co = conf.data_ptr<float>();
   const int64_t stride = logits.stride(0);
@@ -977,8 +978,9 @@ std::vector<at::Tensor> sample_rows(const at::Tensor& logits, const at::Tensor& 
           Q.k1 = static_cast<uint32_t>(static_cast<uint64_t>(sd[i]) >> 32);
           Q.off = static_cast<uint32_t>(static_cast<uint64_t>(od[i]) & 0xFFFFFFFFu);
         }
-        sample_row<scalar_t>(base + i * stride, V, static_cast<uint32_t>(rw[i]), tp[i], kp[i],
-                             pp[i], mp[i], Q, s, to + i, co + i);
+        sample_row<scalar_t>(base + i * stride, V, static_cast<uint32_t>(rw[i]), tp[i],
+                             kp != nullptr ? kp[i] : 0, pp != nullptr ? pp[i] : 1.0,
+                             mp != nullptr ? mp[i] : 0.0, Q, s, to + i, co + i);
       }
     });
   });
@@ -1009,7 +1011,8 @@ std::vector<at::Tensor> commit_rows(const at::Tensor& x, const at::Tensor& tok,
                                     int64_t seed, int64_t offset,
                                     const c10::optional<at::Tensor>& seeds,
                                     const c10::optional<at::Tensor>& offsets,
-                                    const c10::optional<at::Tensor>& left_pad) {
+                                    const c10::optional<at::Tensor>& left_pad,
+                                    const c10::optional<at::Tensor>& pos) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kLong && x.is_contiguous(),
               "commit_rows: x must be a contiguous (B, L) int64 tensor");
   const int64_t B = x.size(0), L = x.size(1);
@@ -1027,9 +1030,38 @@ std::vector<at::Tensor> commit_rows(const at::Tensor& x, const at::Tensor& tok,
                 "commit_rows: ", name, " must be a contiguous (", B, ",) ", st, " tensor");
     return t->data_ptr();
   };
-  check2(tok, at::kLong, "tok");
-  check2(conf, at::kFloat, "conf");
   check2(cand, at::kBool, "cand");
+  // With pos (M,): tok and conf are (M,), the draws at flat positions pos (b * L + l); every
+  // other position gets confidence -inf (it is never a candidate: the caller draws at all of
+  // them) and keeps its token. Without pos they are (B, L).
+  std::vector<int64_t> tok_full;
+  std::vector<float> conf_full;
+  if (pos.has_value()) {
+    const int64_t M = pos->numel();
+    TORCH_CHECK(pos->dim() == 1 && pos->scalar_type() == at::kLong && pos->is_contiguous(),
+                "commit_rows: pos must be a contiguous (M,) int64 tensor");
+    auto check_m = [M](const at::Tensor& t, at::ScalarType st, const char* name) {
+      TORCH_CHECK(t.dim() == 1 && t.size(0) == M && t.scalar_type() == st && t.is_contiguous(),
+                  "commit_rows: with pos, ", name, " must be a contiguous (", M, ",) ", st,
+                  " tensor");
+    };
+    check_m(tok, at::kLong, "tok");
+    check_m(conf, at::kFloat, "conf");
+    const int64_t* pp = pos->data_ptr<int64_t>();
+    const int64_t* tp = tok.data_ptr<int64_t>();
+    const float* fp = conf.data_ptr<float>();
+    tok_full.assign(x.data_ptr<int64_t>(), x.data_ptr<int64_t>() + B * L);
+    conf_full.assign(B * L, -std::numeric_limits<float>::infinity());
+    for (int64_t i = 0; i < M; ++i) {
+      TORCH_CHECK(pp[i] >= 0 && pp[i] < B * L, "commit_rows: pos[", i, "] = ", pp[i],
+                  " is outside [0, ", B * L, ")");
+      tok_full[pp[i]] = tp[i];
+      conf_full[pp[i]] = fp[i];
+    }
+  } else {
+    check2(tok, at::kLong, "tok");
+    check2(conf, at::kFloat, "conf");
+  }
   TORCH_CHECK(rule >= 0 && rule <= 3, "commit_rows: rule must be in [0, 3]");
   const auto* nt = static_cast<const int64_t*>(check1(num_transfer, at::kLong, "num_transfer"));
   const auto* th = static_cast<const double*>(check1(threshold, at::kDouble, "threshold"));
@@ -1044,8 +1076,8 @@ std::vector<at::Tensor> commit_rows(const at::Tensor& x, const at::Tensor& tok,
               "commit_rows: give both seeds and offsets or neither");
   auto out = x.clone();
   auto commit = at::zeros({B, L}, x.options().dtype(at::kBool));
-  const int64_t* xt = tok.data_ptr<int64_t>();
-  const float* cf = conf.data_ptr<float>();
+  const int64_t* xt = pos.has_value() ? tok_full.data() : tok.data_ptr<int64_t>();
+  const float* cf = pos.has_value() ? conf_full.data() : conf.data_ptr<float>();
   const bool* cd = cand.data_ptr<bool>();
   int64_t* xo = out.data_ptr<int64_t>();
   bool* cm = commit.data_ptr<bool>();

@@ -28,6 +28,8 @@ std::vector<at::Tensor> sample_rows(const at::Tensor& logits, const at::Tensor& 
 // float64, every candidate with conf >= tau and the best one; 2: factor; 3: theta (B,) float64,
 // each candidate with probability theta. Philox keys as sample_rows, per row when seeds/offsets
 // are given; left_pad (B,) int64 keys position l as l - left_pad[b] of a batch of one row.
+// pos (M,) int64: tok and conf are then (M,), the draws at flat positions pos (b * L + l), and
+// every other position has confidence -inf (so it must not be a candidate).
 // Returns {new x, commit (B, L) bool}.
 std::vector<at::Tensor> commit_rows(const at::Tensor& x, const at::Tensor& tok,
                                     const at::Tensor& conf, const at::Tensor& cand, int64_t rule,
@@ -37,7 +39,8 @@ std::vector<at::Tensor> commit_rows(const at::Tensor& x, const at::Tensor& tok,
                                     int64_t seed, int64_t offset,
                                     const c10::optional<at::Tensor>& seeds,
                                     const c10::optional<at::Tensor>& offsets,
-                                    const c10::optional<at::Tensor>& left_pad);
+                                    const c10::optional<at::Tensor>& left_pad,
+                                    const c10::optional<at::Tensor>& pos);
 
 // "avx2" if the explicit AVX2 paths (greedy rows, Philox) were compiled in, else "scalar".
 const char* simd_path();

@@ -694,6 +694,10 @@ def _check_logits(name: str, logits) -> None:
         raise ValueError(f"{name}: logits must have a vocabulary dimension V >= 1")
 
 
+# Placeholders of the filters that are off, for the direct C++ call (which never reads them).
+_OFF = {dt: torch.empty(0, dtype=dt) for dt in (torch.int64, torch.float64)}
+
+
 def _sample(logits2d, rows, valid, temp, tk, tp, mp, confidence, seed, offset):
     """Dispatch the per-row draw; (tokens int64 (R,), confidence float32 (R,)).
 
@@ -713,19 +717,25 @@ def _sample(logits2d, rows, valid, temp, tk, tp, mp, confidence, seed, offset):
         return torch.where(valid, tok, torch.zeros_like(tok)), torch.where(valid, conf, ninf)
     x = logits2d if logits2d.stride(-1) == 1 else logits2d.contiguous()
     dev = x.device
-    # Placeholders for the filters that are off (the kernels read them only when the flag is on).
+    # Eager CPU calls skip the custom op's Python layers (~40 us of a step that costs ~150 us at
+    # small vocabularies); torch.compile and tracers still see the registered op.
+    direct = impl == "cpp" and _plain_eager()
+
+    def off(dtype, fill):  # the tensor of a filter that is off: never read by the kernels
+        if direct:  # the C++ function accepts any placeholder: no (R,) allocation
+            return _OFF[dtype]
+        return torch.full((R,), fill, dtype=dtype, device=dev)
+
     args = (
         x, rows.contiguous(), valid.contiguous(), temp,
-        torch.zeros(R, dtype=torch.int64, device=dev) if tk is None else tk,
-        torch.ones(R, dtype=torch.float64, device=dev) if tp is None else tp,
-        torch.zeros(R, dtype=torch.float64, device=dev) if mp is None else mp,
+        off(torch.int64, 0) if tk is None else tk,
+        off(torch.float64, 1.0) if tp is None else tp,
+        off(torch.float64, 0.0) if mp is None else mp,
         _CONF_MODES[confidence], 0 if per_row else seed, 0 if per_row else offset,
         seed if per_row else None, offset if per_row else None,
         tk is not None, tp is not None, mp is not None,
     )  # fmt: skip
-    if impl == "cpp" and _plain_eager():
-        # Eager CPU calls skip the custom op's Python layers (~40 us of a step that costs
-        # ~150 us at small vocabularies); torch.compile and tracers still see the registered op.
+    if direct:
         tok, conf = dispatch.cpp_ops().sample_rows(*args)
     else:
         tok, conf = _sample_rows_op(*args, impl)
@@ -797,17 +807,27 @@ def sample_tokens(
     return _sample(logits, rows, valid, temp, tk, tp, mp, confidence, seed, offset)
 
 
-def select_and_commit(x, tok, conf, cand, nt, th, factor, alg_temp, tt, seed, offset, left_pad):
-    """(new x, commit) of a step from its drawn tokens and confidences, all (B, L): the rule of
-    reference.select_commits, then tok where committed. Eager CPU calls with the C++ extension
-    run it as one C++ pass per row (commit_rows: ~20 ops and a (B, L) sort fewer, which is most
-    of a small-vocabulary step's own time); elsewhere the torch ops of the reference, which need
-    no host sync."""
-    if (
-        x.device.type != "cpu"
-        or not _plain_eager()
-        or dispatch.select(x.device, has_triton=False) != "cpp"
-    ):
+def select_and_commit(
+    x, tok, conf, cand, nt, th, factor, alg_temp, tt, seed, offset, left_pad, pos=None
+):
+    """(new x, commit) of a step from its drawn tokens and confidences, all (B, L) (or, given
+    pos (M,), the M draws at flat positions pos, b * L + l, which must include every
+    candidate): the rule of reference.select_commits, then tok where committed. Eager CPU calls
+    with the C++ extension run it as one C++ pass per row (commit_rows: ~20 ops and a (B, L)
+    sort fewer, which is most of a small-vocabulary step's own time; with pos, the scatter back
+    to (B, L) too); elsewhere the torch ops of the reference, which need no host sync."""
+    cpp = (
+        x.device.type == "cpu"
+        and _plain_eager()
+        and dispatch.select(x.device, has_triton=False) == "cpp"
+    )
+    if pos is not None and not cpp:  # back to (B, L): -inf confidence where nothing was drawn
+        B, L = x.shape
+        conf_full = torch.full((B * L,), float("-inf"), dtype=torch.float32, device=x.device)
+        conf = conf_full.scatter(0, pos, conf).reshape(B, L)
+        tok = x.reshape(-1).scatter(0, pos, tok).reshape(B, L)  # never committed elsewhere
+        pos = None
+    if not cpp:
         commit = reference.select_commits(
             conf, cand, num_transfer=nt, threshold=th, factor=factor, alg_temp=alg_temp,
             theta=tt, seed=seed, offset=offset, left_pad=left_pad,
@@ -830,6 +850,7 @@ def select_and_commit(x, tok, conf, cand, nt, th, factor, alg_temp, tt, seed, of
         None if seeds is None else seeds.contiguous(),
         None if offsets is None else offsets.contiguous(),
         None if left_pad is None else left_pad.contiguous(),
+        None if pos is None else pos.contiguous(),
     )  # fmt: skip
     return new_x, commit
 
@@ -966,14 +987,17 @@ def unmask_step(
     elif logits.dim() == 2:
         M, V = logits.shape
         flat_mask = masked.reshape(-1)
-        if _host_checkable(x) and int(flat_mask.sum()) != M:
-            raise ValueError(f"{name}: logits has {M} rows but x has {int(flat_mask.sum())} "
-                             "masked positions")  # fmt: skip
-        slot = torch.cumsum(flat_mask.to(torch.int64), 0) - 1
-        slot = torch.where(flat_mask, slot, torch.full_like(slot, M)).clamp_max(M)
-        pos = torch.zeros(M + 1, dtype=torch.int64, device=dev)
-        pos.scatter_(0, slot, torch.arange(B * L, dtype=torch.int64, device=dev))
-        pos = pos[:M]
+        if _host_checkable(x):  # the CPU: reading the count costs no sync
+            pos = flat_mask.nonzero().view(-1)
+            if pos.shape[0] != M:
+                raise ValueError(f"{name}: logits has {M} rows but x has {pos.shape[0]} "
+                                 "masked positions")  # fmt: skip
+        else:  # slot i of the masked positions, without a host sync
+            slot = torch.cumsum(flat_mask.to(torch.int64), 0) - 1
+            slot = torch.where(flat_mask, slot, torch.full_like(slot, M)).clamp_max(M)
+            pos = torch.zeros(M + 1, dtype=torch.int64, device=dev)
+            pos.scatter_(0, slot, torch.arange(B * L, dtype=torch.int64, device=dev))
+            pos = pos[:M]
         logits2d = logits
         valid = flat_cand[pos] if M else flat_cand[:0]
         identity = False
@@ -1010,11 +1034,9 @@ def unmask_step(
     if identity:
         # Already in (B, L) order, with -inf confidence wherever no token was drawn (the token
         # there is never committed: commits are candidates).
-        conf_full, tok_full = conf.reshape(B, L), tok.reshape(B, L)
-    else:  # back to (B, L): -inf confidence and mask_id where no token was drawn
-        conf_full = torch.full((B * L,), float("-inf"), dtype=torch.float32, device=dev)
-        tok_full = torch.full((B * L,), mask_id, dtype=torch.int64, device=dev)
-        conf_full = conf_full.scatter(0, pos, conf).reshape(B, L)
-        tok_full = tok_full.scatter(0, pos, tok).reshape(B, L)
-    return select_and_commit(x, tok_full, conf_full, cand, nt, th, factor, alg_temp, tt, seed,
-                             offset, left_pad)  # fmt: skip
+        return select_and_commit(x, tok.reshape(B, L), conf.reshape(B, L), cand, nt, th, factor,
+                                 alg_temp, tt, seed, offset, left_pad)  # fmt: skip
+    # The draws at the masked positions pos (every candidate among them), scattered back to
+    # (B, L) by select_and_commit (inside the C++ pass on the CPU).
+    return select_and_commit(x, tok, conf, cand, nt, th, factor, alg_temp, tt, seed, offset,
+                             left_pad, pos)  # fmt: skip

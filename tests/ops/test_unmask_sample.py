@@ -713,6 +713,9 @@ def test_cpp_commit_matches_reference_select(keys):
     conf5[5] = (1 - 0.2 / (r + 2)).float()
     conf5[5, 1::3] = torch.nextafter(conf5[5, 1::3], torch.tensor(0.0))
     conf5[0, [4, 9]] = float("nan")
+    # The packed form (unmask_step with (M, V) logits): the draws at flat positions pos, a
+    # superset of the candidates (masked positions outside the block), scattered back inside.
+    pos = (cand | (torch.rand(B, L, generator=g) < 0.2)).reshape(-1).nonzero().view(-1)
     for rule in rules:
         args = [rule.get(k) for k in ("nt", "th", "factor", "alg_temp", "tt")]
         for c in (conf, conf5):
@@ -723,9 +726,23 @@ def test_cpp_commit_matches_reference_select(keys):
             assert torch.equal(out[1], ref[1]), (keys, rule)
             assert torch.equal(out[0], ref[0]), (keys, rule)
             assert not bool((out[1] & ~cand).any())
+            packed = (tok.reshape(-1)[pos], c.reshape(-1)[pos])
+            for name in ("reference", "cpp"):
+                with dispatch.use(name):
+                    got = us.select_and_commit(x, *packed, cand, *args, seed, offset, left_pad,
+                                               pos)  # fmt: skip
+                assert torch.equal(got[1], ref[1]) and torch.equal(got[0], ref[0]), (name, rule)
     with pytest.raises(RuntimeError, match="num_transfer"):
         dispatch.cpp_ops().commit_rows(x, tok, conf, cand, 0, None, None, 0.0, 0.0, None, 0, 0,
                                        None, None, None)  # fmt: skip
+    bad = pos.clone()
+    bad[-1] = B * L
+    with pytest.raises(RuntimeError, match="outside"):
+        dispatch.cpp_ops().commit_rows(x, *packed, cand, 0, nt, None, 0.0, 0.0, None, 0, 0,
+                                       None, None, None, bad)  # fmt: skip
+    with pytest.raises(RuntimeError, match="with pos, tok"):
+        dispatch.cpp_ops().commit_rows(x, tok, conf, cand, 0, nt, None, 0.0, 0.0, None, 0, 0,
+                                       None, None, None, pos)  # fmt: skip
 
 
 @pytest.mark.parametrize("name", ["reference", "cpp"])
