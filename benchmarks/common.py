@@ -65,6 +65,9 @@ def check_time() -> None:
 # callable has run for _MIN_SECONDS or _MAX_REPS times, so that the median of a cheap op is not
 # 7 samples of a shared 2-core machine's noise (session 12 saw 2x between runs of one op).
 _MIN_REPS, _MAX_REPS, _MIN_SECONDS = 7, 50, 0.3
+# A slow call (a baseline chain of seconds) stops at 3 repetitions once it has run this long,
+# so that one slow baseline does not take the time of the cases after it.
+_SLOW_SECONDS = 10.0
 
 
 def _more_reps(quick: bool, done: int, seconds: float) -> bool:
@@ -108,7 +111,7 @@ def time_fn(fn: Callable[[], object], device: str, *, quick: bool = False) -> di
     fn()  # warm-up (allocator, first-call dispatch)
     times = []
     start = time.perf_counter()
-    budget = start + (0.5 if quick else 20.0)
+    budget = start + (0.5 if quick else _SLOW_SECONDS)
     while _more_reps(quick, len(times), time.perf_counter() - start):
         t0 = time.perf_counter()
         fn()
@@ -133,7 +136,7 @@ def time_fns(fns: list[Callable[[], object]], device: str, *, quick: bool = Fals
         fn()  # warm-up
     times: list[list[float]] = [[] for _ in fns]
     start = time.perf_counter()
-    budget = start + (0.5 if quick else 20.0) * len(fns)
+    budget = start + (0.5 if quick else _SLOW_SECONDS) * len(fns)
     while _more_reps(quick, len(times[0]), (time.perf_counter() - start) / len(fns)):
         for i, fn in enumerate(fns):
             t0 = time.perf_counter()
