@@ -252,40 +252,6 @@ constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23
 constexpr float kExp2Poly[6] = {1.33079e-3f, 9.67156e-3f, 5.550585e-2f, 2.4022241e-1f,
                                 6.9314709e-1f, 1.0f};
 
-// The normaliser's exps exp(x - m) = 2^((x - m) log2 e) with the subtraction of m folded into
-// the rounding FMA: n = round(x L + c), c = fl(1.5 * 2^23 - m L), r = x L - (n - c) in one FMA
-// (|r| <= 1/2), and the same polynomial and exponent bits as exp8 / exp16. c is an integer
-// (float32's spacing is 1 there), so each term comes out as 2^((x - m) L + eps), eps = c -
-// (1.5 * 2^23 - m L) in [-1/2, 1/2] the same for the whole block: `undo` = 2^-eps, applied once
-// to the block's sum in double, removes it. One vector operation fewer per logit than
-// exp(max(x - m, -86)) (~7% of the greedy pass, which is bound by these operations); valid
-// while |m L| < 2^22 (larger logits take the plain form).
-struct ExpOffset {
-  float c;
-  double undo;
-};
-
-inline bool exp_offset(float m, ExpOffset* o) {
-  if (!(std::fabs(m) < 1.0e6f)) return false;
-  const double exact = static_cast<double>(kRoundMagic) -
-                       static_cast<double>(m) * static_cast<double>(kLog2e);  // exact in double
-  o->c = static_cast<float>(exact);
-  o->undo = std::exp2(exact - static_cast<double>(o->c));
-  return true;
-}
-
-// The term of a logit x = m in a block summed in the offset form, bit for bit as the vector
-// lanes compute it (the same operations; 8 lanes or 16 round alike).
-inline double offset_term(float m, const ExpOffset& o) {
-  const __m128 l2e = _mm_set1_ps(kLog2e), c = _mm_set1_ps(o.c), xv = _mm_set1_ps(m);
-  const __m128 nm = _mm_fmadd_ps(xv, l2e, c);
-  const __m128 r = _mm_fmsub_ps(xv, l2e, _mm_sub_ps(nm, c));
-  __m128 p = _mm_set1_ps(kExp2Poly[0]);
-  for (int i = 1; i < 6; ++i) p = _mm_fmadd_ps(p, r, _mm_set1_ps(kExp2Poly[i]));
-  const __m128i w = _mm_add_epi32(_mm_castps_si128(p), _mm_slli_epi32(_mm_castps_si128(nm), 23));
-  return static_cast<double>(_mm_cvtss_f32(_mm_castsi128_ps(w))) * o.undo;
-}
-
 // Explicit AVX2 for the greedy pass: gcc's vectorisation of the scalar loop below ran at ~16
 // cycles per 8 logits; these run at ~5, and the next block is prefetched while the exps of this
 // one are computed, so the pass runs near the speed of reading the logits once.
@@ -378,37 +344,14 @@ inline bool block_max32(const float* x, int64_t n, float* out, float* sec) {
 
 // See the AVX2 block_exp_sums32 below: sum_j exp(d_j) (and sum_j exp(d_j) d_j if kEnt),
 // d_j = max(x_j - m, -86), over x[0..n), n a multiple of 32, prefetching the next block.
-template <bool kEnt, bool kOff = false>
+template <bool kEnt>
 inline void block_exp_sums32(const float* x, int64_t n, float m, const char* pf, int64_t pf_bytes,
-                             double* z_out, float* e_out) {
+                             float* z_out, float* e_out) {
   const __m512 mv = _mm512_set1_ps(m);
   const __m512 lo = _mm512_set1_ps(-86.0f);
   __m512 z[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
   __m512 e[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
   const int64_t pf_step = pf_bytes / (n / 32);  // bytes of the next block per iteration
-  ExpOffset o;
-  if (kOff && !kEnt && exp_offset(m, &o)) {  // the normaliser alone, offset form (ExpOffset)
-    const __m512 l2e = _mm512_set1_ps(kLog2e), c = _mm512_set1_ps(o.c);
-    const __m512 xlo = _mm512_set1_ps(m - 86.0f);
-    for (int64_t j = 0, k = 0; j < n; j += 32, k += pf_step) {
-      if (pf != nullptr) {
-        for (int64_t b = 0; b < pf_step; b += 64) _mm_prefetch(pf + k + b, _MM_HINT_T0);
-      }
-      for (int q = 0; q < 2; ++q) {
-        const __m512 xv = _mm512_max_ps(_mm512_loadu_ps(x + j + 16 * q), xlo);
-        const __m512 nm = _mm512_fmadd_ps(xv, l2e, c);
-        const __m512 r = _mm512_fmsub_ps(xv, l2e, _mm512_sub_ps(nm, c));
-        __m512 p = _mm512_set1_ps(kExp2Poly[0]);
-        for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExp2Poly[i]));
-        const __m512i ex = _mm512_slli_epi32(_mm512_castps_si512(nm), 23);
-        const __m512i w = _mm512_add_epi32(_mm512_castps_si512(p), ex);
-        z[q] = _mm512_add_ps(z[q], _mm512_castsi512_ps(w));
-      }
-    }
-    *z_out = static_cast<double>(_mm512_reduce_add_ps(_mm512_add_ps(z[0], z[1]))) * o.undo;
-    *e_out = 0.0f;
-    return;
-  }
   for (int64_t j = 0, k = 0; j < n; j += 32, k += pf_step) {
     if (pf != nullptr) {
       for (int64_t b = 0; b < pf_step; b += 64) _mm_prefetch(pf + k + b, _MM_HINT_T0);
@@ -474,38 +417,14 @@ inline bool block_max32(const float* x, int64_t n, float* out, float* sec) {
 
 // sum_j exp(d_j) and sum_j exp(d_j) d_j (the latter only if kEnt), d_j = max(x_j - m, -86), over
 // x[0..n) (n a multiple of 32). pf/pf_bytes: the next block, prefetched meanwhile.
-template <bool kEnt, bool kOff = false>
+template <bool kEnt>
 inline void block_exp_sums32(const float* x, int64_t n, float m, const char* pf, int64_t pf_bytes,
-                             double* z_out, float* e_out) {
+                             float* z_out, float* e_out) {
   const __m256 mv = _mm256_set1_ps(m);
   const __m256 lo = _mm256_set1_ps(-86.0f);
   __m256 z[4], e[4];
   for (int q = 0; q < 4; ++q) z[q] = e[q] = _mm256_setzero_ps();
   const int64_t pf_step = pf_bytes / (n / 32);  // bytes of the next block per iteration
-  ExpOffset o;
-  if (kOff && !kEnt && exp_offset(m, &o)) {  // the normaliser alone, offset form (ExpOffset)
-    const __m256 l2e = _mm256_set1_ps(kLog2e), c = _mm256_set1_ps(o.c);
-    const __m256 xlo = _mm256_set1_ps(m - 86.0f);
-    for (int64_t j = 0, k = 0; j < n; j += 32, k += pf_step) {
-      if (pf != nullptr) {
-        for (int64_t b = 0; b < pf_step; b += 64) _mm_prefetch(pf + k + b, _MM_HINT_T0);
-      }
-      for (int q = 0; q < 4; ++q) {
-        const __m256 xv = _mm256_max_ps(_mm256_loadu_ps(x + j + 8 * q), xlo);
-        const __m256 nm = _mm256_fmadd_ps(xv, l2e, c);
-        const __m256 r = _mm256_fmsub_ps(xv, l2e, _mm256_sub_ps(nm, c));
-        __m256 p = _mm256_set1_ps(kExp2Poly[0]);
-        for (int i = 1; i < 6; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExp2Poly[i]));
-        const __m256i ex = _mm256_slli_epi32(_mm256_castps_si256(nm), 23);
-        const __m256i w = _mm256_add_epi32(_mm256_castps_si256(p), ex);
-        z[q] = _mm256_add_ps(z[q], _mm256_castsi256_ps(w));
-      }
-    }
-    *z_out = static_cast<double>(hsum8(_mm256_add_ps(_mm256_add_ps(z[0], z[1]),
-                                                     _mm256_add_ps(z[2], z[3])))) * o.undo;
-    *e_out = 0.0f;
-    return;
-  }
   for (int64_t j = 0, k = 0; j < n; j += 32, k += pf_step) {
     if (pf != nullptr) {
       for (int64_t b = 0; b < pf_step; b += 64) _mm_prefetch(pf + k + b, _MM_HINT_T0);
@@ -566,23 +485,16 @@ bool greedy_row(const T* src, int64_t V, int mode, int64_t* tok_out, float* conf
     if (m == ninf) continue;  // every logit so far is -inf: nothing to add
     const int64_t next = b + kGBlk < V ? std::min(kGBlk, V - b - kGBlk) : 0;
     const char* pf = next > 0 ? reinterpret_cast<const char*>(src + b + kGBlk) : nullptr;
-    double zb;
-    float eb;
+    float zb, eb;
     if (mode == 3) {
       block_exp_sums32<true>(x, n32, m, pf, next * static_cast<int64_t>(sizeof(T)), &zb, &eb);
     } else {
-      block_exp_sums32<false, true>(x, n32, m, pf, next * static_cast<int64_t>(sizeof(T)), &zb,
-                                    &eb);
+      block_exp_sums32<false>(x, n32, m, pf, next * static_cast<int64_t>(sizeof(T)), &zb, &eb);
     }
     Z += zb;
     ent += eb;
   }
   if (m == ninf) return false;
-  // The max's own term, 2^eps times a polynomial of eps instead of exactly 1, replaced by 1 (the
-  // block that raised the max to m summed with m's offset): a row with one finite logit then
-  // has probability exactly 1, as in the plain form.
-  ExpOffset o;
-  if (mode != 3 && exp_offset(m, &o)) Z += 1.0 - offset_term(m, o);
   *tok_out = amax;
   *conf_out = greedy_conf(mode, m, sec, Z, ent);
   return true;
@@ -594,8 +506,7 @@ inline double exp_sum(const float* x, int64_t V, float m) {
   const int64_t n32 = V & ~int64_t(31);
   double Z = 0.0;
   for (int64_t b = 0; b < n32; b += kBlk) {
-    double zb;
-    float eb;
+    float zb, eb;
     block_exp_sums32<false>(x + b, std::min(kBlk, n32 - b), m, nullptr, 0, &zb, &eb);
     Z += zb;
   }
