@@ -283,8 +283,10 @@ def test_greedy_cpp_across_blocks(conf):
     skip_unless_available("cpp")
     g = torch.Generator().manual_seed(11)
     v = 5003
-    x = torch.randn(12, v, generator=g, dtype=torch.float64)
+    x = torch.randn(14, v, generator=g, dtype=torch.float64)
     x[11, [1041, 1050, 3000]] = 9.0  # tied in one 16-wide vector (and one 8-wide apart), and later
+    x[12] = torch.round(x[12] * 32) / 32 + 3e5  # large logits (float32 spacing at 3e5: 1/32)
+    x[13] = torch.round(x[13] * 4) / 4 - 2e6
     x[8, [100, 132]] = torch.tensor([9.0, 8.5], dtype=torch.float64)
     x[9, [10, 3000]] = torch.tensor([8.0, 9.0], dtype=torch.float64)
     x[10, [64, 96]] = 9.0
@@ -753,6 +755,34 @@ def test_unmask_step_empty_batch(name):
         rule = {k: v[:0] if isinstance(v, torch.Tensor) else v for k, v in rule.items()}
         new, done = _run(name, unmask_step, x, logits, mask_id=0, seed=1, **rule)
         assert new.shape == (0, 8) and done.shape == (0, 8)
+
+
+@pytest.mark.parametrize("name", ["reference", "cpp", "triton"])
+def test_greedy_tied_maxima_exact(name):
+    # k tied maxima among -inf: probability exactly 1 / k on the reference and C++ paths (every
+    # tied term exp(0) = 1), so a threshold of 1 / k commits every tied position, as the
+    # reference does; a flat row of V 151936 sums exact ones. (A review found a 1-ulp error
+    # here in a faster C++ exp form, since dropped.) Triton: to float32 precision.
+    skip_unless_available(name)
+    lg = torch.full((3, 2048 + 37), float("-inf"))
+    lg[0, [3, 40]] = 1.7
+    lg[1, [5, 1000, 2060]] = -2.25
+    lg[2, 7] = 80.0
+    flat = torch.full((1, 151936), 0.25)
+    tok, conf = _run(name, sample_tokens, lg)
+    _, conf_flat = _run(name, sample_tokens, flat)
+    assert tok.tolist() == [3, 5, 7]
+    want = torch.tensor([1 / 2, 1 / 3, 1.0, 1 / 151936], dtype=torch.float64).float()
+    got = torch.cat([conf, conf_flat])
+    if name == "triton":
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+        return
+    assert torch.equal(got, want), got
+    two = torch.full((2, 64), float("-inf"))
+    two[:, [3, 40]] = 1.7
+    _, done = _run(name, unmask_step, torch.full((1, 2), 99), two, mask_id=99, threshold=0.5,
+                   seed=0)  # fmt: skip
+    assert done.tolist() == [[True, True]]
 
 
 def test_cpp_greedy_one_hot_rows_exact():
