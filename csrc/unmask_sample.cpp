@@ -306,21 +306,19 @@ inline __m512 exp16(__m512 d) {
 }
 
 // See the AVX2 block_max32 below: max (and with kTop2 the second value with multiplicity) of
-// x[0..n), n a multiple of 32; true if some element is NaN.
+// x[0..n), n a multiple of 32, NaN elements skipped.
 template <bool kTop2>
-inline bool block_max32(const float* x, int64_t n, float* out, float* sec) {
+inline void block_max32(const float* x, int64_t n, float* out, float* sec) {
   const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   __m512 m0 = ninf, m1 = ninf, s0 = ninf, s1 = ninf;
-  __mmask16 bad = 0;
   for (int64_t j = 0; j < n; j += 32) {
     const __m512 a = _mm512_loadu_ps(x + j), b = _mm512_loadu_ps(x + j + 16);
     if (kTop2) {
-      s0 = _mm512_max_ps(s0, _mm512_min_ps(m0, a));
-      s1 = _mm512_max_ps(s1, _mm512_min_ps(m1, b));
+      s0 = _mm512_max_ps(_mm512_min_ps(m0, a), s0);
+      s1 = _mm512_max_ps(_mm512_min_ps(m1, b), s1);
     }
-    m0 = _mm512_max_ps(m0, a);
-    m1 = _mm512_max_ps(m1, b);
-    bad |= _mm512_cmp_ps_mask(a, b, _CMP_UNORD_Q);
+    m0 = _mm512_max_ps(a, m0);
+    m1 = _mm512_max_ps(b, m1);
   }
   if (kTop2) {
     // Top two with multiplicity of the 32 lanes, merged in scalar code as the AVX2 path does.
@@ -339,7 +337,6 @@ inline bool block_max32(const float* x, int64_t n, float* out, float* sec) {
   } else {
     *out = _mm512_reduce_max_ps(_mm512_max_ps(m0, m1));
   }
-  return bad != 0;
 }
 
 // See the AVX2 block_exp_sums32 below: sum_j exp(d_j) (and sum_j exp(d_j) d_j if kEnt),
@@ -370,29 +367,29 @@ inline void block_exp_sums32(const float* x, int64_t n, float m, const char* pf,
   *e_out = kEnt ? _mm512_reduce_add_ps(_mm512_add_ps(e[0], e[1])) : 0.0f;
 }
 #else
-// Max of x[0..n) (n a multiple of 32); true if some element is NaN. With kTop2, *sec gets the
-// second value with multiplicity (the max again if it occurs twice): per lane s = max(s,
-// min(m, x)) before m = max(m, x), two more instructions per vector.
+// Max of x[0..n) (n a multiple of 32), NaN elements skipped. With kTop2, *sec gets the second
+// value with multiplicity (the max again if it occurs twice): per lane s = max(s, min(m, x))
+// before m = max(m, x), two more instructions per vector. NaN: (v)maxps / minps return their
+// second operand when either is NaN, so m = max(x, m) keeps m, and min(m, x) hands the NaN to
+// s = max(NaN, s), which keeps s: a NaN logit counts as -inf, as in the general path, with no
+// NaN check in the loop (the exp pass then clamps its x - m, NaN too, to -86: weight ~0).
 template <bool kTop2>
-inline bool block_max32(const float* x, int64_t n, float* out, float* sec) {
+inline void block_max32(const float* x, int64_t n, float* out, float* sec) {
   const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
   __m256 m[4] = {ninf, ninf, ninf, ninf}, s[4] = {ninf, ninf, ninf, ninf};
-  __m256 bad = _mm256_setzero_ps();
   for (int64_t j = 0; j < n; j += 32) {
     const __m256 a = _mm256_loadu_ps(x + j), b = _mm256_loadu_ps(x + j + 8);
     const __m256 c = _mm256_loadu_ps(x + j + 16), d = _mm256_loadu_ps(x + j + 24);
     if (kTop2) {
-      s[0] = _mm256_max_ps(s[0], _mm256_min_ps(m[0], a));
-      s[1] = _mm256_max_ps(s[1], _mm256_min_ps(m[1], b));
-      s[2] = _mm256_max_ps(s[2], _mm256_min_ps(m[2], c));
-      s[3] = _mm256_max_ps(s[3], _mm256_min_ps(m[3], d));
+      s[0] = _mm256_max_ps(_mm256_min_ps(m[0], a), s[0]);
+      s[1] = _mm256_max_ps(_mm256_min_ps(m[1], b), s[1]);
+      s[2] = _mm256_max_ps(_mm256_min_ps(m[2], c), s[2]);
+      s[3] = _mm256_max_ps(_mm256_min_ps(m[3], d), s[3]);
     }
-    m[0] = _mm256_max_ps(m[0], a);
-    m[1] = _mm256_max_ps(m[1], b);
-    m[2] = _mm256_max_ps(m[2], c);
-    m[3] = _mm256_max_ps(m[3], d);
-    bad = _mm256_or_ps(bad, _mm256_or_ps(_mm256_cmp_ps(a, b, _CMP_UNORD_Q),
-                                         _mm256_cmp_ps(c, d, _CMP_UNORD_Q)));
+    m[0] = _mm256_max_ps(a, m[0]);
+    m[1] = _mm256_max_ps(b, m[1]);
+    m[2] = _mm256_max_ps(c, m[2]);
+    m[3] = _mm256_max_ps(d, m[3]);
   }
   if (kTop2) {
     __m256 m01, s01, m23, s23, mv, sv;
@@ -412,7 +409,6 @@ inline bool block_max32(const float* x, int64_t n, float* out, float* sec) {
   } else {
     *out = hmax8(_mm256_max_ps(_mm256_max_ps(m[0], m[1]), _mm256_max_ps(m[2], m[3])));
   }
-  return _mm256_movemask_ps(bad) != 0;
 }
 
 // sum_j exp(d_j) and sum_j exp(d_j) d_j (the latter only if kEnt), d_j = max(x_j - m, -86), over
@@ -449,12 +445,12 @@ inline void block_exp_sums32(const float* x, int64_t n, float m, const char* pf,
 // The common greedy step (T = 0, no filter, confidence "prob", "margin" or "neg_entropy"; the
 // caller maps "raw_prob" to "prob") in one pass over the row, by blocks of kGBlk logits (float
 // rows are read in place, others are converted into an L1-resident buffer): the block's max (and
-// for margin its second value), NaN check, then its sums of w = exp(x - m) and w (x - m)
+// for margin its second value; NaN counts as -inf), then its sums of w = exp(x - m) and w (x - m)
 // relative to the running max m (online softmax: the running sums are rescaled when the max
 // grows). float lanes inside a block, double across blocks; the confidence is a float32
 // output. x - m is clamped at -86: in Z a weight of 4e-38 instead of 0 (nothing next to the
 // max's 1), in the entropy sums an exact 0. A ragged end is padded with -inf. Returns false,
-// having written nothing, if the row holds a NaN or +inf or is all -inf: the general path
+// having written nothing, if the row holds +inf or nothing but -inf and NaN: the general path
 // sanitises those.
 template <typename T>
 bool greedy_row(const T* src, int64_t V, int mode, int64_t* tok_out, float* conf_out) {
@@ -477,9 +473,12 @@ bool greedy_row(const T* src, int64_t V, int mode, int64_t* tok_out, float* conf
       x = buf;
     }
     float bm, bs = ninf;
-    const bool bad = mode == 2 ? block_max32<true>(x, n32, &bm, &bs)
-                               : block_max32<false>(x, n32, &bm, nullptr);
-    if (bad || bm == -ninf) return false;
+    if (mode == 2) {
+      block_max32<true>(x, n32, &bm, &bs);
+    } else {
+      block_max32<false>(x, n32, &bm, nullptr);
+    }
+    if (bm == -ninf) return false;  // +inf: the general path sanitises it
     if (mode == 2) sec = std::max(std::min(m, bm), std::max(sec, bs));
     if (bm > m) raise_max(x, n32, b, bm, &m, &amax, &Z, &ent);
     if (m == ninf) continue;  // every logit so far is -inf: nothing to add

@@ -276,17 +276,25 @@ def test_greedy_cpp_across_blocks(conf):
     # with it): maxima that grow from block to block (the running sums are rescaled), ties in
     # different blocks (the lowest index wins), the first element of a block, a ragged last
     # block (5003 = 2 x 2048 + 907, not a multiple of the 32-wide unroll), a first block of
-    # -inf only, scattered -inf, large logits (the exps are taken of x - max, never of x), and
-    # every input dtype. For margin, the per-lane second values: a second value in the max's
+    # -inf only, scattered -inf, large logits (the exps are taken of x - max, never of x), NaN,
+    # and every input dtype. For margin, the per-lane second values: a second value in the max's
     # own SIMD lane (positions 32 apart), in an earlier block, and a tie in one lane (margin 0).
     # The max's index is found by a vector search of its block: ties inside one vector too.
     skip_unless_available("cpp")
     g = torch.Generator().manual_seed(11)
     v = 5003
-    x = torch.randn(14, v, generator=g, dtype=torch.float64)
+    x = torch.randn(16, v, generator=g, dtype=torch.float64)
     x[11, [1041, 1050, 3000]] = 9.0  # tied in one 16-wide vector (and one 8-wide apart), and later
     x[12] = torch.round(x[12] * 32) / 32 + 3e5  # large logits (float32 spacing at 3e5: 1/32)
     x[13] = torch.round(x[13] * 4) / 4 - 2e6
+    # NaN counts as -inf on the one-pass path too (no NaN check in its loop): NaN after the
+    # max and before the second value in their lanes, at a block's first and last logit, and
+    # the max itself surrounded by NaN; a block of NaN only.
+    x[14, ::5] = float("nan")
+    x[14, [96, 128, 160]] = torch.tensor([8.0, float("nan"), 7.5], dtype=torch.float64)
+    x[14, [2047, 2048]] = float("nan")
+    x[15, 2048:4096] = float("nan")
+    x[15, [4100, 4099, 4101]] = torch.tensor([9.0, float("nan"), float("nan")], dtype=torch.float64)
     x[8, [100, 132]] = torch.tensor([9.0, 8.5], dtype=torch.float64)
     x[9, [10, 3000]] = torch.tensor([8.0, 9.0], dtype=torch.float64)
     x[10, [64, 96]] = 9.0
