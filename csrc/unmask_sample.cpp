@@ -30,6 +30,12 @@
 
 #include "common.h"
 
+// NaN and inf logits are handled by IEEE semantics here (the greedy max loop skips NaN through
+// the operand order of maxps / minps, which -ffast-math lets the compiler swap).
+#if defined(__FINITE_MATH_ONLY__) && __FINITE_MATH_ONLY__
+#error "csrc/unmask_sample.cpp needs NaN and inf semantics: build without -ffast-math"
+#endif
+
 namespace dlm {
 
 namespace {
