@@ -17,11 +17,17 @@ such near-ties may be ordered differently):
   * Dream with alg_temp > 0: positions from the op's Gumbel-top-k (the distribution of Dream's
     torch.multinomial without replacement, another stream);
   * Dream with both top_p and top_k: the op filters top_k first, Dream top_p first;
+  * Dream with top_p, when tied logits straddle the top-p boundary: Dream cuts its sorted
+    order inside the tied group (which of them survive depends on torch.sort's order of
+    equal values), the op keeps the whole group. The renormalised probabilities, hence the
+    confidences and at T > 0 the draws, then differ (ties are common in bf16 logits);
   * Dream counts the batch's mean number of masks; we count each row's own (identical for the
     equal rows Dream's padding produces; Dream's own code corrupts rows with fewer masks).
 """
 
 from __future__ import annotations
+
+import numbers
 
 import torch
 from torch import Tensor
@@ -63,8 +69,12 @@ def llada_generate(
         mask_id: the mask token (126336 for LLaDA).
         logits_eos_inf: forbid EOS (126081) everywhere (set to -inf on the guided logits,
             after classifier-free guidance, as LLaDA does).
-        confidence_eos_eot_inf: LLaDA's option, with its exact effect: the EoT logit (126348)
-            is removed from the softmax that scores the drawn tokens (a drawn EoT scores 0).
+        confidence_eos_eot_inf: LLaDA's option, with its exact effect: after the draw, the EoT
+            logit (126348) is removed from the softmax that scores the drawn tokens (a drawn
+            EoT scores 0), and at temperature 0 the EOS logit (126081) too. (LLaDA writes -inf
+            to EOS in its noisy logits and to EoT in its logits; at temperature 0 its
+            add_gumbel_noise returns the logits tensor itself, so both land in the one tensor
+            the softmax reads.)
 
     Returns:
         (B, P + gen_length) int64.
@@ -75,6 +85,7 @@ def llada_generate(
     """
     if remasking not in ("low_confidence", "random"):
         raise NotImplementedError(remasking)
+    prompt = _token_ids("llada_generate", "prompt", prompt)
     _check_counts("llada_generate", steps=steps, gen_length=gen_length, block_length=block_length)
     if gen_length % block_length:
         raise ValueError(f"llada_generate: gen_length {gen_length} must be a multiple of "
@@ -118,11 +129,15 @@ def _llada_commit(remasking, temperature, mask_id, eot_inf):
             conf = torch.rand(xw.shape, device=xw.device)
         else:
             # Draw every candidate's token (theta = 1), then score as LLaDA does with the EoT
-            # logit set to -inf after the draw: p(x0) under softmax of the edited logits.
+            # logit set to -inf after the draw: p(x0) under softmax of the edited logits. At
+            # T = 0 LLaDA's noisy logits are its logits (the same tensor), so the -inf it
+            # writes to the noisy EOS logit reaches that softmax as well.
             drawn, _ = dlm_kernels.unmask_step(xw, lw, candidates=cw, ancestral=True, theta=1.0,
                                                **kw)  # fmt: skip
             edited = lw.clone()
             edited[:, :, LLADA_EOT] = float("-inf")
+            if temperature == 0:
+                edited[:, :, LLADA_EOS] = float("-inf")
             p = torch.softmax(edited, dim=-1)
             conf = p.gather(-1, drawn.clamp(0, lw.shape[-1] - 1)[..., None]).squeeze(-1)
         conf = torch.where(cw, conf, torch.full_like(conf, float("-inf")))
@@ -131,6 +146,17 @@ def _llada_commit(remasking, temperature, mask_id, eot_inf):
                                        **kw)  # fmt: skip
 
     return commit
+
+
+def _token_ids(who: str, name: str, ids) -> Tensor:
+    """ids as (B, P) int64: the originals take any integer dtype (int32 from some tokenizers)."""
+    if not isinstance(ids, Tensor):
+        raise TypeError(f"{who}: {name} must be a (B, P) integer tensor, got "
+                        f"{type(ids).__name__}")  # fmt: skip
+    if ids.dim() != 2 or ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+        raise ValueError(f"{who}: {name} must be a (B, P) integer tensor, got {ids.dtype} "
+                         f"{tuple(ids.shape)}")  # fmt: skip
+    return ids.long()
 
 
 def _check_counts(who: str, **counts) -> None:
@@ -228,8 +254,13 @@ def dream_generate(
     if alg not in ("origin", "maskgit_plus", "topk_margin", "entropy"):
         raise RuntimeError(f"Unknown alg: {alg}")
     _check_counts("dream_generate", steps=steps)
-    if not 0 <= eps < 1:
-        raise ValueError(f"dream_generate: eps (the final time) must lie in [0, 1), got {eps!r}")
+    input_ids = _token_ids("dream_generate", "input_ids", input_ids)
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 <= eps < 1:
+        raise ValueError(f"dream_generate: eps (the final time) must be a number in [0, 1), "
+                         f"got {eps!r}")  # fmt: skip
+    for name, v in (("max_new_tokens", max_new_tokens), ("max_length", max_length)):
+        if v is not None:
+            _check_counts("dream_generate", **{name: v})
     if alg == "origin":
         alg_temp = None  # Dream's origin ignores alg_temp (no confidence to sample from)
     mask_id = mask_token_id if mask_token_id is not None else _mask_token_of(model)
@@ -237,9 +268,9 @@ def dream_generate(
         raise ValueError("dream_generate: mask_token_id not given and not found on the model")
     B, P = input_ids.shape
     if max_new_tokens is not None:
-        total = P + max_new_tokens
+        total = P + _as_int(max_new_tokens)
     elif max_length is not None:
-        total = max_length
+        total = _as_int(max_length)
     else:
         total = 20 + P
         cap = getattr(getattr(model, "config", None), "max_position_embeddings", None)

@@ -94,7 +94,11 @@ def llada_reference(model, prompt, attention_mask=None, steps=128, gen_length=12
                 logits[:, :, LLADA_EOS] = float("-inf")
             x0 = logits.argmax(-1)
             if confidence_eos_eot_inf:
-                logits[:, :, LLADA_EOT] = float("-inf")  # after the draw, as LLaDA does
+                # After the draw, as LLaDA does: its chained assignment writes EOS in the noisy
+                # logits and EoT in the logits, one tensor at T = 0 (add_gumbel_noise returns
+                # its input there), so the scoring softmax loses both.
+                logits[:, :, LLADA_EOS] = float("-inf")
+                logits[:, :, LLADA_EOT] = float("-inf")
             if remasking == "low_confidence":
                 score = torch.softmax(logits, -1).gather(-1, x0[..., None]).squeeze(-1)
             else:
@@ -181,6 +185,32 @@ def test_llada_eos_options_match_reference(model, flags, cfg_scale):
     assert torch.equal(out, ref)
     if flags[1] and not cfg_scale:
         assert (ref == LLADA_EOT).any()  # the option had something to act on
+
+
+def test_llada_eot_conf_option_scores_a_drawn_eos_zero_at_t0():
+    # At T = 0 LLaDA's noisy logits are its logits (one tensor), so confidence_eos_eot_inf's
+    # -inf on EOS reaches the scoring softmax too: a drawn EOS scores 0 and waits. Here the
+    # first answer position draws EOS confidently while the second is still masked, and 7 once
+    # it is not; the second draws 5 either way, less confidently.
+    P, Vb = 2, LLADA_EOT + 1
+
+    def two_positions(x, attention_mask=None):
+        out = torch.full((*x.shape, Vb), -20.0)
+        first_open = x[:, P + 1] == 126336
+        out[:, P, LLADA_EOS] = torch.where(first_open, 3.0, -20.0)
+        out[:, P, 7] = torch.where(first_open, 0.0, 5.0)
+        out[:, P + 1, 5] = torch.where(x[:, P] == 126336, 1.0, 5.0)
+        out[:, P + 1, 6] = torch.where(x[:, P] == 126336, 0.0, -20.0)
+        return out
+
+    ids = torch.tensor([[1, 2]])
+    kw = dict(steps=2, gen_length=2, block_length=2, confidence_eos_eot_inf=True)
+    out = llada_generate(two_positions, ids, **kw)
+    assert out.tolist() == [[1, 2, 7, 5]]
+    assert torch.equal(out, llada_reference(two_positions, ids, **kw))
+    # Without the option the confident EOS commits first, as in LLaDA.
+    plain = llada_generate(two_positions, ids, steps=2, gen_length=2, block_length=2)
+    assert plain.tolist() == [[1, 2, LLADA_EOS, 5]]
 
 
 def test_llada_rejects_bad_arguments(model):
@@ -435,3 +465,23 @@ def test_compat_wrappers_give_a_time_conditioned_model_t(model, which):
     else:  # Dream's schedule commits floor(n (1 - s/t)) per step; t still falls to the end
         assert got.shape == (4, 2) and bool((got[0] == torch.tensor([8 / 11, 8 / 10])).all())
         assert bool((got[1:] <= got[:-1]).all()) and bool((got[-1] > 0).all())
+
+
+def test_wrappers_take_int32_ids_and_name_bad_arguments(model):
+    ids, am = _prompts(2, 6)
+    kw = dict(steps=4, gen_length=8, block_length=8, mask_id=MASK)
+    assert torch.equal(llada_generate(model, ids.int(), **kw), llada_generate(model, ids, **kw))
+    dkw = dict(max_new_tokens=6, steps=4, alg="maskgit_plus", mask_token_id=MASK)
+    assert torch.equal(dream_generate(model, ids.to(torch.int32), **dkw),
+                       dream_generate(model, ids, **dkw))  # fmt: skip
+    for bad in (ids[0], ids.float(), [[1, 2]]):
+        with pytest.raises((TypeError, ValueError), match="input_ids"):
+            dream_generate(model, bad, **dkw)
+        with pytest.raises((TypeError, ValueError), match="prompt"):
+            llada_generate(model, bad, **kw)
+    with pytest.raises(ValueError, match="eps"):
+        dream_generate(model, ids, **dkw, eps=None)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        dream_generate(model, ids, **{**dkw, "max_new_tokens": 2.5})
+    with pytest.raises(ValueError, match="max_length"):
+        dream_generate(model, ids, max_length=0, steps=4, mask_token_id=MASK)
