@@ -38,6 +38,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import signal
 import threading
 import time
@@ -613,11 +614,27 @@ class Trainer:
         if not os.path.exists(path):
             return
         with open(path) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+            lines = [line for line in f if line.strip()]
+        rows = []
+        for i, line in enumerate(lines):
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                    raise ValueError("not a metrics row")
+            except ValueError as e:
+                if i == len(lines) - 1:  # a torn last line (disk full, power cut): drop it
+                    self.log(f"{path}: dropped a cut-off last line (rewritten from step "
+                             f"{self.step} on)")  # fmt: skip
+                    break
+                raise ValueError(f"resume: {path} line {i + 1} is not a metrics row ({e}); "
+                                 "fix or delete the file to resume") from None  # fmt: skip
+            rows.append(row)
         rows = [r for r in rows if r["step"] <= self.step]
         self.history = rows
-        with open(path, "w") as f:
+        tmp = f"{path}.tmp-{os.getpid()}"  # rewritten whole: a crash keeps the old file
+        with open(tmp, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
+        os.replace(tmp, path)
 
     def plot(self, path: str) -> None:
         import matplotlib
@@ -692,22 +709,22 @@ class Trainer:
         }
         for name in _clean_stale_tmp(path):
             self.log(f"removed {name}: a partial checkpoint whose writer is gone")
-        tmp = f"{path}.tmp-{os.getpid()}"
+        # A staging folder of this process: safetensors writes its own hidden temp file beside
+        # the name it is given, so a kill -9 mid-save leaves it inside the folder, which
+        # _clean_stale_tmp removes whole.
+        stage = f"{path}.tmp-{os.getpid()}"
+        tmp = os.path.join(stage, os.path.basename(path))
         try:
+            os.makedirs(stage, exist_ok=True)
             save_file(tensors, tmp, metadata=meta)
             os.chmod(tmp, 0o644)  # safetensors creates 0600 files
             # On disk before the rename: after a crash the name holds the old or the new file,
             # never a truncated one.
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _fsync(tmp)
             os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-            raise
+            _fsync(os.path.dirname(path) or ".")  # the rename itself, before "saved" is said
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
         self._saved_step = self.step
 
     def _load(self, ckpt) -> None:
@@ -846,9 +863,18 @@ def _check_resume_config(ckpt, cfg: Config, override: bool) -> list:
     return changes
 
 
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _clean_stale_tmp(path: str) -> list[str]:
-    """Delete ``<path>.tmp-<pid>`` files whose writer (pid, on this machine) is gone: what a
-    kill -9 during a save leaves. Returns the names removed."""
+    """Delete the ``<path>.tmp-<pid>`` staging folders (files, from older versions) whose
+    writer (pid, on this machine) is gone: what a kill -9 during a save leaves. Returns the
+    names removed."""
     folder, base = os.path.split(path)
     removed = []
     try:
@@ -861,8 +887,12 @@ def _clean_stale_tmp(path: str) -> list[str]:
             continue
         if int(pid) != os.getpid() and _alive(int(pid)):
             continue  # another process is writing it (a run sharing the folder)
+        full = os.path.join(folder, name)
         with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(folder, name))
+            if os.path.isdir(full) and not os.path.islink(full):
+                shutil.rmtree(full)
+            else:
+                os.remove(full)
             removed.append(name)
     return removed
 

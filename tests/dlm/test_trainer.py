@@ -412,6 +412,21 @@ def test_resume_takes_the_checkpoint_config_and_refuses_inexact_changes(
     assert "steps 8 -> 9" in capsys.readouterr().out
 
 
+def test_resume_drops_a_torn_last_metrics_line_and_names_a_bad_one(tmp_path, reference):
+    """A cut-off last line of metrics.jsonl (disk full or power cut mid-write) must not block a
+    resume: it is dropped. A damaged line before the last is an error naming the file."""
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    rows = (out / "metrics.jsonl").read_text()
+    (out / "metrics.jsonl").write_text(rows + '{"step": 9, "lo')
+    Trainer(signal_config(out), resume=True, log=quiet).fit()
+    assert (out / "metrics.jsonl").read_text() == rows
+    lines = rows.splitlines(keepends=True)
+    (out / "metrics.jsonl").write_text("".join(lines[:1] + ['{"step": 2, "lo\n'] + lines[1:]))
+    with pytest.raises(ValueError, match=r"metrics.jsonl line 2 is not a metrics row"):
+        Trainer(signal_config(out), resume=True, log=quiet).fit()
+
+
 def test_finished_run_resume_adds_no_row_and_stale_temp_files_go(tmp_path, reference, monkeypatch):
     """Resuming a finished run keeps metrics.jsonl as it is; a temp checkpoint whose writer died
     (kill -9 during a save) is deleted, one of a live process is kept; a save that fails leaves
@@ -419,12 +434,17 @@ def test_finished_run_resume_adds_no_row_and_stale_temp_files_go(tmp_path, refer
     out = tmp_path / "run"
     shutil.copytree(reference, out)
     rows = (out / "metrics.jsonl").read_text()
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead, dead2 = (subprocess.Popen([sys.executable, "-c", "pass"]) for _ in range(2))
     dead.wait()
-    (out / f"{CHECKPOINT}.tmp-{dead.pid}").write_bytes(b"partial")
+    dead2.wait()
+    (out / f"{CHECKPOINT}.tmp-{dead.pid}").write_bytes(b"partial")  # an older version's file
+    # A save's staging folder, with the hidden temp file safetensors writes before its rename.
+    (out / f"{CHECKPOINT}.tmp-{dead2.pid}").mkdir()
+    (out / f"{CHECKPOINT}.tmp-{dead2.pid}" / ".tmpAb3xYz").write_bytes(b"partial")
     (out / f"{CHECKPOINT}.tmp-1").write_bytes(b"pid 1 is alive")
     trainer = Trainer(signal_config(out), resume=True, log=quiet)
     assert not (out / f"{CHECKPOINT}.tmp-{dead.pid}").exists()
+    assert not (out / f"{CHECKPOINT}.tmp-{dead2.pid}").exists()
     assert (out / f"{CHECKPOINT}.tmp-1").exists()
     summary = trainer.fit()
     assert (out / "metrics.jsonl").read_text() == rows
