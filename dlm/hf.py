@@ -27,9 +27,11 @@ shard open at a time, one tensor in flight, so the weights are never held twice.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import re
 from collections import defaultdict
 
 import torch
@@ -40,6 +42,7 @@ from dlm.model import DiffusionLM
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 # The published mask tokens, used when a config does not carry mask_token_id.
 DREAM_MASK_ID = 151666
 LLADA_MASK_ID = 126336
@@ -380,6 +383,12 @@ def from_pretrained(path: str, dtype=None, device="cpu", **overrides) -> Diffusi
     left = [n for n, p in model.named_parameters() if p.is_meta]
     if left:  # cannot happen if the name maps cover the model: a bug, say so plainly
         raise ValueError(f"{path}: parameters left unloaded: {left[:8]}")
+    spec = raw.get("dlm_time_schedule") if fmt == "dlm" else None
+    if cfg.time_conditioning and isinstance(spec, dict):
+        from dlm.trainer import time_map  # lazy: the training stack is not needed otherwise
+
+        model.time_schedule = spec
+        model.time_of = time_map(cfg.mask_token_id, spec)
     return model.eval()
 
 
@@ -407,6 +416,17 @@ def save_pretrained(model: DiffusionLM, path: str, *, tokenizer=None,
     os.makedirs(path, exist_ok=True)
     cfg = {"model_type": "dlm", "architectures": ["DiffusionLM"],
            "dlm_config": dataclasses.asdict(model.cfg)}  # fmt: skip
+    spec = getattr(model, "time_schedule", None)
+    if model.cfg.time_conditioning and spec is not None:
+        # The map from masked fraction to the t the model was trained on (the samplers'
+        # input): without it a reloaded model would be given t = the fraction.
+        cfg["dlm_time_schedule"] = spec
+    # Weight files of an earlier save in the other layout or with more shards: the loader
+    # prefers an index, so a stale one would load the old weights.
+    stale = {n for n in os.listdir(path) if n == SINGLE or _SHARD.fullmatch(n)}
+    if max_shard_size is None:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(path, INDEX))
     # A tied head is the embedding: named_parameters lists it once, as tok_emb.weight.
     tensors = [(n, p.detach()) for n, p in model.named_parameters()]
     shards: list[list[tuple[str, torch.Tensor]]] = [[]]
@@ -421,6 +441,7 @@ def save_pretrained(model: DiffusionLM, path: str, *, tokenizer=None,
     if max_shard_size is None:
         save_file({n: t.contiguous().cpu() for n, t in shards[0]}, os.path.join(path, SINGLE),
                   metadata={"format": "pt"})  # fmt: skip
+        written = {SINGLE}
     else:
         weight_map, total = {}, 0
         for i, shard in enumerate(shards):
@@ -432,6 +453,10 @@ def save_pretrained(model: DiffusionLM, path: str, *, tokenizer=None,
                 total += t.numel() * t.element_size()
         with open(os.path.join(path, INDEX), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        written = set(weight_map.values())
+    for name in stale - written:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(path, name))
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
     if tokenizer is not None:

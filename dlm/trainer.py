@@ -274,7 +274,7 @@ class Trainer:
             tc.random_length_prob,
         )
         if mc.time_conditioning:
-            model.time_of = self.objective.time_of  # for the samplers and dlm.likelihood
+            attach_time_map(model, mc, tc)  # for the samplers and dlm.likelihood
         self.autocast_dtype = None
         if tc.dtype == "bfloat16" or (tc.dtype == "auto" and self.device.type == "cuda"):
             self.autocast_dtype = torch.bfloat16
@@ -918,10 +918,21 @@ def load_model(path: str, *, ema: bool = True, device: str = "cpu"):
         sd["lm_head.weight"] = sd["tok_emb.weight"]
     model.load_state_dict(sd)
     if cfg.model.time_conditioning:
-        # The samplers know the masked fraction; the model was trained on t: map one to the
-        # other with the training objective's schedule.
-        tc = cfg.train
-        model.time_of = DiffusionObjective(
-            cfg.model.mask_token_id, tc.schedule, tc.weighting, tc.objective, tc.sampling_eps
-        ).time_of
+        attach_time_map(model, cfg.model, cfg.train)
     return model.to(device).eval(), tokenizer_from_json(meta["tokenizer"]), cfg
+
+
+def attach_time_map(model, mc, tc) -> None:
+    """Give a time-conditioned model ``time_of`` (masked fraction -> the t it was trained on,
+    by the training objective's schedule: the samplers only know the fraction) and
+    ``time_schedule``, the settings that rebuild it (dlm.hf.save_pretrained writes them)."""
+    spec = {"schedule": tc.schedule, "weighting": tc.weighting, "objective": tc.objective,
+            "sampling_eps": tc.sampling_eps}  # fmt: skip
+    model.time_schedule = spec
+    model.time_of = time_map(mc.mask_token_id, spec)
+
+
+def time_map(mask_token_id: int, spec: dict):
+    """The ``time_of`` map of a ``time_schedule`` dict (see attach_time_map)."""
+    return DiffusionObjective(mask_token_id, spec["schedule"], spec["weighting"],
+                              spec["objective"], spec["sampling_eps"]).time_of  # fmt: skip

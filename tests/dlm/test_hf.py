@@ -306,6 +306,51 @@ def test_save_pretrained_roundtrip(tmp_path, tie, shard):
     assert tok2.decode(tok2.encode("bad cafe")) == "bad cafe"
 
 
+def test_save_pretrained_over_an_earlier_save_replaces_its_weights(tmp_path):
+    """Saving into a folder that holds another layout's weights (shards + index, or one file)
+    must leave only the new ones: the loader prefers an index, so a stale one loaded the old
+    weights."""
+    cfg = ModelConfig(vocab_size=11, d_model=40, n_layers=2, n_heads=2, d_ff=56,
+                      mask_token_id=10)  # fmt: skip
+    ids = torch.randint(0, 11, (2, 9))
+    for first, second in ((4000, None), (None, 4000), (2000, 4000)):
+        path = tmp_path / f"{first}-{second}"
+        old, new = DiffusionLM(cfg).eval(), DiffusionLM(cfg).eval()
+        _randomize(old)
+        _randomize(new)
+        old.save_pretrained(str(path), max_shard_size=first)
+        new.save_pretrained(str(path), max_shard_size=second)
+        with torch.no_grad():
+            assert torch.equal(DiffusionLM.from_pretrained(str(path))(ids), new(ids))
+        weights = sorted(n for n in os.listdir(path) if n.startswith("model"))
+        if second is None:
+            assert weights == ["model.safetensors"]
+        else:
+            index = json.loads((path / "model.safetensors.index.json").read_text())
+            assert weights == sorted(
+                {*index["weight_map"].values(), "model.safetensors.index.json"}
+            )
+
+
+def test_save_pretrained_keeps_a_time_conditioned_models_schedule(tmp_path):
+    """A time-conditioned model from the trainer maps the samplers' masked fraction to the t it
+    was trained on (its schedule's inverse); an export must keep that map."""
+    from dlm.config import TrainConfig
+    from dlm.sampler import time_input
+    from dlm.trainer import attach_time_map
+
+    cfg = ModelConfig(vocab_size=11, d_model=40, n_layers=2, n_heads=2, d_ff=56,
+                      mask_token_id=10, time_conditioning=True)  # fmt: skip
+    model = DiffusionLM(cfg).eval()
+    attach_time_map(model, cfg, TrainConfig(schedule="cosine"))
+    model.save_pretrained(str(tmp_path))
+    again = DiffusionLM.from_pretrained(str(tmp_path))
+    f = torch.tensor([0.25, 0.5, 0.75])
+    want = time_input(model)(f)
+    assert not torch.allclose(want, f)  # cosine: t is not the fraction
+    assert torch.equal(time_input(again)(f), want)
+
+
 def _tiny_tokenizer_json(path, vocab: int) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
 
