@@ -71,7 +71,7 @@ def masked_cross_entropy(
     """Reference for :func:`dlm_kernels.masked_cross_entropy` (same arguments, no checks)."""
     V = logits.shape[-1]
     shape = target.shape
-    valid = target != ignore_index
+    valid = target.to(torch.int64) != ignore_index  # int64: uint8 would wrap -100 to 156
     if mask is not None:
         valid = valid & mask
     if weight is not None:
@@ -118,7 +118,11 @@ def masked_linear_cross_entropy_rows(
     z_loss: float = 0.0,
     softcap=None,
 ) -> tuple[Tensor, Tensor]:
-    """Per-row loss and logsumexp of the (N, H) rows of ``hidden`` under the LM head (V, H)."""
+    """Per-row loss and logsumexp of the (N, H) rows of ``hidden`` under the LM head (V, H).
+
+    Rows that carry no loss enter as zeros: their NaN or inf would reach the weight gradient
+    through 0 * NaN otherwise (the kernels never read them)."""
+    hidden = hidden.masked_fill(~valid.reshape(-1, 1), 0.0)
     logits = linear_logits(hidden, lm_head_weight, bias, softcap)
     return masked_cross_entropy_rows(logits, target, valid, weight, label_smoothing, z_loss)
 

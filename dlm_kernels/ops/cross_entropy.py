@@ -357,7 +357,9 @@ def prepare_rows(
     shape = target.shape
     if target.device != device:
         raise ValueError(f"{name}: target is on {target.device}, expected {device}")
-    valid = target != ignore_index
+    # In int64: a narrower dtype would wrap ignore_index (-100 is 156 in uint8) and drop a real
+    # token from the loss.
+    valid = target.to(torch.int64) != ignore_index
     if mask is not None:
         if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
             got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__

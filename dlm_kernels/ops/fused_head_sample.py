@@ -290,7 +290,7 @@ def fused_head_unmask_step(
     def per_pos(arg, value, dtype, **kw):  # (B,) option -> (B * L,) per position
         return us._per_row(name, arg, value, B, dtype, dev, **kw).repeat_interleave(L)
 
-    temp = per_pos("temperature", temperature, torch.float64, lo=0.0)
+    temp = per_pos("temperature", temperature, torch.float64, lo=0.0, temperature=True)
     tk = None if top_k is None else per_pos("top_k", top_k, torch.int64, lo=0)
     tp = None
     if top_p is not None:

@@ -23,6 +23,7 @@ is within ~1e-7 (relative) of top_p's target; the drawn token changes only if th
 
 from __future__ import annotations
 
+import math
 import os
 from numbers import Real
 
@@ -621,11 +622,19 @@ def _host_checkable(t: Tensor) -> bool:
     return t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
-def _per_row(name, arg, value, n, dtype, device, lo=None, hi=None, lo_open=False) -> Tensor:
+# Temperatures in (0, this) are refused, and infinite ones: there logits / T overflows float64
+# (near the subnormals, for logits of 1e4) or is inf / inf, which gave NaN confidences on the
+# kernel paths and no draw on the reference. Down to this, every path agrees (tested at 1e-39
+# and 1e-200, where 1 / T overflows float32). 0 is greedy.
+_MIN_TEMPERATURE = 1e-200
+
+
+def _per_row(name, arg, value, n, dtype, device, lo=None, hi=None, lo_open=False,
+             temperature=False) -> Tensor:  # fmt: skip
     """A scalar or (n,) tensor option as an (n,) tensor of ``dtype`` on ``device``.
 
     Values are range-checked (and NaN rejected) for scalars and CPU tensors (a CUDA check would
-    sync).
+    sync). ``temperature``: also finite, and 0 or at least _MIN_TEMPERATURE.
     """
     if lo is not None and hi is not None:
         what = f"({lo}, {hi}]" if lo_open else f"[{lo}, {hi}]"
@@ -633,6 +642,8 @@ def _per_row(name, arg, value, n, dtype, device, lo=None, hi=None, lo_open=False
         what = f"{'>' if lo_open else '>='} {lo}"
     else:
         what = "a number (not NaN)" if hi is None else f"<= {hi}"
+    if temperature:
+        what = f"0 (greedy) or a finite number >= {_MIN_TEMPERATURE:g}"
     if isinstance(value, Tensor):
         if value.dtype == torch.bool or value.is_complex():
             raise TypeError(f"{name}: {arg} must be a number or a real tensor, got {value.dtype}")
@@ -650,6 +661,8 @@ def _per_row(name, arg, value, n, dtype, device, lo=None, hi=None, lo_open=False
                 bad |= ((t <= lo) if lo_open else (t < lo)).any()
             if hi is not None:
                 bad |= (t > hi).any()
+            if temperature:
+                bad |= (t.isinf() | ((t > 0) & (t < _MIN_TEMPERATURE))).any()
             if bool(bad):
                 raise ValueError(f"{name}: every {arg} must be {what}, got {t.tolist()[:8]}")
         return t
@@ -667,6 +680,7 @@ def _per_row(name, arg, value, n, dtype, device, lo=None, hi=None, lo_open=False
         value != value
         or (lo is not None and (value <= lo if lo_open else value < lo))
         or (hi is not None and value > hi)
+        or (temperature and (math.isinf(value) or 0 < value < _MIN_TEMPERATURE))
     ):
         raise ValueError(f"{name}: {arg} must be {what}, got {value}")
     return torch.full((n,), value, dtype=dtype, device=device)
@@ -676,7 +690,8 @@ def _options(name, n, device, temperature, top_k, top_p, min_p, confidence):
     if confidence not in _CONF_MODES:
         raise ValueError(f"{name}: confidence must be one of {tuple(_CONF_MODES)}, got "
                          f"{confidence!r}")  # fmt: skip
-    temp = _per_row(name, "temperature", temperature, n, torch.float64, device, lo=0.0)
+    temp = _per_row(name, "temperature", temperature, n, torch.float64, device, lo=0.0,
+                    temperature=True)  # fmt: skip
     tk = None if top_k is None else _per_row(name, "top_k", top_k, n, torch.int64, device, lo=0)
     tp = None
     if top_p is not None:
@@ -765,7 +780,8 @@ def sample_tokens(
 
     Args:
         logits: (N, V) float32, bfloat16 or float16 (float64 runs the reference).
-        temperature: float or (N,) tensor, >= 0 (default 0: argmax, ties to the lowest index).
+        temperature: float or (N,) tensor: 0 (the default: argmax, ties to the lowest index)
+            or a finite value >= 1e-200 (below it logits / T may overflow float64).
         top_k: int or (N,) int tensor: keep every token whose logit is >= the k-th largest (ties
             at the boundary all kept). None, 0 or >= V: off.
         top_p: float or (N,) tensor in (0, 1]: keep token j iff the mass (after top_k,
@@ -1013,7 +1029,7 @@ def unmask_step(
     if confidence not in _CONF_MODES:
         raise ValueError(f"{name}: confidence must be one of {tuple(_CONF_MODES)}, got "
                          f"{confidence!r}")  # fmt: skip
-    temp = per_pos("temperature", temperature, torch.float64, lo=0.0)
+    temp = per_pos("temperature", temperature, torch.float64, lo=0.0, temperature=True)
     tk = None if top_k is None else per_pos("top_k", top_k, torch.int64, lo=0)
     tp = None
     if top_p is not None:

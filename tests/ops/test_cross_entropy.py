@@ -464,3 +464,21 @@ def test_grad_in_forward_guards_other_users_of_the_logits():
         loss = dlm_kernels.masked_cross_entropy(x, target, mask, weight, grad_in_forward=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         (loss + y).backward()
+
+
+@pytest.mark.parametrize("name", ["reference", *IMPLS])
+def test_narrow_integer_targets_are_not_wrapped_onto_ignore_index(name):
+    """A uint8 target of 156 is a real token: -100 (the default ignore_index) must not be
+    compared in uint8, where it wraps to 156; likewise an int32 target against an
+    ignore_index beyond int32."""
+    skip_unless_available(name)
+    logits, target, _, _ = _inputs((37,), 300, torch.float32)
+    target = target % 256  # every target fits uint8
+    target[:4] = 156
+    wide, _ = _run(name, logits, target, None, None, reduction="none")
+    narrow, _ = _run(name, logits, target.to(torch.uint8), None, None, reduction="none")
+    assert (wide[:4] > 0).all()
+    assert torch.equal(narrow, wide)
+    far, _ = _run(name, logits, target.to(torch.int32), None, None, reduction="none",
+                  ignore_index=2**32 + 156)  # fmt: skip
+    assert torch.equal(far, wide)

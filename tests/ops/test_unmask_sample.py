@@ -890,6 +890,15 @@ def test_bad_inputs():
         (dict(top_p=torch.tensor([0.5, float("nan"), 1.0])), ValueError, "top_p"),
         (dict(min_p=torch.tensor([float("nan")] * 3)), ValueError, "min_p"),
         (dict(top_k=2**70), ValueError, "top_k must fit in int64"),
+        # inf / inf, and logits / T overflowing float64: NaN confidences on the kernel paths
+        (dict(temperature=float("inf")), ValueError, "temperature"),
+        (dict(temperature=5e-324), ValueError, "temperature"),
+        (dict(temperature=torch.tensor([0.5, 0.0, float("inf")])), ValueError, "temperature"),
+        (
+            dict(temperature=torch.tensor([0.5, 0.0, 1e-250], dtype=torch.float64)),
+            ValueError,
+            "temperature",
+        ),
     ]
     for kw, err, word in bad:
         with pytest.raises(err, match=word):
@@ -981,6 +990,7 @@ def test_top_k_survives_top_p_near_one_and_extreme_temperatures(name):
                     f"{name}-topk-{seed}")  # fmt: skip
     y = _logits(3, 97)
     y[:, 5] = float("-inf")
-    for kw in (dict(temperature=1e-39), dict(temperature=1e300, top_p=0.9)):
+    for kw in (dict(temperature=1e-39), dict(temperature=1e-200, top_p=0.9),
+               dict(temperature=1e300, top_p=0.9)):  # fmt: skip
         _check_same(_run(name, sample_tokens, y, seed=1, **kw),
                     _run("reference", sample_tokens, y, seed=1, **kw), f"{name}-{kw}")  # fmt: skip
