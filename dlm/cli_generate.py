@@ -215,6 +215,12 @@ def _prompts(tok, texts: list[str] | None, num: int, dev: str):
     return ids.to(dev), (None if bool(am.all()) else am.to(dev)), rows
 
 
+def _mask_id(model, tok) -> int:
+    """The mask id the model was trained with (its config's), else the tokenizer's."""
+    m = getattr(getattr(model, "cfg", None), "mask_token_id", -1)
+    return m if isinstance(m, int) and m >= 0 else tok.mask_token_id
+
+
 def cmd_sample(args) -> int:
     from dlm.sampler import _accepts
 
@@ -223,7 +229,7 @@ def cmd_sample(args) -> int:
     model, tok, cfg, dev = _load(args)
     if args.kv_cache and not _accepts(model, "kv_cache"):
         raise ValueError("--kv-cache needs a model whose forward takes kv_cache=")
-    mask = tok.mask_token_id
+    mask = _mask_id(model, tok)
     ids, am, rows = _prompts(tok, args.prompt, args.num, dev)
     eos = getattr(model.cfg, "eos_token_id", None)
     # Dream's pad id is its eos id: banning "pad" there would ban the end of text too.
@@ -304,7 +310,7 @@ def cmd_eval(args) -> int:
     t0 = time.perf_counter()
     # Dream's checkpoints predict position i from the output at i - 1.
     shift = bool(getattr(getattr(model, "cfg", None), "logits_shift", False))
-    nats, se = elbo(model, x.to(dev), mask_id=tok.mask_token_id, mc_num=args.mc_num,
+    nats, se = elbo(model, x.to(dev), mask_id=_mask_id(model, tok), mc_num=args.mc_num,
                     batch_size=args.batch_size, seed=args.seed, return_stderr=True,
                     logits_shift=shift)  # fmt: skip
     dt = time.perf_counter() - t0

@@ -239,6 +239,16 @@ class Trainer:
             mc.vocab_size = self.tokenizer.vocab_size
         if mc.mask_token_id < 0:
             mc.mask_token_id = self.tokenizer.mask_token_id
+        elif (
+            mc.mask_token_id < self.tokenizer.vocab_size
+            and mc.mask_token_id != self.tokenizer.mask_token_id
+        ):
+            # A real token as the mask: every occurrence of it in the data would read as masked.
+            raise ValueError(
+                f"mask_token_id {mc.mask_token_id} is one of the tokenizer's own ids; use its "
+                f"mask ({self.tokenizer.mask_token_id}, the default -1) or an id past its "
+                f"{self.tokenizer.vocab_size} ids (with vocab_size large enough)"
+            )
         if mc.vocab_size < self.tokenizer.vocab_size or mc.mask_token_id >= mc.vocab_size:
             raise ValueError(
                 f"model vocab_size {mc.vocab_size} / mask_token_id {mc.mask_token_id} do not fit "

@@ -40,6 +40,11 @@ CASES = {
     "train-override-alone": (["train", "--override-config", "--out", "{tmp}/out"], "--resume"),
     "train-resume-nothing": (["train", "--resume", "--out", "{tmp}/out"], "no checkpoint at"),
     "train-force-resume": (["train", "--resume", "--force", "--out", "{tmp}/out"], "--force"),
+    # Id 5 is a character of the corpus: every one of them would read as masked.
+    "train-mask-id-is-a-token": (
+        ["train", "--mask-token-id", "5", "--out", "{tmp}/out"],
+        "mask_token_id 5 is one of the tokenizer's own ids",
+    ),
 }
 # Train cases also get a tiny model: code that accepted a case would train for a second, not
 # for the default config's hour.
@@ -158,3 +163,27 @@ def test_sample_bans_the_special_tokens_in_place():
     assert torch.equal(out[..., keep], ref[..., keep])
     assert isinstance(cli_generate._Banned(inner, [1, 4]).banned, torch.Tensor)
     assert torch.equal(cli_generate._Banned(inner, [])(ids), ref)
+
+
+def test_sample_and_eval_use_the_mask_id_the_model_was_trained_with(tmp_path, monkeypatch):
+    """A model trained with its own mask id (one past the tokenizer's ids) must be sampled and
+    scored with that id, not the tokenizer's mask."""
+    out = tmp_path / "out"
+    assert main(["train", "--out", str(out), "--steps", "1", "--no-kernels", *TINY,
+                 "--vocab-size", "200", "--mask-token-id", "199"]) == 0  # fmt: skip
+    seen = {}
+
+    def fake_generate(model, ids, am, **kw):
+        seen["sample"] = kw["mask_id"]
+        return torch.cat([ids, torch.ones(ids.shape[0], kw["gen_length"], dtype=ids.dtype)], 1)
+
+    def fake_elbo(model, x, **kw):
+        seen["eval"] = kw["mask_id"]
+        return torch.ones(x.shape[0]), torch.ones(x.shape[0])
+
+    monkeypatch.setattr(cli_generate, "generate", fake_generate)
+    monkeypatch.setattr("dlm.likelihood.elbo", fake_elbo)
+    ckpt = str(out / "checkpoint.safetensors")
+    assert main(["sample", "--checkpoint", ckpt, "--length", "4", "--steps", "2"]) == 0
+    assert main(["eval", "--checkpoint", ckpt, "--windows", "1", "--mc-num", "2"]) == 0
+    assert seen == {"sample": 199, "eval": 199}
