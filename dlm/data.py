@@ -181,7 +181,7 @@ class HFTokenizer:
 
     kind = "hf"
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, content: str | None = None):
         try:
             from tokenizers import Tokenizer
         except ImportError as e:
@@ -189,7 +189,12 @@ class HFTokenizer:
                 "tokenizer files need the `tokenizers` package: pip install tokenizers"
             ) from e
         self.path = path
-        self.tok = Tokenizer.from_file(path)
+        if content is not None:  # the file's JSON as a checkpoint stores it
+            self.tok = Tokenizer.from_str(content)
+        elif not os.path.isfile(path):
+            raise FileNotFoundError(f"tokenizer file {path!r} not found")
+        else:
+            self.tok = Tokenizer.from_file(path)
         self.mask_token_id = self._special(("[MASK]", "<mask>", "<|mask|>"), "<|mask|>")
         self.pad_token_id = self._special(("[PAD]", "<pad>", "<|pad|>", "<|endoftext|>"), "<|pad|>")
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
@@ -213,7 +218,10 @@ class HFTokenizer:
         return [self.pad_token_id, self.mask_token_id]
 
     def to_json(self) -> str:
-        return json.dumps({"kind": "hf", "path": os.path.abspath(self.path)})
+        # The tokenizer itself (with the mask / pad tokens added above), not only its path: a
+        # checkpoint must stay usable when the file moves (a few MB in the header at most).
+        return json.dumps({"kind": "hf", "path": os.path.abspath(self.path),
+                           "json": self.tok.to_str()})  # fmt: skip
 
 
 def build_tokenizer(spec: str, train_docs: list[Document], val_docs: list[Document]):
@@ -231,7 +239,14 @@ def build_tokenizer(spec: str, train_docs: list[Document], val_docs: list[Docume
 
 def tokenizer_from_json(s: str):
     d = json.loads(s)
-    return CharTokenizer(d["chars"]) if d["kind"] == "char" else HFTokenizer(d["path"])
+    if d["kind"] == "char":
+        return CharTokenizer(d["chars"])
+    if "json" in d:
+        return HFTokenizer(d["path"], content=d["json"])
+    if not os.path.isfile(d["path"]):  # a checkpoint from before the tokenizer was stored
+        raise FileNotFoundError(f"the checkpoint's tokenizer file {d['path']!r} is gone (this "
+                                "checkpoint stores only its path): put it back there")  # fmt: skip
+    return HFTokenizer(d["path"])
 
 
 # ---------------------------------------------------------------------------------------------

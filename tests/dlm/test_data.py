@@ -1,6 +1,7 @@
 """Data: the embedded corpus and its split, tokenizers, the batch stream and packing."""
 
 import hashlib
+import json
 import os
 
 import pytest
@@ -51,6 +52,16 @@ def test_hf_tokenizer_option():
     tok = build_tokenizer(path, [], [])
     assert tok.mask_token_id == 3 and tok.vocab_size >= 4
     assert tok.encode("a b a").tolist() == [0, 1, 0]
+    # A checkpoint stores the tokenizer itself: it survives the file's move.
+    saved = tok.to_json()
+    os.remove(path)
+    again = tokenizer_from_json(saved)
+    assert again.encode("a b a").tolist() == [0, 1, 0]
+    assert (again.mask_token_id, again.pad_token_id, again.vocab_size) == (
+        tok.mask_token_id, tok.pad_token_id, tok.vocab_size)  # fmt: skip
+    # An older checkpoint (its path only) whose file is gone: an error naming the file.
+    with pytest.raises(FileNotFoundError, match="dlm_test_tok.json"):
+        tokenizer_from_json(json.dumps({"kind": "hf", "path": path}))
 
 
 def test_user_text_directory_and_file(tmp_path):
