@@ -78,7 +78,7 @@ def register(subparsers) -> None:
                      "--out folder)")  # fmt: skip
     src.add_argument("--model", help="a Hugging Face-style directory (Dream, LLaDA or ours: "
                      "config.json + safetensors + tokenizer.json)")  # fmt: skip
-    p.add_argument("--dtype", default=None, choices=DTYPES, help="with --model: the weights' dtype")
+    p.add_argument("--dtype", default=None, choices=DTYPES, help="weights' dtype (default: stored)")
     p.add_argument("--prompt", action="append", default=None,
                    help="prompt text (repeat for a batch; default: unconditional)")  # fmt: skip
     p.add_argument("--num", type=pos, default=1, help="samples per prompt")
@@ -123,7 +123,7 @@ def register(subparsers) -> None:
     esrc.add_argument("--checkpoint", help="a checkpoint.safetensors from dlm train (or its "
                       "--out folder)")  # fmt: skip
     esrc.add_argument("--model", help="a Hugging Face-style directory (needs --data)")
-    e.add_argument("--dtype", default=None, choices=DTYPES, help="with --model: the weights' dtype")
+    e.add_argument("--dtype", default=None, choices=DTYPES, help="weights' dtype (default: stored)")
     e.add_argument("--data", default=None,
                    help="a text file (default: the checkpoint's validation split)")  # fmt: skip
     e.add_argument("--seq-len", type=pos, default=None, help="window length (default: training)")
@@ -197,6 +197,8 @@ def _load(args):
     elif not os.path.exists(path):
         raise FileNotFoundError(f"--checkpoint: no such file: {path}")
     model, tok, cfg = load_model(path, ema=not args.no_ema, device=dev)
+    if args.dtype:
+        model = model.to(getattr(torch, args.dtype))
     return model, tok, cfg, dev
 
 
@@ -316,10 +318,14 @@ def cmd_eval(args) -> int:
     dt = time.perf_counter() - t0
     per_tok = float(nats.sum()) / x.numel()
     se_tok = float(se.pow(2).sum().sqrt()) / x.numel()
+    # One draw per window has no spread to estimate the error from.
+    err = f" +- {se_tok:.4f}" if args.mc_num > 1 else ""
     src = args.data or f"{cfg.data.data} validation split"  # cfg is set when --data is not
     print(f"{src}: {x.shape[0]} windows x {x.shape[1]} tokens, {args.mc_num} draws each "
           f"({dt:.1f} s)")  # fmt: skip
-    print(f"ELBO bound: {per_tok:.4f} +- {se_tok:.4f} nats/token, "
+    print(f"ELBO bound: {per_tok:.4f}{err} nats/token, "
           f"{per_tok / math.log(2):.4f} bits/token, {per_tok / chars_per_token:.4f} nats/char, "
           f"perplexity <= {math.exp(per_tok):.3f}")  # fmt: skip
+    if args.mc_num == 1:
+        print("(no error bar: --mc-num 1 draws once per window)")
     return 0

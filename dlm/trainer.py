@@ -267,7 +267,12 @@ class Trainer:
             )
         self.micro = tc.batch_size // per
         if self.rank == 0:  # after the checks above: bad input leaves no folder behind
-            os.makedirs(self.out, exist_ok=True)
+            try:
+                os.makedirs(self.out, exist_ok=True)
+            except OSError as e:  # a read-only filesystem (EROFS) is not a PermissionError
+                raise PermissionError(f"--out {self.out}: cannot create it ({e.strerror})") from e
+            if not os.access(self.out, os.W_OK):  # fail now, not at the first metrics write
+                raise PermissionError(f"--out {self.out}: not writable")
             for name in _clean_stale_tmp(ckpt_path):
                 self.log(f"removed {name}: a partial checkpoint whose writer is gone")
 
@@ -536,7 +541,9 @@ class Trainer:
                     tps = (self.tokens_seen - tok0) / max(1e-9, time.perf_counter() - t0)
                     bar.update(1)
                     bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{tps:,.0f}")
-                    if self.step % tc.log_every == 0 or self.step == end:
+                    # The run's last step always logs; a stop_at step does not (a stopped and
+                    # resumed run must write the rows of an uninterrupted one).
+                    if self.step % tc.log_every == 0 or self.step == tc.steps:
                         self._record(metrics_path, {"step": self.step, **m, "tokens_per_s": tps})
                     if tc.eval_every and self.step % tc.eval_every == 0 and self.step < tc.steps:
                         last_eval = self.evaluate()

@@ -187,3 +187,30 @@ def test_sample_and_eval_use_the_mask_id_the_model_was_trained_with(tmp_path, mo
     assert main(["sample", "--checkpoint", ckpt, "--length", "4", "--steps", "2"]) == 0
     assert main(["eval", "--checkpoint", ckpt, "--windows", "1", "--mc-num", "2"]) == 0
     assert seen == {"sample": 199, "eval": 199}
+
+
+def test_unwritable_out_is_a_user_error_before_training(tmp_path, monkeypatch, capsys):
+    """A read-only --out (EROFS is an OSError, not a PermissionError) is a one-line error at
+    start, not a traceback at the first metrics write."""
+    import errno
+    import os
+
+    real = os.makedirs
+
+    def read_only(path, *a, **k):
+        if str(path).startswith(str(tmp_path)):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(os, "makedirs", read_only)
+    argv = ["train", "--out", str(tmp_path / "out"), "--steps", "2", "--no-kernels", *TINY]
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err
+    assert "cannot create it (Read-only file system)" in err
+    monkeypatch.setattr(os, "makedirs", real)
+    monkeypatch.setattr(os, "access", lambda p, mode: not str(p).startswith(str(tmp_path)))
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2 and "not writable" in capsys.readouterr().err
