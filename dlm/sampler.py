@@ -353,7 +353,7 @@ def _check_args(prompt, attention_mask, gen_length, steps, block_length, alg, sc
         raise ValueError(f"generate: eps (Dream's final time) must lie in [0, 1), got {eps!r}")
     if stop_at_eos and eos_id is None:
         raise ValueError("generate: stop_at_eos=True needs eos_id")
-    if cfg_scale < 0:
+    if not cfg_scale >= 0:  # NaN too: it would turn guidance off without a word
         raise ValueError(f"generate: cfg_scale must be >= 0, got {cfg_scale}")
 
 
@@ -419,15 +419,18 @@ def generate(
         logits_shift: Dream's shifted logits (position i predicted by the output at i - 1,
             position 0 by its own). The shift runs on the padded rows, as in Dream: an infill
             mask at a left-padded row's first real token is predicted by the pad slot before
-            it, whereas that prompt alone predicts it from its own output, so in that one case
-            the row differs from the prompt generated alone (Dream's code has the same quirk).
-            Masks anywhere else, and rows without padding, are unaffected.
+            it, whereas that prompt alone predicts it from its own output, so in that case
+            the row differs from the prompt generated alone (Dream's code has the same quirk);
+            so does the first generated token of a row whose prompt is empty in a padded
+            batch (its first real position). Masks anywhere else, and rows without padding,
+            are unaffected.
         schedule: "even" (LLaDA: each block's masked count split evenly over its steps) or
             "dream" (timesteps linspace(1, eps, steps + 1), k = floor(n (1 - s/t))).
         eps: Dream's final time, in [0, 1).
         kv_cache: None, "prefix" or "dual" (Fast-dLLM); needs a model taking ``kv_cache=``
             (DiffusionLM does); not with masks inside the prompt.
-        output_history: also return the list of x after every step.
+        output_history: also return the list of x after every step that ran (a step where
+            no row has a masked candidate left is skipped, e.g. steps > gen_length).
         generator, seed: randomness; one Philox seed for the whole call, drawn from
             ``generator`` (CPU) or torch's global RNG when ``seed`` is None, or a list of B
             seeds, one per row. Rows with the same prompt and seed give the same output (that
@@ -525,13 +528,25 @@ def _loop(
     for name, v in (("mask_id", mask_id), ("eos_id", eos_id)):
         if v is not None:
             check_token_id("generate", name, v, vocab)
+    if vocab is not None and prompt.numel():  # else an IndexError deep in the embedding
+        lo, hi = (int(v) for v in torch.aminmax(prompt))  # one read on a GPU, once per call
+        if lo < 0 or hi >= vocab:
+            raise ValueError(f"generate: prompt holds token id {lo if lo < 0 else hi}, outside "
+                             f"the model's vocabulary [0, {vocab})")  # fmt: skip
     dev = prompt.device
     B, P = prompt.shape
     L = P + gen_length
     conf_mode = ALGS[alg]
     if seed is None:
         seed = int(torch.randint(0, 2**62, (), generator=generator, dtype=torch.int64))
-    seeds = [int(v) for v in seed] if isinstance(seed, (list, tuple, Tensor)) else [seed] * B
+    if isinstance(seed, Tensor) and seed.dim() == 0:
+        seed = _as_int(seed)
+    if isinstance(seed, (list, tuple, Tensor)):
+        seeds = [_as_int(v) for v in (seed.tolist() if isinstance(seed, Tensor) else seed)]
+    else:
+        seeds = [_as_int(seed)] * B
+    if any(isinstance(v, bool) or not isinstance(v, int) for v in seeds):
+        raise TypeError(f"generate: seed must be an int or a list of {B} ints, got {seed!r}")
     if len(seeds) != B:
         raise ValueError(f"generate: seed must be an int or a list of {B} ints, got {len(seeds)}")
     if any(not 0 <= v < 2**63 for v in seeds):
@@ -716,7 +731,8 @@ def _loop(
     )
 
     for blk in range(n_blocks):
-        s_blk, e_blk = P + blk * bl, P + (blk + 1) * bl
+        # (min: gen_length 0 with a block_length infills the prompt's masks in one block)
+        s_blk, e_blk = P + blk * bl, min(P + (blk + 1) * bl, L)
         in_reach = (pos < e_blk) & real_pos
         cand0 = (x == mask_id) & in_reach
         if block_counts_only:
@@ -796,7 +812,8 @@ def _loop(
                     w1, logits = e_blk, logits_all[:, : e_blk - w0]
             else:
                 first = i == 0
-                q0 = 0 if first else (s_blk - 1 if logits_shift else s_blk)
+                # (max: with an empty prompt the first block starts at 0, shifted or not)
+                q0 = 0 if first else (max(s_blk - 1, 0) if logits_shift else s_blk)
                 q1 = L if (first or kv_cache == "prefix") else e_blk
                 if first or logits_hook is not None or any(stale[b] and has[b] for b in range(B)):
                     logits_all = forward(None, q0, q1, cache, keep=(s_blk, e_blk))
@@ -834,7 +851,8 @@ def _loop(
             pending = committed.any(1)  # read with the next step's flags
             row_steps += has_t
             if stop_at_eos:
-                masked = x == mask_id
+                # real_pos: padding that holds the mask id is not a mask before the EOS.
+                masked = (x == mask_id) & real_pos
                 fin = eos_finished(x, masked, P, eos_id) & ~done
                 if bool(fin.any()):
                     x = fill_after_eos(x, masked, fin, P, eos_id)

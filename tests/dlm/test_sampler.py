@@ -636,3 +636,68 @@ def test_alg_temp_where_it_has_no_effect_is_an_error(model):
     generate(model, ids, am, alg="maskgit_plus", threshold=0.3, alg_temp=0.0, **kw)
     with pytest.raises(ValueError, match="eps"):
         generate(model, ids, am, alg="entropy", schedule="dream", eps=2.0, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Edge cases found in review
+# ---------------------------------------------------------------------------------------------
+def test_stop_at_eos_with_padding_that_holds_the_mask_id():
+    # Padding may hold any id, the mask's included: those pad slots are not masks before the
+    # EOS, so a padded row still stops as its prompt alone does.
+    class PosEosLM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tab = torch.randn(256, V, generator=torch.Generator().manual_seed(0)) * 3
+
+        def forward(self, input_ids, attention_mask=None, position_ids=None):
+            B, n = input_ids.shape
+            if position_ids is None:
+                position_ids = torch.arange(n).expand(B, n)
+            lg = self.tab[position_ids].clone()
+            lg[..., EOS] = torch.where(position_ids == 9, 100.0, -100.0)  # EOS at real pos 9
+            return lg
+
+    lm = PosEosLM()
+    ids, am, lens = _padded_batch()
+    ids = torch.where(am, ids, torch.full_like(ids, MASK))
+    kw = dict(gen_length=12, steps=12, block_length=4, mask_id=MASK, eos_id=EOS,
+              stop_at_eos=True, seed=[3, 3, 3])  # fmt: skip
+    out = generate(lm, ids, am, **kw)
+    for b, n in enumerate(lens):
+        alone = generate(lm, ids[b : b + 1, 7 - n :], **{**kw, "seed": [3]})
+        assert torch.equal(out[b, 7 - n :], alone[0]), b
+        assert (alone[0, 10:] == EOS).all()  # it did stop: every mask after the EOS is EOS
+
+
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+def test_empty_prompt_with_kv_cache_and_shifted_logits(model, mode):
+    empty = torch.zeros(2, 0, dtype=torch.long)
+    kw = dict(gen_length=8, steps=4, block_length=4, mask_id=MASK, logits_shift=True, seed=0)
+    out = generate(model, empty, kv_cache=mode, **kw)
+    assert out.shape == (2, 8) and not (out == MASK).any()
+    # The cache changes nothing at a block's first step; the first block is exact here.
+    assert torch.equal(out[:, :1], generate(model, empty, **kw)[:, :1])
+
+
+def test_infilling_with_gen_length_0_and_a_block_length(model):
+    ids, am, _ = _padded_batch()
+    ids[0, 3] = MASK
+    ids[1, 5] = MASK
+    kw = dict(gen_length=0, steps=2, mask_id=MASK, seed=1)
+    out = generate(model, ids, am, block_length=3, **kw)
+    assert torch.equal(out, generate(model, ids, am, **kw)) and not (out == MASK).any()
+
+
+def test_more_bad_arguments(model):
+    ids, _, _ = _padded_batch()
+    kw = dict(gen_length=4, steps=2, mask_id=MASK)
+    a = generate(model, ids, seed=torch.tensor(3), **kw)  # a 0-d tensor seed is an int
+    assert torch.equal(a, generate(model, ids, seed=3, **kw))
+    with pytest.raises(TypeError, match="seed"):
+        generate(model, ids, seed=1.5, **kw)
+    with pytest.raises(ValueError, match="cfg_scale"):
+        generate(model, ids, cfg_scale=float("nan"), **kw)
+    bad = ids.clone()
+    bad[0, 0] = V
+    with pytest.raises(ValueError, match=f"prompt holds token id {V}, outside"):
+        generate(model, bad, **kw)
