@@ -85,7 +85,10 @@ def masked_nll_estimate(
         mc_num: draws per row (antithetic in t). batch_size: sequences per model call.
         cfg_scale: LLaDA's guidance for the conditional estimate (prompt = ~maskable & real).
         seed, generator: randomness (see the module docstring).
-        return_stderr: also return the standard error of each row's mean over its draws.
+        return_stderr: also return the standard error of each row's mean over its draws,
+            as if the draws were independent: they are stratified (and t antithetic in
+            elbo), which lowers the true spread, so the figure is conservative (it can be
+            several times too large when the loss varies strongly with the masked count).
         fused_head: on a model with an ``lm_head`` nn.Linear whose forward takes
             ``return_hidden=`` (DiffusionLM), score the masked positions from the hidden states
             with ``dlm_kernels.masked_linear_cross_entropy``: no (batch, S, V) logits are ever
@@ -198,7 +201,14 @@ def masked_nll_estimate(
         else:
             out = call_model(model, xt, attention_mask=am, **kw)
         if logits_shift:  # on hidden states too: the head is applied row by row
-            out = shift_logits(out)
+            raw, out = out, shift_logits(out)
+            if am is not None:
+                # A left-padded row's first real token is predicted from its own output, as
+                # in that row alone (where it is position 0), not from the pad slot before it:
+                # a row's estimate must not depend on its batch or its padding.
+                fr = am.to(torch.int64).argmax(1) - (o0 if "output_range" in kw else 0)
+                fix = ((fr > 0) & (fr < out.shape[1])).nonzero()[:, 0]
+                out[fix, fr[fix]] = raw[fix, fr[fix]]
         out = out[:, a - o0 :] if "output_range" in kw else out[:, a:e]
         x0, mk = x0[:, a:e], mk[:, a:e]
         if head is not None:
@@ -319,14 +329,21 @@ def perplexity_bound(
     mc_num: int = 32,
     batch_size: int = 32,
     seed: int | None = 0,
+    fused_head: bool | None = None,
+    logits_shift: bool | None = None,
 ) -> dict:
     """Corpus-level bound: nats and bits per token and exp(nats per token) over the real tokens.
+
+    fused_head, logits_shift: as :func:`elbo`; logits_shift None takes the model's own
+    (``model.cfg.logits_shift``, Dream's checkpoints).
 
     Example:
         >>> perplexity_bound(model, windows, mask_id=mask)["perplexity"]
     """
+    if logits_shift is None:
+        logits_shift = bool(getattr(getattr(model, "cfg", None), "logits_shift", False))
     nats = elbo(model, x, attention_mask, mask_id=mask_id, mc_num=mc_num, batch_size=batch_size,
-                seed=seed)  # fmt: skip
+                seed=seed, fused_head=fused_head, logits_shift=logits_shift)  # fmt: skip
     tokens = int(x.numel() if attention_mask is None else attention_mask.bool().sum())
     per_tok = float(nats.sum()) / max(tokens, 1)
     return {"nats_per_token": per_tok, "bits_per_token": per_tok / math.log(2),

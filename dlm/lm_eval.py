@@ -10,16 +10,17 @@
 * loglikelihood: LLaDA's conditional estimate (dlm.likelihood.conditional_nll): the
   continuation's tokens are masked m at a time, m ~ U{1..n}, weight n/m, ``mc_num`` draws; the
   value returned is minus that estimate (a lower bound on log p in expectation). ``is_greedy``
-  as LLaDA: with the whole continuation masked, one forward's argmax equals it.
+  as LLaDA: decoding the masked continuation one most-confident token per forward (with the
+  guidance) reproduces it (``check_greedy=False`` skips those n forwards per request).
 * loglikelihood_rolling: minus the Monte-Carlo ELBO of the text (dlm.likelihood.elbo).
 * generate_until: dlm.sampler.generate (gen_length = max_gen_toks, the sampler's algorithms),
   cut at the first stop string.
 
-Dream's shifted logits (``cfg.logits_shift``) are passed to the estimators (``logits_shift=``,
-so that they keep the fused head and the answer window) and handled by shifting the model's
-output for the greedy check. The lm_eval package is optional: without it the class is a plain
-object with the same methods (what tests/dlm/test_lm_eval.py drives); with it, it subclasses
-``lm_eval.api.model.LM`` and is registered as "dlm".
+Dream's shifted logits (``cfg.logits_shift``) are passed to the estimators and the sampler
+(``logits_shift=``, so that they keep the fused head and the answer window). The lm_eval
+package is optional: without it the class is a plain object with the same methods (what
+tests/dlm/test_lm_eval.py drives); with it, it subclasses ``lm_eval.api.model.LM`` and is
+registered as "dlm".
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from dlm.likelihood import conditional_nll, elbo
-from dlm.sampler import call_model, generate, shift_logits
+from dlm.sampler import generate
 
 try:  # optional: dlm-kernels[eval]
     from lm_eval.api.model import LM as _Base
@@ -38,20 +39,6 @@ except ImportError:  # pragma: no cover - exercised where lm_eval is not install
 
     def _register(*names):
         return lambda cls: cls
-
-
-class _Shifted(nn.Module):
-    """Dream: the prediction for position i is the output at i - 1."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask=None, position_ids=None):
-        kw = {"attention_mask": attention_mask}
-        if position_ids is not None:
-            kw["position_ids"] = position_ids
-        return shift_logits(call_model(self.model, input_ids, **kw))
 
 
 @_register("dlm")
@@ -65,7 +52,8 @@ class DiffusionLMEval(_Base):
             mask_token_id (dlm.hf.PretrainedTokenizer, dlm.data's tokenizers).
         device, dtype: where / how to load ``pretrained``.
         mc_num: Monte-Carlo draws per likelihood (LLaDA uses 128). batch_size: sequences per
-            forward. cfg_scale: LLaDA's guidance for the likelihood. seed: fixed randomness.
+            forward. cfg_scale: LLaDA's guidance (likelihood, greedy check, generation).
+            seed: fixed randomness. check_greedy: run LLaDA's greedy check (False: skip it).
         gen_length, steps, block_length, alg, temperature, schedule: sampler defaults;
             ``max_gen_toks`` of a request overrides gen_length (steps scale with it).
 
@@ -79,7 +67,7 @@ class DiffusionLMEval(_Base):
                  cfg_scale: float = 0.0, seed: int = 0, gen_length: int = 256,
                  steps: int | None = None, block_length: int | None = None,
                  alg: str = "low_confidence", temperature: float = 0.0, schedule: str = "even",
-                 **_ignored):  # fmt: skip
+                 check_greedy: bool = True, **_ignored):  # fmt: skip
         if _Base is not object:
             super().__init__()
         if model is None:
@@ -96,7 +84,6 @@ class DiffusionLMEval(_Base):
         self.tok = tokenizer
         self.mask_id = tokenizer.mask_token_id
         self.logits_shift = bool(getattr(cfg, "logits_shift", False))
-        self.scorer = _Shifted(self.model) if self.logits_shift else self.model
         eos = getattr(cfg, "eos_token_id", -1)
         self.eos_id = eos if eos is not None and eos >= 0 else None
         self._device = torch.device(device)  # lm_eval.api.model.LM exposes it as .device
@@ -104,6 +91,7 @@ class DiffusionLMEval(_Base):
         batch_size = int(batch_size) if str(batch_size).isdigit() else 32
         self.mc_num, self.batch, self.cfg_scale, self.seed = int(mc_num), batch_size, \
             float(cfg_scale), int(seed)  # fmt: skip
+        self.check_greedy = str(check_greedy).lower() not in ("false", "0", "no")
         self.gen = dict(gen_length=int(gen_length), steps=steps, block_length=block_length,
                         alg=alg, temperature=float(temperature), schedule=schedule)  # fmt: skip
 
@@ -158,21 +146,24 @@ class DiffusionLMEval(_Base):
         return out
 
     def _greedy(self, prompt, pm, answer, amask) -> Tensor:
-        """LLaDA's is_greedy: mask the whole continuation; does one argmax reproduce it?"""
-        x = torch.cat([prompt, torch.where(amask, self.mask_id, answer)], 1)
-        real = torch.cat([pm, amask], 1)
-        pos = (real.long().cumsum(1) - 1).clamp_min(0)
-        kw = {"attention_mask": None if bool(real.all()) else real}
-        if not isinstance(self.scorer, nn.Module) or "position_ids" in _params(self.scorer):
-            kw["position_ids"] = pos
-        P = prompt.shape[1]
-        if isinstance(self.scorer, nn.Module) and "output_range" in _params(self.scorer):
-            # Logits of the answer only (DiffusionLM): (B, A, V), not (B, P + A, V).
-            kw["output_range"] = (P, x.shape[1])
-            logits = call_model(self.scorer, x, **kw)
-        else:
-            logits = call_model(self.scorer, x, **kw)[:, P:]
-        return ((logits.argmax(-1) == answer) | ~amask).all(1).cpu()
+        """LLaDA's is_greedy (suffix_greedy_prediction): decode the masked continuation one
+        token per forward, each time committing the single most confident argmax (with the
+        likelihood's cfg_scale), and compare with the continuation. n forwards for n tokens,
+        as LLaDA; ``check_greedy=False`` skips it (every answer then reports False)."""
+        B = prompt.shape[0]
+        if not self.check_greedy:
+            return torch.zeros(B, dtype=torch.bool)
+        out = torch.zeros(B, dtype=torch.bool)
+        for b in range(B):  # answers differ in length: one sampler call each
+            p = prompt[b, pm[b]][None]
+            a = answer[b, amask[b]]
+            n = a.numel()
+            x = generate(self.model, p, None, gen_length=n, steps=n, block_length=n,
+                         alg="low_confidence", temperature=0.0, cfg_scale=self.cfg_scale,
+                         mask_id=self.mask_id, logits_shift=self.logits_shift,
+                         seed=0)  # fmt: skip
+            out[b] = bool(torch.equal(x[0, p.shape[1] :], a))
+        return out
 
     @torch.no_grad()
     def loglikelihood_rolling(self, requests) -> list[float]:
@@ -206,7 +197,8 @@ class DiffusionLMEval(_Base):
                          block_length=block, alg=self.gen["alg"], temperature=temperature,
                          mask_id=self.mask_id, logits_shift=self.logits_shift,
                          schedule=self.gen["schedule"], eos_id=self.eos_id,
-                         stop_at_eos=self.eos_id is not None, seed=self.seed + i)  # fmt: skip
+                         stop_at_eos=self.eos_id is not None, cfg_scale=self.cfg_scale,
+                         seed=self.seed + i)  # fmt: skip
             ids = [t for t in x[0, prompt.shape[1] :].tolist() if t != self.mask_id]
             if self.eos_id is not None and self.eos_id in ids:
                 ids = ids[: ids.index(self.eos_id)]
@@ -216,12 +208,3 @@ class DiffusionLMEval(_Base):
                     text = text[: text.index(stop)]
             out.append(text)
         return out
-
-
-def _params(module) -> set[str]:
-    import inspect
-
-    try:
-        return set(inspect.signature(module.forward).parameters)
-    except (TypeError, ValueError):
-        return set()

@@ -227,29 +227,66 @@ def test_fused_head_and_answer_window_change_no_estimate(time):
         elbo(fused, x, am, fused_head=1, **kw)
 
 
+class _ShiftOutside(torch.nn.Module):
+    """Dream's shift applied to a model's full logits, outside the estimator."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        from dlm.sampler import shift_logits
+
+        return shift_logits(self.model(input_ids, attention_mask, position_ids))
+
+
 def test_logits_shift_matches_shifting_the_logits():
     """Dream's shift (position i scored from the output at i - 1): the native option, with the
-    fused head and the window, equals shifting the full logits outside the estimator (what
-    lm-eval's adapter did), on padded prompts and answers, with and without guidance."""
-    from dlm.lm_eval import _Shifted
-
+    fused head and the window, equals shifting the full logits outside the estimator on rows
+    without padding, with and without guidance; on left-padded rows, where the first real
+    token is scored from its own output (as the row alone), the fused / windowed path equals
+    the plain one and every row equals itself alone."""
     fused, plain = _ranged_and_plain(logits_shift=True)
+    fused.ranges, fused.hidden = [], []
     g = torch.Generator().manual_seed(6)
     p, a = torch.randint(0, MASK, (3, 6), generator=g), torch.randint(0, MASK, (3, 4), generator=g)
     pm = torch.ones(3, 6, dtype=torch.bool)
-    pm[0, :3] = False
     amask = torch.ones(3, 4, dtype=torch.bool)
-    amask[1, 2:] = False
     kw = dict(mask_id=MASK, mc_num=6, batch_size=4, seed=2)
+    close = dict(rtol=1e-10, atol=1e-10)
     for cfg_scale in (0.0, 1.5):
-        fused.ranges, fused.hidden = [], []
-        want = conditional_nll(_Shifted(plain), p, a, pm, amask, cfg_scale=cfg_scale, **kw)
+        want = conditional_nll(_ShiftOutside(plain), p, a, pm, amask, cfg_scale=cfg_scale, **kw)
         got = conditional_nll(fused, p, a, pm, amask, cfg_scale=cfg_scale, fused_head=True,
                               logits_shift=True, **kw)  # fmt: skip
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
-        assert set(fused.ranges) == {(5, 10), (5, 8)} and all(fused.hidden)
-    x, am = torch.cat([p, a], 1), torch.cat([pm, amask], 1)
-    want = elbo(_Shifted(plain), x, am, **kw)
+        torch.testing.assert_close(got, want, **close)
+    x = torch.cat([p, a], 1)
+    want = elbo(_ShiftOutside(plain), x, **kw)
     for model in (fused, plain):
-        torch.testing.assert_close(elbo(model, x, am, logits_shift=True, **kw), want,
-                                   rtol=1e-10, atol=1e-10)  # fmt: skip
+        torch.testing.assert_close(elbo(model, x, logits_shift=True, **kw), want, **close)
+
+    pm[0, :3] = False  # row 0: a prompt of 3 after 3 pad slots
+    pm[2, :] = False  # row 2: an empty prompt, its answer's first token is its first real one
+    amask[1, 2:] = False
+    for cfg_scale in (0.0, 1.5):
+        fused.ranges, fused.hidden = [], []
+        both = conditional_nll(fused, p, a, pm, amask, cfg_scale=cfg_scale, fused_head=True,
+                               logits_shift=True, **kw)  # fmt: skip
+        assert all(fused.hidden)
+        ref = conditional_nll(plain, p, a, pm, amask, cfg_scale=cfg_scale, logits_shift=True,
+                              **kw)  # fmt: skip
+        torch.testing.assert_close(both, ref, **close)
+        alone = [
+            conditional_nll(plain, p[b : b + 1, pm[b]], a[b : b + 1, amask[b]],
+                            cfg_scale=cfg_scale, logits_shift=True, **{**kw, "seed": 2 + b})
+            for b in range(3)
+        ]  # fmt: skip
+        torch.testing.assert_close(both, torch.cat(alone), **close)
+    x, am = torch.cat([p, a], 1), torch.cat([pm, amask], 1)
+    batched = elbo(fused, x, am, logits_shift=True, **kw)
+    torch.testing.assert_close(batched, elbo(plain, x, am, logits_shift=True, **kw), **close)
+    for b in range(3):
+        alone = elbo(plain, x[b : b + 1, am[b]], logits_shift=True, **{**kw, "seed": 2 + b})
+        torch.testing.assert_close(batched[b : b + 1], alone, **close)
+    # perplexity_bound takes the model's own shift.
+    r = perplexity_bound(plain, x, am, mask_id=MASK, mc_num=6, batch_size=4, seed=2)
+    assert r["nats_per_token"] == pytest.approx(float(batched.sum()) / int(am.sum()), rel=1e-12)

@@ -153,3 +153,57 @@ def test_lm_eval_harness_runs_a_local_task(tmp_path, monkeypatch):
     em = res["results"]["dlm_tiny_generate_until"]["exact_match,none"]
     assert 0.0 <= acc <= 1.0 and 0.0 <= em <= 1.0
     assert set(calls) == {"loglikelihood", "generate_until"}
+
+
+def _llada_greedy(model, ctx: list[int], n: int) -> list[int]:
+    """LLaDA's suffix_greedy_prediction, restated: n forwards, each committing the single most
+    confident argmax among the masked positions."""
+    seq = torch.tensor([ctx + [TOK.mask_token_id] * n])
+    for _ in range(n):
+        masked = seq[0] == TOK.mask_token_id
+        with torch.no_grad():
+            logits = model(seq)[0, masked]
+        conf, tok = logits.softmax(-1).max(-1)
+        where = masked.nonzero()[:, 0]
+        seq[0, where[int(conf.argmax())]] = tok[int(conf.argmax())]
+    return seq[0, len(ctx) :].tolist()
+
+
+def test_is_greedy_is_llada_sequential_check():
+    torch.manual_seed(0)
+    model = _model()
+    lm = DiffusionLMEval(model=model, tokenizer=TOK, mc_num=2, batch_size=4)
+    reqs, want = [], []
+    for ctx in ("jehha", "abc", "ba,", "hij.", "ggg", "fa.", "dcba", "e,j"):
+        c = list(TOK.encode(ctx))
+        ids = _llada_greedy(model, c, 3)
+        if any(i in TOK.special_ids for i in ids):  # pad / mask decode to no character
+            continue
+        greedy = TOK.decode(ids)
+        other = "".join("a" if ch != "a" else "b" for ch in greedy)
+        reqs += [_req(ctx, greedy), _req(ctx, other)]
+        want += [True, False]
+    assert len(reqs) >= 4
+    assert [g for _, g in lm.loglikelihood(reqs)] == want
+    skip = DiffusionLMEval(model=model, tokenizer=TOK, mc_num=2, check_greedy="False")
+    assert not any(g for _, g in skip.loglikelihood(reqs[:2]))
+
+
+def test_time_conditioned_and_plain_callable_models():
+    cfg = ModelConfig(vocab_size=TOK.vocab_size, d_model=40, n_layers=2, n_heads=2, d_ff=56,
+                      mask_token_id=TOK.mask_token_id, time_conditioning=True)  # fmt: skip
+    timed = DiffusionLM(cfg).eval()
+    [(ll, _)] = DiffusionLMEval(model=timed, tokenizer=TOK, mc_num=2).loglikelihood(
+        [_req("abc", "de")]
+    )
+    assert math.isfinite(ll)
+    inner = _model()
+
+    def plain(input_ids, attention_mask=None):  # no position_ids, no output_range
+        return inner(input_ids, attention_mask=attention_mask)
+
+    lm = DiffusionLMEval(model=plain, tokenizer=TOK, mc_num=4, seed=1)
+    ref = DiffusionLMEval(model=inner, tokenizer=TOK, mc_num=4, seed=1)
+    reqs = [_req("abc", "de"), _req("ba", " cab")]
+    for (a, ga), (b, gb) in zip(lm.loglikelihood(reqs), ref.loglikelihood(reqs)):
+        assert math.isclose(a, b, rel_tol=1e-5) and ga == gb
