@@ -8,7 +8,7 @@ TRITON ?= triton==3.6.0
 LOCK := flock $(VENV)/.build.lock
 PYTEST_ARGS ?=
 
-.PHONY: venv install build test test-fast bench bench-gpu lint demo clean
+.PHONY: venv install build test bench lint demo clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)

@@ -1,4 +1,4 @@
-"""The masked diffusion training objective (../shared/MATH.md, "Training objective").
+"""The masked diffusion training objective (docs/MATH.md, "Training objective").
 
     L = E_{t, x_t ~ q} [ w(t) * sum over masked i of -log p(x0^i | x_t) ] / normaliser
 

@@ -2,7 +2,7 @@
 
 Each token survives unmasked with probability alpha(t) (t = 1: all masked). The continuous-time
 ELBO weights the masked tokens' cross-entropy by w(t) = -alpha'(t) / (1 - alpha(t)); see
-../shared/MATH.md for the table every schedule here follows. All functions take and return
+docs/MATH.md for the table every schedule here follows. All functions take and return
 tensors of t, computed in float64 so that w(t) near t = 0 stays exact.
 """
 

@@ -788,7 +788,7 @@ def sample_tokens(
             renormalised) of the tokens with a strictly larger logit is < top_p: the smallest
             set with mass >= top_p, tied tokens kept together, the top token always. None or 1: off.
         min_p: float or (N,) tensor in [0, 1]: drop tokens with p < min_p * p_max. None or 0: off.
-            Filters apply in the order top_k, top_p, min_p (MATH.md; Dream applies top_p first).
+            Filters apply in the order top_k, top_p, min_p (docs/MATH.md; Dream: top_p first).
         confidence: "prob" (p of the token under the filtered, tempered distribution, Dream's
             maskgit_plus; at T = 0 the distribution is the filtered softmax at T = 1, as in
             Dream), "raw_prob" (under the untempered, unfiltered softmax, LLaDA's

@@ -1,4 +1,4 @@
-"""Schedules, weightings and draws of t against hand-computed values (../shared/MATH.md)."""
+"""Schedules, weightings and draws of t against hand-computed values (docs/MATH.md)."""
 
 import math
 
