@@ -77,6 +77,8 @@ def _dream_config(c: dict) -> ModelConfig:
     scaling = c.get("rope_scaling") or (c.get("rope_parameters") or {})
     if scaling.get("rope_type", scaling.get("type", "default")) != "default":
         raise _unsupported(kind, f"rope scaling {scaling!r}")
+    if scaling.get("factor") not in (None, 1, 1.0):  # a factor without a type still scales
+        raise _unsupported(kind, f"rope scaling {scaling!r}")
     if c.get("use_sliding_window", False):
         raise _unsupported(kind, "use_sliding_window=true")
     d, h = int(c["hidden_size"]), int(c["num_attention_heads"])
@@ -120,6 +122,8 @@ def _llada_config(c: dict) -> ModelConfig:
         raise _unsupported(kind, f"layer_norm_type={c['layer_norm_type']!r} (only 'rms')")
     if c.get("rope_scaling"):
         raise _unsupported(kind, f"rope_scaling {c['rope_scaling']!r}")
+    if c.get("clip_qkv") is not None:  # OLMo's blocks clamp q, k, v to [-clip, clip]
+        raise _unsupported(kind, f"clip_qkv={c['clip_qkv']!r}")
     d, h = int(c["d_model"]), int(c["n_heads"])
     kv = c.get("n_kv_heads")
     if kv is None:

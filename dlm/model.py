@@ -270,13 +270,16 @@ class DiffusionLM(nn.Module):
             attention_mask: (B, S) bool, True at real tokens (left/right padding is False).
             position_ids: (B, S) int64; default 0..S-1 per row (packing restarts them per document).
             targets: (B, S) int64, the clean tokens x0. Given: return the loss, build no logits.
+                -100 (ignore_index) carries no loss and does not count in the default
+                normalizer.
             loss_mask: (B, S) bool, True where a position carries loss (the masked tokens).
             loss_weight: (B, S) or (B, 1) float, per-position weight (w(t) of the sequence).
             normalizer: the loss is sum(weight * CE over loss_mask) / normalizer; default the
                 number of positions in loss_mask.
             t: (B,) float diffusion time, used only with time_conditioning.
             cu_seqlens: (n_docs + 1,) int32 offsets of packed documents in the flattened B*S
-                tokens (varlen attention); max_seqlen: the longest document.
+                tokens (varlen attention); max_seqlen: the longest document. Not with
+                ``attention_mask``.
             kv_cache: a dlm.sampler.KVCache (sampling only): input_ids are the positions
                 [kv_cache.start, kv_cache.start + S) of a longer sequence whose keys/values the
                 cache holds; attention_mask then covers the whole sequence (B, S_total).
@@ -292,6 +295,11 @@ class DiffusionLM(nn.Module):
             (B, S, V) float logits, (B, S, d_model) hidden states, or a float32 scalar loss.
         """
         B, S = input_ids.shape
+        if cu_seqlens is not None and attention_mask is not None:
+            # The varlen kernel has no padding mask: packed documents have no padding (a pad
+            # run is a document of its own, or left out of the packing).
+            raise ValueError("DiffusionLM.forward: attention_mask does not combine with "
+                             "cu_seqlens (packed documents have no padding)")  # fmt: skip
         rows = None
         if output_range is not None:
             rows = _output_rows(output_range, S, targets, cu_seqlens)
@@ -346,9 +354,11 @@ class DiffusionLM(nn.Module):
             )
         # Reference path: full logits, then the same weighted sum in float32.
         logits = F.linear(h, w).float()
-        ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+        ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none",
+                             ignore_index=-100)  # fmt: skip
         ce = ce.view_as(targets)
-        mask = torch.ones_like(targets, dtype=torch.bool) if loss_mask is None else loss_mask
+        mask = targets != -100  # the op's ignore_index: no loss, not in the default normalizer
+        mask = mask if loss_mask is None else mask & loss_mask
         w = torch.ones_like(ce) if loss_weight is None else loss_weight.float().expand_as(ce)
         total = torch.where(mask, ce * w, torch.zeros_like(ce)).sum()
         if normalizer is None:

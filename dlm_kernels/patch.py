@@ -21,6 +21,8 @@ transformers is imported lazily, inside the functions: dlm_kernels does not depe
 
 from __future__ import annotations
 
+import functools
+import inspect
 import types
 
 import torch
@@ -65,7 +67,8 @@ def dlm_attention_forward(
         query: (B, Hq, Sq, D); key, value: (B, Hkv, Sk, D), the layout transformers uses.
         attention_mask: None, (B, Sk) bool (from the "dlm" mask function), or a 4-D mask.
         dropout: must be 0 (the op has no dropout). scaling: softmax scale (default 1/sqrt(D)).
-        kwargs: sliding_window and softcap are refused; the rest is ignored.
+        kwargs: softcap, and a sliding_window shorter than the keys, are refused; the rest
+            is ignored.
 
     Returns:
         ((B, Sq, Hq, D) output, None): no attention weights.
@@ -78,9 +81,14 @@ def dlm_attention_forward(
     if dropout:
         raise ValueError(f"dlm attention has no dropout; got dropout={dropout} (set the model's "
                          "attention_dropout to 0 or call model.eval())")  # fmt: skip
-    if kwargs.get("sliding_window") is not None or kwargs.get("softcap") is not None:
-        raise ValueError("dlm attention supports neither sliding_window nor softcap")
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, S, H, D)
+    window = kwargs.get("sliding_window")
+    # A window at least as long as the keys cuts nothing (Mistral's default 4096 on a short
+    # sequence); a shorter one would, and the op has none.
+    if (window is not None and window < k.shape[1]) or kwargs.get("softcap") is not None:
+        raise ValueError(f"dlm attention supports neither a sliding window shorter than the "
+                         f"sequence ({window} < {k.shape[1]} keys) nor softcap "
+                         f"({kwargs.get('softcap')})")  # fmt: skip
     mask = _key_padding(attention_mask, q.shape[0], k.shape[1])
     out = bidirectional_attention(q, k, v, attention_mask=mask, softmax_scale=scaling)
     return out, None
@@ -108,32 +116,55 @@ def register_attention() -> None:
     AttentionMaskInterface.register(NAME, dlm_attention_mask)
 
 
-def _loss_forward(original, shift_labels: bool):
-    """A causal-LM forward whose loss goes through masked_linear_cross_entropy."""
+def _loss_forward(original, shift: bool):
+    """A causal-LM forward whose loss goes through masked_linear_cross_entropy.
 
-    def forward(self, input_ids=None, labels=None, **kwargs):
-        # Only the arguments we use are named, so that transformers' own (past_key_values /
-        # cache, use_cache, position_ids ...) pass through under whatever name it expects.
+    It keeps ``original``'s signature (functools.wraps; arguments bound by it), so positional
+    calls mean what they meant and transformers' Trainer, which keeps the dataset columns the
+    forward's signature names, still passes attention_mask and position_ids."""
+    sig = inspect.signature(original)
+
+    @functools.wraps(original)
+    def forward(self, *args, **kwargs):
+        bound = sig.bind(self, *args, **kwargs)
+        named = {}
+        for name, value in list(bound.arguments.items())[1:]:  # [0] is self
+            kind = sig.parameters[name].kind
+            if kind is inspect.Parameter.VAR_KEYWORD:
+                named.update(value)
+            elif kind is inspect.Parameter.VAR_POSITIONAL:
+                if value:
+                    raise TypeError("dlm_kernels.patch: unexpected extra positional arguments")
+            else:
+                named[name] = value
+        labels = named.pop("labels", None)
         if labels is None:
-            return original(self, input_ids=input_ids, **kwargs)
+            return original(self, *args, **kwargs)
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
-        num_items = kwargs.pop("num_items_in_batch", None)
-        kwargs.pop("logits_to_keep", None)
-        out = self.model(input_ids=input_ids, **kwargs)
+        shifted = named.pop("shift_labels", None)  # labels already shifted by the caller
+        return_dict = named.pop("return_dict", None)
+        num_items = named.pop("num_items_in_batch", None)
+        named.pop("logits_to_keep", None)
+        out = self.model(**named)
         h = out.last_hidden_state
-        target = labels.to(h.device)
-        if shift_labels:  # transformers' causal-LM loss: position i predicts token i + 1
-            h, target = h[:, :-1], target[:, 1:]
+        if shifted is not None:
+            target = shifted.to(h.device)
+        else:
+            target = labels.to(h.device)
+            if shift:  # transformers' causal-LM loss: position i predicts token i + 1
+                h, target = h[:, :-1], target[:, 1:]
         head = self.get_output_embeddings()
         loss = masked_linear_cross_entropy(
             h.contiguous(), head.weight, target.contiguous(), bias=getattr(head, "bias", None),
             reduction="mean" if num_items is None else "sum",
+            softcap=getattr(self.config, "final_logit_softcapping", None),  # Gemma 2
         )  # fmt: skip
         if num_items is not None:  # gradient accumulation: sum / tokens of the whole step
             loss = loss / num_items
-        return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=out.hidden_states,
-                                      attentions=out.attentions)  # fmt: skip
+        result = CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=out.hidden_states,
+                                        attentions=out.attentions)  # fmt: skip
+        return result.to_tuple() if return_dict is False else result
 
     return forward
 

@@ -250,6 +250,12 @@ def test_missing_and_misshapen_tensors(tmp_path):
     _write(tmp_path / "d", dict(ref.state_dict()), cfg, 1)
     with pytest.raises(ValueError, match="use_sliding_window"):
         DiffusionLM.from_pretrained(str(tmp_path / "d"))
+    # A rope scaling factor without a type still scales: refused, not loaded unscaled.
+    cfg["use_sliding_window"] = False
+    cfg["rope_scaling"] = {"factor": 2.0}
+    _write(tmp_path / "e", dict(ref.state_dict()), cfg, 1)
+    with pytest.raises(ValueError, match="rope scaling"):
+        DiffusionLM.from_pretrained(str(tmp_path / "e"))
 
 
 def test_config_and_file_errors_are_named(tmp_path):
@@ -423,3 +429,15 @@ def test_cli_sample_and_eval_from_a_model_directory(tmp_path, capsys, monkeypatc
     assert rc == 0 and "ELBO bound" in out and seen == [True]
     with pytest.raises(SystemExit, match="needs --data"):
         main(["eval", "--model", str(path)])
+
+
+def test_llada_clip_qkv_is_refused(tmp_path):
+    # OLMo's blocks clamp q, k and v to [-clip_qkv, clip_qkv]: loading without it would change
+    # the model's outputs silently.
+    ref, path = _llada(tmp_path, "llama", False, 1)
+    cfg = json.load(open(os.path.join(path, "config.json")))
+    cfg["clip_qkv"] = 8.0
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    with pytest.raises(ValueError, match="clip_qkv"):
+        DiffusionLM.from_pretrained(path)

@@ -221,3 +221,22 @@ def test_rms_norm_bits(dtype):
     x.requires_grad_(True)
     norm(x).float().square().sum().backward()
     assert norm.weight.grad is not None and x.grad is not None
+
+
+def test_ignored_targets_agree_on_both_paths_and_packing_refuses_a_padding_mask():
+    # -100 targets carry no loss and do not count in the default normalizer, on both paths.
+    m, r = pair()
+    x = torch.randint(0, V - 1, (3, 17))
+    tg = x.clone()
+    tg[0, :4] = -100
+    mask = torch.rand(3, 17) < 0.6
+    for lm in (None, mask):
+        torch.testing.assert_close(m(x, targets=tg, loss_mask=lm), r(x, targets=tg, loss_mask=lm),
+                                   rtol=1e-5, atol=1e-6)  # fmt: skip
+    # Packed documents have no padding: a padding mask with cu_seqlens is refused (the varlen
+    # kernel would have ignored it).
+    cu = torch.tensor([0, 8, 17, 34, 51], dtype=torch.int32)
+    am = torch.ones(3, 17, dtype=torch.bool)
+    for model in (m, r):
+        with pytest.raises(ValueError, match="attention_mask does not combine with cu_seqlens"):
+            model(x, attention_mask=am, cu_seqlens=cu, max_seqlen=17)

@@ -132,3 +132,53 @@ def test_key_padding_forms():
     assert _key_padding(None, 2, 3) is None
     with pytest.raises(ValueError, match="attention_mask must be 2-D"):
         _key_padding(am[0], 2, 3)
+
+
+def test_patched_forward_keeps_the_signature_and_its_arguments():
+    """The loss forward keeps the model's own signature: positional calls mean what they did,
+    transformers' Trainer (which keeps the dataset columns the forward names) still passes
+    attention_mask and position_ids; shift_labels and return_dict=False behave as in
+    transformers."""
+    import inspect
+
+    ref = _model("qwen2")
+    ours = apply_dlm_kernels(copy.deepcopy(ref))
+    assert inspect.signature(ours.forward) == inspect.signature(ref.forward)
+    ids, am, pos, labels = _inputs()
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=_bidirectional(am), position_ids=pos)
+        got = ours(ids, am.long(), pos)  # input_ids, attention_mask, position_ids
+        assert _rel(got.logits[am], want.logits[am]) <= 1e-5
+        loss = ours(ids, am.long(), pos, labels=labels).loss
+        tup = ours(ids, am.long(), pos, labels=labels, return_dict=False)
+        assert isinstance(tup, tuple) and torch.equal(tup[0], loss)
+        # Pre-shifted labels (context parallelism): no further shift.
+        shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], 1)
+        again = ours(ids, am.long(), pos, shift_labels=shifted, labels=labels).loss
+        assert abs(again.item() - loss.item()) <= 1e-6 * abs(loss.item())
+
+
+def test_final_logit_softcapping_reaches_the_fused_loss():
+    common = dict(vocab_size=V, hidden_size=D, intermediate_size=F, num_hidden_layers=L,
+                  num_attention_heads=H, num_key_value_heads=KV, head_dim=D // H,
+                  final_logit_softcapping=2.0, attn_implementation="eager")  # fmt: skip
+    torch.manual_seed(0)
+    ref = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**common)).eval()
+    ours = apply_dlm_kernels(copy.deepcopy(ref), attention=False)
+    ids, am, pos, labels = _inputs()
+    am[:] = True
+    with torch.no_grad():
+        want = ref(input_ids=ids, position_ids=pos, labels=labels).loss
+        got = ours(input_ids=ids, position_ids=pos, labels=labels).loss
+    assert abs(got.item() - want.item()) <= 1e-5 * abs(want.item())
+
+
+def test_sliding_window_longer_than_the_sequence_is_accepted():
+    from dlm_kernels.patch import dlm_attention_forward
+
+    q = torch.randn(1, 2, 5, 8)
+    out, _ = dlm_attention_forward(None, q, q, q, None, sliding_window=4096)  # Mistral's default
+    ref, _ = dlm_attention_forward(None, q, q, q, None)
+    assert torch.equal(out, ref)
+    with pytest.raises(ValueError, match="sliding window shorter than the sequence"):
+        dlm_attention_forward(None, q, q, q, None, sliding_window=3)
