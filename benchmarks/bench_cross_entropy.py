@@ -1,8 +1,11 @@
 """masked_cross_entropy vs the eager pattern of DLM trainers, forward + backward.
 
-Baseline (eager): ``F.cross_entropy(logits[mask], target[mask], reduction="none") * weight``,
-then ``.sum() / n``, backward into the full logits. Peer: ``torch.compile`` of the same loss
-written with static shapes (ignore_index at rows without loss). Ours: ``masked_cross_entropy``
+Baseline (eager): ``F.cross_entropy(logits[mask].float(), target[mask], reduction="none") *
+weight``, then ``.sum() / n``, backward into the full logits (the float32 upcast as transformers'
+loss does it); on bf16 also "eager-nocast", the same in the logits' dtype as LLaDA's guideline
+writes it. Peer: ``torch.compile`` of the same loss written with static shapes (ignore_index at
+rows without loss: it reads every row, twice the masked rows the others read in the forward,
+which flatters our ratio against it). Ours: ``masked_cross_entropy``
 through the dispatch (C++ on CPU, Triton on CUDA). Half the rows are masked, as in the
 diffusion loss.
 
@@ -26,6 +29,13 @@ QUICK_SHAPES = [(64, 1003)]
 
 def _eager(logits, target, mask, weight):
     loss = F.cross_entropy(logits[mask].float(), target[mask], reduction="none") * weight[mask]
+    return loss.sum() / mask.sum().clamp_min(1)
+
+
+def _eager_nocast(logits, target, mask, weight):
+    # LLaDA's guideline: the loss in the logits' own dtype, no float32 copy of the masked rows
+    # (bf16 on a GPU; on float32 inputs it is _eager, so it runs on CUDA only).
+    loss = F.cross_entropy(logits[mask], target[mask], reduction="none") * weight[mask]
     return loss.sum() / mask.sum().clamp_min(1)
 
 
@@ -88,13 +98,19 @@ def run(quick: bool = False, device: str = "cpu") -> list[dict]:
             bytes_fb = 2 * n_valid * V * size + N * V * size
             providers = (
                 ("eager", _eager),
+                *((("eager-nocast", _eager_nocast),) if dtype != torch.float32 else ()),
                 ("dlm_kernels", _ours),
                 ("dlm_kernels grad_in_forward", _ours_grad_in_fwd),
                 ("torch.compile", _compiled),
             )
             args = (logits, target, mask, weight)
+            with torch.no_grad():  # every provider's loss against eager's (recorded per row)
+                want = float(_eager(*args))
             for provider, fn in providers:
                 fwd, fwd_bwd = _closures(fn, args)
+                with torch.no_grad():
+                    got = float(fn(logits.detach().clone(), target, mask, weight))
+                check = {"loss_rel_diff_vs_eager": abs(got - want) / max(abs(want), 1e-30)}
                 shape = f"N{N}-V{V}-masked{n_valid}"
                 modes = [("fwd", fwd, bytes_fwd), ("fwd+bwd", fwd_bwd, bytes_fb)]
                 if provider.endswith("grad_in_forward"):
@@ -102,14 +118,14 @@ def run(quick: bool = False, device: str = "cpu") -> list[dict]:
                 for mode, f, nbytes in modes:
                     try:
                         t = time_fn(f, device, quick=quick)
-                        peak = peak_memory_mb(f, device)
+                        peak = peak_memory_mb(f, device, grads=(logits,))
                     except OutOfTime:  # keep what was measured; the rest is marked skipped
                         rows.append(row(f"masked_cross_entropy {mode}", provider, shape, dtype,
                                         None, status="skipped: time budget"))  # fmt: skip
                         continue
                     rows.append(row(
                         f"masked_cross_entropy {mode}", provider, shape, dtype, t,
-                        gbps=nbytes / (t["ms"] * 1e-3) / 1e9, peak_mem_mb=peak,
+                        gbps=nbytes / (t["ms"] * 1e-3) / 1e9, peak_mem_mb=peak, **check,
                     ))  # fmt: skip
             logits.grad = None
     return rows

@@ -5,9 +5,12 @@ Providers (half of the rows carry loss, as in the diffusion loss; mean over them
                        cuBLAS over vocabulary slabs)
   dlm_kernels-fused    the same through the fused Triton kernels (DLM_KERNELS_LCE=fused: the
                        path CUDA graphs and torch.compile take; GPU only)
-  eager                full (N, V) logits, then F.cross_entropy(logits[mask], target[mask])
-                       (LLaDA / Dream training code)
-  gather-eager         F.cross_entropy(F.linear(hidden[mask], W), target[mask])
+  eager                full (N, V) logits, then F.cross_entropy(logits[mask].float(),
+                       target[mask]) (LLaDA / Dream training code; the float32 upcast as
+                       transformers' loss does it)
+  gather-eager         F.cross_entropy(F.linear(hidden[mask], W).float(), target[mask])
+  eager-nocast, gather-eager-nocast   the same two in the logits' dtype, as LLaDA's guideline
+                       writes the loss (bf16 on a GPU; on float32 the rows above)
   torch.compile        torch.compile of the full-logits composition with ignore_index at rows
                        without loss (static shapes)
   torch-lce            F.linear_cross_entropy(hidden[mask], W, target[mask]) (options=None:
@@ -89,6 +92,20 @@ def _gather_eager(hidden, W, target, mask):
     return F.cross_entropy(F.linear(hidden[mask], W).float(), target[mask])
 
 
+# The same two in the logits' own dtype, as LLaDA's training guideline writes the loss (no
+# float32 copy of the masked logits: on bf16 half the bytes of the upcasting rows above, which
+# follow transformers' loss). On float32 inputs they are the rows above: CUDA only.
+_SAME_ON_FP32 = "n/a: float32 inputs (the upcasting row is the same work)"
+
+
+def _eager_nocast(hidden, W, target, mask):
+    return F.cross_entropy(F.linear(hidden, W)[mask], target[mask])
+
+
+def _gather_eager_nocast(hidden, W, target, mask):
+    return F.cross_entropy(F.linear(hidden[mask], W), target[mask])
+
+
 def _torch_lce(hidden, W, target, mask):
     return F.linear_cross_entropy(hidden[mask], W, target[mask])
 
@@ -125,6 +142,9 @@ def _providers(device):
         ("dlm_kernels-fused", _ours if device.startswith("cuda") else "n/a: CUDA only"),
         ("eager", _eager),
         ("gather-eager", _gather_eager),
+        ("eager-nocast", _eager_nocast if device.startswith("cuda") else _SAME_ON_FP32),
+        ("gather-eager-nocast",
+         _gather_eager_nocast if device.startswith("cuda") else _SAME_ON_FP32),
         ("torch-lce", _torch_lce if hasattr(F, "linear_cross_entropy") else None),
         ("torch-lce-chunked", _torch_lce_chunked if hasattr(F, "linear_cross_entropy") else None),
         ("torch-lce-chunked-all",
@@ -145,7 +165,8 @@ def _providers(device):
     # On a GPU the peers come right after the eager baselines, and the fused Triton path (about
     # 0.6 s per fwd+bwd at the V 151936 goal shape on an H100) after them: a time budget that
     # runs out then skips what matters least (session 9's gpu_check never reached the peers).
-    first = [p for p in out if p[0] in ("dlm_kernels", "eager", "gather-eager")]
+    first = [p for p in out if p[0] in ("dlm_kernels", "eager", "gather-eager",
+                                        "gather-eager-nocast")]  # fmt: skip
     return first + peers + [p for p in out if p not in first]
 
 
@@ -242,6 +263,8 @@ def run(quick: bool = False, device: str = "cpu") -> list[dict]:
         shape = f"N{N}-H{H}-V{V}-p{P_MASK}"
         hidden, W, target, mask = _inputs(N, H, V, dtype, device)
         full_logits_mb = N * V * hidden.element_size() / 2**20
+        with torch.no_grad():  # every provider's loss against this one (recorded per row)
+            want = float(_gather_eager(hidden, W, target, mask))
         for provider, fn in _providers(device):
             if not callable(fn):
                 reason = fn or "missing: torch has no F.linear_cross_entropy"
@@ -258,6 +281,13 @@ def run(quick: bool = False, device: str = "cpu") -> list[dict]:
                 "fwd+bwd": _fwd_bwd(fn, hidden, W, target, mask),
                 "fwd": _fwd(fn, hidden, W, target, mask),
             }
+            check = {}
+            try:
+                with torch.no_grad():
+                    got = float(fn(hidden, W, target, mask))
+                check["loss_rel_diff_vs_gather_eager"] = abs(got - want) / max(abs(want), 1e-30)
+            except Exception:  # the timing below records the failure
+                pass
             for mode in ("fwd+bwd", "fwd", "bwd"):
                 try:
                     if mode == "bwd":
@@ -271,7 +301,8 @@ def run(quick: bool = False, device: str = "cpu") -> list[dict]:
             peak = None
             try:
                 if on_gpu and "fwd+bwd" in timings:
-                    peak = peak_memory_mb(_fwd_bwd(fn, hidden, W, target, mask), device)
+                    peak = peak_memory_mb(_fwd_bwd(fn, hidden, W, target, mask), device,
+                                          grads=(hidden, W))  # fmt: skip
                 elif not on_gpu and not quick and "fwd+bwd" in timings:
                     check_time()  # a child process per case costs seconds
                     peak = _cpu_peak_mb(provider, N, H, V, dtype)
@@ -281,7 +312,7 @@ def run(quick: bool = False, device: str = "cpu") -> list[dict]:
                 os.environ.pop("DLM_KERNELS_LCE", None)
             else:
                 os.environ["DLM_KERNELS_LCE"] = prev_choice
-            extra = dict(peak_mem_mb=peak, full_logits_mb=full_logits_mb, device=device)
+            extra = dict(peak_mem_mb=peak, full_logits_mb=full_logits_mb, device=device, **check)
             for mode in ("fwd", "bwd", "fwd+bwd"):
                 if mode in timings:
                     rows.append(row(f"{OP} {mode}", provider, shape, dtype, timings[mode], **extra))

@@ -65,7 +65,7 @@ def dream_step(x, logits, temperature, top_p=None, confidence="prob"):
     """Dream's maskgit_plus step (generation_utils.sample_tokens + topk), as Dream writes it;
     confidence="margin": its topk_margin step (a full sort of each row's probabilities)."""
     mask_index = x == MASK_ID
-    lg = logits.float()
+    lg = logits  # Dream keeps the model's dtype (bf16 on a GPU): no float32 copy
     if temperature > 0:
         lg = lg / temperature
     if top_p is not None and top_p < 1:
@@ -159,6 +159,9 @@ def run(quick: bool = False, device: str = "cpu") -> list[dict]:
                 # with torch's own reduction. A greedy step that reports a softmax confidence
                 # reads every logit and takes one exp of each: it cannot beat this row.
                 providers.append(("read floor (amax)", lambda x, lg, **_: lg.amax(-1)))
+            # Greedy steps are deterministic: our step must commit what the reference chain
+            # commits (checked once, recorded in our row), or its speed means nothing.
+            want = dream_step(x, logits, **kw) if kw["temperature"] == 0 else None
             for prov, fn in providers:
                 if fn is None:
                     why = "n/a (no top_p)" if "top_p" in kw else "n/a (no margin rule)"
@@ -168,8 +171,11 @@ def run(quick: bool = False, device: str = "cpu") -> list[dict]:
                 try:
                     t = time_fn(call, device, quick=quick)
                     mem = peak_memory_mb(call, device)
+                    check = {}
+                    if want is not None and prov == "dlm_kernels":
+                        check["same_tokens_as_reference"] = bool(torch.equal(call()[0], want))
                     out.append(row(name, prov, shape, dtype, t, gbps=nbytes / t["ms"] / 1e6,
-                                   peak_mem_mb=mem))  # fmt: skip
+                                   peak_mem_mb=mem, **check))  # fmt: skip
                 except Exception as e:  # recorded, never dropped
                     out.append(row(name, prov, shape, dtype, None, status=f"error: {e!r}"[:200]))
             if fs is None:

@@ -152,12 +152,19 @@ def time_fns(fns: list[Callable[[], object]], device: str, *, quick: bool = Fals
     return out
 
 
-def peak_memory_mb(fn: Callable[[], object], device: str) -> float | None:
+def peak_memory_mb(fn: Callable[[], object], device: str, grads=()) -> float | None:
     """Peak extra memory of one call of ``fn`` in MB (GPU: allocator peak above the baseline).
     None once the budget is spent: the timing just measured (its loop stopped at the deadline)
-    is kept without this figure rather than lost to OutOfTime."""
+    is kept without this figure rather than lost to OutOfTime.
+
+    grads: leaf tensors whose ``.grad`` is dropped before the baseline is read, so that the
+    gradients the call writes count in its peak (a gradient left by the timing loop would
+    otherwise sit in the baseline, and the call's own would replace it unseen); the CPU child
+    processes do the same."""
     if past_deadline():
         return None
+    for t in grads:
+        t.grad = None
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

@@ -20,6 +20,10 @@ def test_benchmark_runs_at_toy_size(name, tmp_path):
         assert {"name", "provider", "shape", "dtype", "status"} <= set(r)
         # A peer may be missing or not support a case; only an error of our own code fails.
         assert not r["status"].startswith("error"), r
+        # The benchmarks' own correctness checks: a ratio is worth nothing if the outputs differ.
+        assert r.get("same_tokens_as_reference", True) is True, r
+        for k in ("loss_rel_diff_vs_eager", "loss_rel_diff_vs_gather_eager"):
+            assert r.get(k, 0.0) < 1e-5, r
         if r["status"] == "ok":
             assert r["ms"] > 0
 
