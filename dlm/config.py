@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 
 from dlm.schedules import SCHEDULES, WEIGHTINGS
@@ -53,6 +54,9 @@ class ModelConfig:
             self.d_ff = ((8 * self.d_model // 3) + 63) // 64 * 64
         if self.d_model % self.n_heads:
             raise ConfigError("model.d_model", f"divisible by n_heads {self.n_heads}", self.d_model)
+        if (self.d_model // self.n_heads) % 2:  # RoPE rotates pairs of dimensions
+            raise ConfigError("model.d_model", f"an even head size d_model / n_heads (n_heads "
+                              f"{self.n_heads})", self.d_model)  # fmt: skip
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(
                 "model.n_heads", f"a multiple of n_kv_heads {self.n_kv_heads}", self.n_heads
@@ -114,6 +118,10 @@ class TrainConfig:
 
     def __post_init__(self):
         _validate(self, "train")
+        if self.objective == "llada" and self.weighting != "elbo":
+            # LLaDA's loss divides by p_mask: there is no weighting to choose.
+            raise ConfigError("train.weighting", "elbo with objective llada (its 1 / p_mask "
+                              "weight is fixed)", self.weighting)  # fmt: skip
 
 
 @dataclass
@@ -121,6 +129,12 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        if self.train.random_length_prob > 0 and self.data.packing:
+            # Packed rows hold whole documents end to end: there is no row length to cut.
+            raise ConfigError("train.random_length_prob", "0 with data.packing",
+                              self.train.random_length_prob)  # fmt: skip
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -134,8 +148,23 @@ class Config:
         unknown key."""
         sections = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
         parts = {}
+        extra = sorted(set(d) - set(sections))
+        if extra:
+            raise ConfigError(
+                extra[0],
+                "one of the sections [model], [data], [train]",
+                None,
+                f"unknown section(s) {extra}; expected [model], [data], [train]",
+            )
         for s, kind in sections.items():
             given = d.get(s, {})
+            if not isinstance(given, dict):
+                raise ConfigError(
+                    s,
+                    "a table of settings",
+                    given,
+                    f"[{s}] must be a table of settings, got {given!r}",
+                )
             unknown = sorted(set(given) - {f.name for f in dataclasses.fields(kind)})
             if unknown:
                 msg = f"unknown key(s) {unknown} in [{s}]; {kind.__name__} has no such field"
@@ -148,11 +177,11 @@ class Config:
 # config is built (files, presets, Trainer callers); dlm.cli turns the same rules into argparse
 # types, so a bad flag fails before anything runs and names the flag.
 def _at_least(lo):
-    return lambda v: v >= lo, f">= {lo}"
+    return lambda v: lo <= v < math.inf, f">= {lo} (finite)"
 
 
 def _above(lo):
-    return lambda v: v > lo, f"> {lo}"
+    return lambda v: lo < v < math.inf, f"> {lo} (finite)"
 
 
 def _within(lo, hi, *, hi_open=False):
@@ -183,7 +212,8 @@ RULES: dict[str, dict[str, tuple]] = {
     },
     "data": {
         "seq_len": _at_least(1),
-        "val_fraction": _within(0, 1, hi_open=True),
+        # > 0: training reports a validation ELBO (the embedded corpus holds out 2 works).
+        "val_fraction": (lambda v: 0 < v < 1, "in (0, 1)"),
     },
     "train": {
         "steps": _at_least(1),
@@ -208,6 +238,7 @@ RULES: dict[str, dict[str, tuple]] = {
         "eval_t_samples": _at_least(1),
         "save_every": _at_least(0),
         "log_every": _at_least(1),
+        "seed": _within(0, 2**32, hi_open=True),  # the data stream's seeds are int64 products
         "device": _one_of("auto", "cpu", "cuda"),
         "threads": _at_least(0),
         "dtype": _one_of("auto", "float32", "bfloat16"),

@@ -62,12 +62,15 @@ def load_documents(spec: str = CORPUS, val_fraction: float = 0.1):
         docs = shakespeare_works()
         return docs[:-2], docs[-2:]
     if os.path.isdir(spec):
-        paths = sorted(
-            os.path.join(root, f)
-            for root, _, files in os.walk(spec)
-            for f in files
-            if os.path.splitext(f)[1].lower() in TEXT_SUFFIXES and not f.startswith(".")
-        )
+        paths = []
+        for root, dirs, files in os.walk(spec):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]  # .git, .venv, ...: not data
+            paths += [
+                os.path.join(root, f)
+                for f in files
+                if os.path.splitext(f)[1].lower() in TEXT_SUFFIXES and not f.startswith(".")
+            ]
+        paths.sort()
         docs = [Document(os.path.relpath(p, spec), _read_text(p)) for p in paths]
         docs = [d for d in docs if d.text]
         if not docs:
@@ -93,8 +96,14 @@ def _read_text(path: str) -> str:
 
 def _split_text(doc: Document, val_fraction: float):
     cut = int(len(doc.text) * (1 - val_fraction))
-    para = doc.text.rfind("\n\n", 0, cut)
-    cut = para + 2 if para > 0 else cut
+    # The paragraph break nearest the cut, on either side, if one lies within a tenth of the
+    # held-out share of it (else the exact cut: a far break would skew the split).
+    reach = max(1, int(len(doc.text) * val_fraction / 10))
+    before = doc.text.rfind("\n\n", max(0, cut - reach), cut)
+    after = doc.text.find("\n\n", cut, cut + reach)
+    near = [p for p in (before, after) if p > 0]
+    if near:
+        cut = min(near, key=lambda p: abs(p + 2 - cut)) + 2
     if cut <= 0 or cut >= len(doc.text):
         raise ValueError(f"data: {doc.title!r} is too short to split into train and validation")
     return [Document(doc.title, doc.text[:cut])], [Document(doc.title + " (val)", doc.text[cut:])]

@@ -271,7 +271,8 @@ class DiffusionLM(nn.Module):
             position_ids: (B, S) int64; default 0..S-1 per row (packing restarts them per document).
             targets: (B, S) int64, the clean tokens x0. Given: return the loss, build no logits.
                 -100 (ignore_index) carries no loss and does not count in the default
-                normalizer.
+                normalizer. With ``cfg.logits_shift`` the target at i is scored from the output
+                at i - 1 (Dream's objective; at a document's first position, its own).
             loss_mask: (B, S) bool, True where a position carries loss (the masked tokens).
             loss_weight: (B, S) or (B, 1) float, per-position weight (w(t) of the sequence).
             normalizer: the loss is sum(weight * CE over loss_mask) / normalizer; default the
@@ -339,6 +340,12 @@ class DiffusionLM(nn.Module):
             return h
         if targets is None:
             return self.lm_head(h)
+        if self.cfg.logits_shift:
+            # Dream's objective, as the samplers and dlm.likelihood read a shifted model: the
+            # target at position i is predicted from the output at i - 1, a sequence's (a
+            # packed document's) first position from its own.
+            prev = torch.cat([h[:, :1], h[:, :-1]], 1)
+            h = torch.where((position_ids == 0)[..., None], h, prev)
         return self.loss(h, targets, loss_mask, loss_weight, normalizer)
 
     def loss(self, h, targets, loss_mask, loss_weight, normalizer) -> Tensor:

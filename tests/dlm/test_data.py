@@ -75,6 +75,22 @@ def test_user_text_directory_and_file(tmp_path):
     assert train[0].text + val[0].text == one.read_text()
     with pytest.raises(ValueError, match=r"--data\) must be .shakespeare., an existing text file"):
         load_documents(str(tmp_path / "missing"))
+    # Hidden folders (.git, .venv) are not data.
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "notes.txt").write_text("not a document\n" * 50)
+    train, val = load_documents(str(tmp_path), val_fraction=0.3)
+    assert all(not d.title.startswith(".git") for d in train + val) and len(train + val) == 5
+
+
+def test_single_file_split_uses_a_paragraph_break_only_near_the_cut(tmp_path):
+    far = tmp_path / "far.txt"
+    far.write_text("intro\n\n" + "x" * 1000)  # the only break is 90% of the text away
+    train, val = load_documents(str(far), val_fraction=0.1)
+    assert len(val[0].text) == 1007 - int(1007 * 0.9)  # the exact cut
+    near = tmp_path / "near.txt"
+    near.write_text("a" * 895 + "\n\n" + "b" * 103)  # a break 3 characters before the cut
+    train, val = load_documents(str(near), val_fraction=0.1)
+    assert val[0].text == "b" * 103 and train[0].text.endswith("\n\n")
 
 
 def _stream(seq_len=16, seed=0):

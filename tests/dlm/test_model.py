@@ -240,3 +240,51 @@ def test_ignored_targets_agree_on_both_paths_and_packing_refuses_a_padding_mask(
     for model in (m, r):
         with pytest.raises(ValueError, match="attention_mask does not combine with cu_seqlens"):
             model(x, attention_mask=am, cu_seqlens=cu, max_seqlen=17)
+
+
+def test_logits_shift_trains_the_shifted_objective():
+    # With logits_shift the training loss scores target i from the output at i - 1 (position 0
+    # and a packed document's first position from their own), as dlm.likelihood and the
+    # samplers read such a model.
+    from dlm.sampler import shift_logits
+
+    for kernels in (True, False):
+        m = DiffusionLM(tiny(logits_shift=True, kernels=kernels)).double()
+        x = torch.randint(0, V - 1, (2, 17))
+        mask = torch.rand(2, 17) < 0.5
+        xt = torch.where(mask, V - 1, x)
+        loss = m(xt, targets=x, loss_mask=mask)
+        lg = shift_logits(m(xt))
+        want = torch.nn.functional.cross_entropy(lg[mask], x[mask])
+        torch.testing.assert_close(loss, want.to(loss.dtype), rtol=1e-6, atol=1e-6)
+    # Packed: two documents per row, positions restart at 8; the shift stays inside each.
+    pos = torch.cat([torch.arange(8), torch.arange(9)]).expand(2, 17)
+    cu = torch.tensor([0, 8, 17, 25, 34], dtype=torch.int32)
+    m = DiffusionLM(tiny(logits_shift=True)).double()
+    loss = m(xt, targets=x, loss_mask=mask, position_ids=pos, cu_seqlens=cu, max_seqlen=9)
+    lg = m(xt, position_ids=pos, cu_seqlens=cu, max_seqlen=9)
+    lg = torch.cat([shift_logits(lg[:, :8]), shift_logits(lg[:, 8:])], 1)
+    want = torch.nn.functional.cross_entropy(lg[mask], x[mask])
+    torch.testing.assert_close(loss, want.to(loss.dtype), rtol=1e-6, atol=1e-6)
+
+
+def test_config_refuses_values_that_would_fail_or_do_nothing_later():
+    from dlm.config import Config, ConfigError, DataConfig, TrainConfig
+
+    with pytest.raises(ConfigError, match="even head size"):
+        ModelConfig(d_model=6, n_heads=2)  # RoPE rotates pairs: every forward would fail
+    for kw in (dict(lr=float("inf")), dict(seed=2**62), dict(grad_clip=float("inf"))):
+        with pytest.raises(ConfigError, match=next(iter(kw))):
+            TrainConfig(**kw)
+    with pytest.raises(ConfigError, match="rope_theta"):
+        ModelConfig(rope_theta=float("inf"))
+    with pytest.raises(ConfigError, match="val_fraction"):
+        DataConfig(val_fraction=0.0)  # nothing held out: no validation ELBO to report
+    with pytest.raises(ConfigError, match="train.weighting"):
+        TrainConfig(objective="llada", weighting="min_snr")  # llada's 1 / p_mask is fixed
+    with pytest.raises(ConfigError, match="random_length_prob"):
+        Config(data=DataConfig(packing=True), train=TrainConfig(random_length_prob=0.01))
+    with pytest.raises(ConfigError, match="unknown section"):
+        Config.from_dict({"trian": {"steps": 3}})
+    with pytest.raises(ConfigError, match=r"\[train\] must be a table"):
+        Config.from_dict({"train": 5})
