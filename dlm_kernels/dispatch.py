@@ -44,6 +44,12 @@ def _env_impl() -> str:
     return impl
 
 
+def _interpret_env() -> bool:
+    # As Triton reads it (1, true, on, yes): a kernel decorated for the interpreter must also
+    # be selected for it.
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
 def _load_triton() -> bool:
     try:
         import triton  # noqa: F401
@@ -74,8 +80,8 @@ _CPP = _load_cpp()
 # Triton itself reads TRITON_INTERPRET when a kernel is decorated, i.e. at import too. Reading
 # os.environ on every select() cost ~5 us of a ~10 us call, and a model forward selects
 # ~5 times per layer (attention, RMSNorm, RoPE): ~1 ms per generation step at 16 layers.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_override: list[str] = []
+_INTERPRET = _interpret_env()
+_override: list[tuple[object, str]] = []  # (the use() block's token, impl), innermost last
 
 
 def refresh() -> None:
@@ -83,7 +89,7 @@ def refresh() -> None:
     global _IMPL, _CPP, _INTERPRET
     _IMPL = _env_impl()
     _CPP = _load_cpp()
-    _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    _INTERPRET = _interpret_env()
 
 
 def requested_impl() -> str:
@@ -108,18 +114,25 @@ def cpp_ops():
 
 @contextlib.contextmanager
 def use(impl: str) -> Iterator[None]:
-    """Force ``impl`` for every op called inside the block (process-wide, nestable)."""
+    """Force ``impl`` for every op called inside the block (process-wide, so that a backward
+    run on autograd's threads sees it too; nestable). Blocks of several threads overlap: the
+    one entered last rules while it lasts, and leaving a block removes that block's own entry,
+    whatever the order."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    _override.append(impl)
+    token = object()
+    _override.append((token, impl))
     try:
         yield
     finally:
-        _override.pop()
+        for i in range(len(_override) - 1, -1, -1):
+            if _override[i][0] is token:
+                del _override[i]
+                break
 
 
 def current_impl() -> str:
-    return _override[-1] if _override else _IMPL
+    return _override[-1][1] if _override else _IMPL
 
 
 def select(device: torch.device, *, has_triton: bool = True, has_cpp: bool = True) -> str:

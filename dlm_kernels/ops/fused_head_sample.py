@@ -57,7 +57,7 @@ try:
     import triton.language as tl
 
     from dlm_kernels.ops.linear_cross_entropy import _dot
-except ImportError:  # CPU-only installs without triton: the Triton path is never selected
+except Exception:  # no triton, or a broken one: the Triton path is never selected
     triton = None
 
 # Default chunk: (rows x V) logits of at most 2**26 elements (256 MB of float32).

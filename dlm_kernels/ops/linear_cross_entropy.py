@@ -39,7 +39,7 @@ from dlm_kernels.ops.cross_entropy import check_options, prepare_rows, reduce_ro
 try:
     import triton
     import triton.language as tl
-except ImportError:  # CPU-only installs without triton: the Triton path is never selected
+except Exception:  # no triton, or a broken one: the Triton path is never selected
     triton = None
 
 _FLOAT = (torch.float32, torch.bfloat16, torch.float16, torch.float64)

@@ -26,7 +26,7 @@ from dlm_kernels import dispatch
 try:
     import triton
     import triton.language as tl
-except ImportError:  # CPU-only installs without triton: the Triton path is never selected
+except Exception:  # no triton, or a broken one: the Triton path is never selected
     triton = None
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -35,7 +35,7 @@ from dlm_kernels import dispatch, reference
 try:
     import triton
     import triton.language as tl
-except ImportError:  # CPU-only installs without triton: the Triton path is never selected
+except Exception:  # no triton, or a broken one: the Triton path is never selected
     triton = None
 
 _CONF_MODES = {"prob": 0, "raw_prob": 1, "margin": 2, "neg_entropy": 3, "random": 4}
