@@ -80,6 +80,7 @@ class CudaGraphBackend:
             stream, pool = self.streams[index]
             caller = torch.cuda.current_stream()
             stream.wait_stream(caller)
+            fn = _no_autocast_cache(fn)
             try:
                 with torch.cuda.stream(stream):
                     fn()  # Triton autotuning, cuBLAS handles, lazy init: outside the capture
@@ -132,6 +133,22 @@ class CudaGraphBackend:
                 pass
 
 
+def _no_autocast_cache(fn: Callable[[], Tensor]) -> Callable[[], Tensor]:
+    """``fn`` under the caller's autocast with its weight-cast cache off: outside inference
+    mode autocast caches the low-precision copies of the weights for the region, a capture
+    would bake in their addresses, and the region's exit frees them under the graph (why
+    make_graphed_callables refuses cache_enabled=True)."""
+    if not torch.is_autocast_enabled("cuda"):
+        return fn
+    dtype = torch.get_autocast_dtype("cuda")
+
+    def run() -> Tensor:
+        with torch.autocast("cuda", dtype=dtype, cache_enabled=False):
+            return fn()
+
+    return run
+
+
 class _Entry:
     __slots__ = ("graph", "inputs", "out", "nbytes", "state")
 
@@ -150,6 +167,9 @@ class GraphedForward:
         model: the module or callable (as ``generate`` takes it), held weakly where it can be.
         backend: what captures (default: CudaGraphBackend, CUDA tensors only). Tests pass a
             stand-in with the same ``capture(fn, device) -> (graph, out)``.
+
+    Not thread-safe: the graphs, their input and output buffers and the static KV caches are
+    shared by every call on one model (one thread per GraphedForward).
 
     Tensor keyword arguments are graph inputs (copied in each call); every other keyword
     argument (bools, ints, tuples such as ``output_range``, None) is part of the signature.
@@ -179,6 +199,11 @@ class GraphedForward:
             self.backend.failed.clear()
         self.graphs = {}
         self.caches = {}
+        if isinstance(self.backend, CudaGraphBackend):
+            # A fresh stream and memory pool for the next captures: the old pool's use count
+            # fell to 0 with its graphs, and capturing into it again trips the allocator's
+            # assert (vllm-project/vllm#28426), which would turn every later capture eager.
+            self.backend.streams.clear()
 
     def static_cache(self, key, device: torch.device):
         """The dlm.sampler.StaticKVCache these graphs use for one batch shape ``key`` on
@@ -211,13 +236,16 @@ class GraphedForward:
             raise ValueError(
                 f"GraphedForward: CUDA graphs need CUDA tensors, got input_ids on {dev}"
             )
+        self.check_parameters()  # moved or replaced weights: the graphs read old addresses
         with torch.no_grad():
             args = dict(kwargs, input_ids=input_ids)
             key = _signature(args)
             entry = self.graphs.get(key, False)
             if entry is False:
                 # Full: drop them all before this capture (not after: it shares their stream).
+                # The static KV caches count too: one full cache per batch shape.
                 kept = sum(e.nbytes for e in self.graphs.values() if e is not None)
+                kept += sum(_cache_bytes(c) for c in self.caches.values())
                 if len(self.graphs) >= _MAX_GRAPHS or kept >= _MAX_BYTES:
                     self.reset()
                 entry = self.graphs[key] = None if _BROKEN else self._capture(args, dev)
@@ -265,6 +293,11 @@ class GraphedForward:
         self.captures += 1
         state = [v for v in static.values() if hasattr(v, "graph_key")]
         return _Entry(graph, inputs, out, state)
+
+
+def _cache_bytes(cache) -> int:
+    """Bytes of the key and value buffers a StaticKVCache holds."""
+    return sum(t.nbytes for d in (cache.keys, cache.values) for t in d.values())
 
 
 def _signature(args: dict) -> tuple:

@@ -596,9 +596,11 @@ def _use_slab(hidden: Tensor) -> bool:
     choice = os.environ.get("DLM_KERNELS_LCE", "auto").strip().lower() or "auto"
     if choice not in _LCE_CHOICES:
         raise ValueError(f"DLM_KERNELS_LCE must be one of {_LCE_CHOICES}, got {choice!r}")
+    if hidden.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False  # its host read of the row count would break the capture: never, even asked
     if choice != "auto":
         return choice == "slab"
-    return hidden.is_cuda and not torch.cuda.is_current_stream_capturing()
+    return hidden.is_cuda
 
 
 def _slab_cols(M: int, V: int) -> int:

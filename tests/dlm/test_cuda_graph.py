@@ -207,9 +207,9 @@ def test_moved_parameters_drop_the_graphs():
         assert len(g.graphs) == 1
     m.to(torch.float64)  # new tensors at new addresses: every graph is stale
     with torch.inference_mode():
-        g.check_parameters()
-        assert len(g.graphs) == 0
+        # A direct call checks too (it replayed kernels reading the freed float32 weights).
         assert torch.equal(g(ids), m(ids))
+        assert g.captures == 2 and len(g.graphs) == 1
     # generate checks at each call.
     m.to(torch.float32)
     generate(m, ids, cuda_graph=g, gen_length=4, steps=2, mask_id=MASK)
@@ -413,3 +413,19 @@ def test_tf32_set_through_the_new_api():
             assert torch.equal(g(ids), m(ids))
     finally:
         mm.fp32_precision = prev
+
+
+def test_reset_starts_a_fresh_memory_pool_and_static_caches_count(monkeypatch):
+    # After a reset every graph of the old pool is gone and its use count is 0: the next
+    # capture must not go into it (the allocator asserts, vllm-project/vllm#28426), so the
+    # backend's stream and pool are dropped with the graphs.
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    backend = cg.CudaGraphBackend()
+    backend.streams[0] = ("a stream", "a pool")
+    g = cg.GraphedForward(_model(), backend=backend)
+    g.reset()
+    assert backend.streams == {}
+    # The static KV caches' buffers count in the bytes kept (one full cache per batch shape).
+    cache = StaticKVCache()
+    cache.keys[0], cache.values[0] = torch.zeros(4, 8), torch.zeros(4, 8)
+    assert cg._cache_bytes(cache) == 2 * 4 * 8 * 4
