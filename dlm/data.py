@@ -61,6 +61,9 @@ def load_documents(spec: str = CORPUS, val_fraction: float = 0.1):
     if spec == CORPUS:
         docs = shakespeare_works()
         return docs[:-2], docs[-2:]
+    if not val_fraction > 0:
+        raise ValueError(f"data.val_fraction (--val-fraction) must be > 0 for {spec!r}: "
+                         "training reports the ELBO of a held-out split")  # fmt: skip
     if os.path.isdir(spec):
         paths = []
         for root, dirs, files in os.walk(spec):
@@ -204,7 +207,9 @@ class HFTokenizer:
             raise FileNotFoundError(f"tokenizer file {path!r} not found")
         else:
             self.tok = Tokenizer.from_file(path)
-        self.mask_token_id = self._special(("[MASK]", "<mask>", "<|mask|>"), "<|mask|>")
+        self.mask_token_id = self._special(
+            ("[MASK]", "<mask>", "<|mask|>", "<|mdm_mask|>"), "<|mask|>"
+        )  # <|mdm_mask|>: LLaDA's (126336)
         self.pad_token_id = self._special(("[PAD]", "<pad>", "<|pad|>", "<|endoftext|>"), "<|pad|>")
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
 
@@ -226,11 +231,18 @@ class HFTokenizer:
     def special_ids(self) -> list[int]:
         return [self.pad_token_id, self.mask_token_id]
 
+    def is_special(self, i: int) -> bool:
+        """Whether id i is a special (added) token of the file, never produced from text."""
+        tok = self.tok.get_added_tokens_decoder().get(int(i))
+        return i in self.special_ids or bool(tok is not None and tok.special)
+
     def to_json(self) -> str:
         # The tokenizer itself (with the mask / pad tokens added above), not only its path: a
-        # checkpoint must stay usable when the file moves (a few MB in the header at most).
+        # checkpoint must stay usable when the file moves (most tokenizer files are a few MB).
+        # ensure_ascii=False: the safetensors header escapes the string once more; escaping
+        # here too doubled a CJK vocabulary's size (the header's limit is 100 MB).
         return json.dumps({"kind": "hf", "path": os.path.abspath(self.path),
-                           "json": self.tok.to_str()})  # fmt: skip
+                           "json": self.tok.to_str()}, ensure_ascii=False)  # fmt: skip
 
 
 def build_tokenizer(spec: str, train_docs: list[Document], val_docs: list[Document]):
@@ -269,6 +281,14 @@ class Batch:
     max_seqlen: int | None = None
 
 
+def _torch_seed(v: int) -> int:
+    """v as torch.manual_seed reads it (negatives remapped as torch does), reduced mod 2**64
+    beyond its range instead of raising: the same stream wherever torch accepted v."""
+    if v < 0:
+        v += 0xFFFF_FFFF_FFFF_FFFF
+    return v % 2**64
+
+
 class TokenStream:
     """Fixed-length windows over the concatenated documents, a fresh shuffle every epoch.
 
@@ -296,7 +316,7 @@ class TokenStream:
         self._order = None
 
     def _epoch_plan(self):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        g = torch.Generator().manual_seed(_torch_seed(self.seed * 1_000_003 + self.epoch))
         offset = int(torch.randint(0, self.seq_len, (1,), generator=g))
         n_windows = (len(self.tokens) - offset) // self.seq_len
         self._order = (offset, torch.randperm(n_windows, generator=g))

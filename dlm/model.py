@@ -345,7 +345,11 @@ class DiffusionLM(nn.Module):
             # target at position i is predicted from the output at i - 1, a sequence's (a
             # packed document's) first position from its own.
             prev = torch.cat([h[:, :1], h[:, :-1]], 1)
-            h = torch.where((position_ids == 0)[..., None], h, prev)
+            first = position_ids == 0
+            if attention_mask is not None:  # a left-padded row starts at its first real token
+                am = attention_mask.bool()
+                first = first | (am & (am.to(torch.int64).cumsum(1) == 1))
+            h = torch.where(first[..., None], h, prev)
         return self.loss(h, targets, loss_mask, loss_weight, normalizer)
 
     def loss(self, h, targets, loss_mask, loss_weight, normalizer) -> Tensor:

@@ -227,6 +227,8 @@ class Trainer:
                 )
             ckpt = _read_checkpoint(ckpt_path)
             changes = _check_resume_config(ckpt, cfg, override_config)
+        else:
+            cfg.check_new_run()
 
         # Data and tokenizer (a resumed run keeps the tokenizer it was trained with).
         train_docs, val_docs = load_documents(cfg.data.data, cfg.data.val_fraction)
@@ -242,6 +244,7 @@ class Trainer:
         elif (
             mc.mask_token_id < self.tokenizer.vocab_size
             and mc.mask_token_id != self.tokenizer.mask_token_id
+            and not getattr(self.tokenizer, "is_special", lambda i: False)(mc.mask_token_id)
         ):
             # A real token as the mask: every occurrence of it in the data would read as masked.
             raise ValueError(
@@ -258,6 +261,15 @@ class Trainer:
         cfg.model = mc
         self.train_stream = TokenStream(train_docs, self.tokenizer, cfg.data.seq_len, tc.seed)
         self.val_stream = TokenStream(val_docs, self.tokenizer, cfg.data.seq_len, tc.seed)
+        # What the data position in a checkpoint refers to: the token arrays themselves.
+        self.data_fingerprint = _fingerprint(self.train_stream.tokens, self.val_stream.tokens)
+        stored = json.loads(ckpt[1]["state"]).get("data_fingerprint") if ckpt else None
+        if stored is not None and stored != self.data_fingerprint and not override_config:
+            raise ValueError(
+                "resume: the training data (or its split) differs from the checkpoint's: the "
+                "stored data position would point elsewhere and the run would not continue "
+                "exactly; restore the data, or pass --override-config to continue anyway"
+            )
 
         # Batch geometry: batch_size sequences per step = world * grad_accum * micro.
         per = self.world * tc.grad_accum
@@ -720,6 +732,7 @@ class Trainer:
                     "step": self.step,
                     "tokens_seen": self.tokens_seen,
                     "train_stream": self.train_stream.state_dict(),
+                    "data_fingerprint": self.data_fingerprint,
                     "param_groups": groups,
                 }
             ),
@@ -739,7 +752,10 @@ class Trainer:
             # never a truncated one.
             _fsync(tmp)
             os.replace(tmp, path)
-            _fsync(os.path.dirname(path) or ".")  # the rename itself, before "saved" is said
+            # The rename itself, before "saved" is said (best effort: some FUSE / CIFS mounts
+            # refuse a folder's fsync, and the new file is in place already).
+            with contextlib.suppress(OSError):
+                _fsync(os.path.dirname(path) or ".")
         finally:
             shutil.rmtree(stage, ignore_errors=True)
         self._saved_step = self.step
@@ -878,6 +894,18 @@ def _check_resume_config(ckpt, cfg: Config, override: bool) -> list:
             "or pass --override-config (Trainer(override_config=True)) to apply them"
         )
     return changes
+
+
+def _fingerprint(*tokens: torch.Tensor) -> str:
+    """sha256 of token arrays (their lengths and contents): what a data position refers to."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in tokens:
+        a = t.contiguous().numpy()
+        h.update(str((a.dtype.str, a.shape)).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
 
 
 def _fsync(path: str) -> None:

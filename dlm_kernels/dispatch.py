@@ -120,15 +120,12 @@ def use(impl: str) -> Iterator[None]:
     whatever the order."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    token = object()
-    _override.append((token, impl))
+    entry = (object(), impl)  # its own token: equal to no other block's entry
+    _override.append(entry)
     try:
         yield
     finally:
-        for i in range(len(_override) - 1, -1, -1):
-            if _override[i][0] is token:
-                del _override[i]
-                break
+        _override.remove(entry)  # one atomic list operation
 
 
 def current_impl() -> str:

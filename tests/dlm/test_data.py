@@ -75,6 +75,8 @@ def test_user_text_directory_and_file(tmp_path):
     assert train[0].text + val[0].text == one.read_text()
     with pytest.raises(ValueError, match=r"--data\) must be .shakespeare., an existing text file"):
         load_documents(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="val_fraction"):
+        load_documents(str(tmp_path), val_fraction=0.0)  # every file went to validation
     # Hidden folders (.git, .venv) are not data.
     (tmp_path / ".git").mkdir()
     (tmp_path / ".git" / "notes.txt").write_text("not a document\n" * 50)
@@ -147,3 +149,19 @@ def test_real_word_fraction():
     frac, n = real_word_fraction(["To bee or not", "tHE qestion"], lex)
     assert n == 6 and frac == 4 / 6
     assert real_word_fraction(["", " ,. "], lex) == (0.0, 0)
+
+
+def test_llada_mask_token_is_recognised(tmp_path):
+    # LLaDA's tokenizer names its mask <|mdm_mask|>: it is the mask, not a new <|mask|>, so a
+    # run with LLaDA's mask id is not refused as "one of the tokenizer's own ids".
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import models, pre_tokenizers
+
+    t = tokenizers.Tokenizer(models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    t.add_special_tokens(["<|endoftext|>", "<|mdm_mask|>"])
+    path = str(tmp_path / "tok.json")
+    t.save(path)
+    tok = build_tokenizer(path, [], [])
+    assert tok.mask_token_id == t.token_to_id("<|mdm_mask|>") and tok.vocab_size == 5
+    assert tok.is_special(tok.mask_token_id) and not tok.is_special(0)

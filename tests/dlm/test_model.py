@@ -257,6 +257,16 @@ def test_logits_shift_trains_the_shifted_objective():
         lg = shift_logits(m(xt))
         want = torch.nn.functional.cross_entropy(lg[mask], x[mask])
         torch.testing.assert_close(loss, want.to(loss.dtype), rtol=1e-6, atol=1e-6)
+    # Left padding without position ids: the first real token is scored from its own output,
+    # so the loss does not depend on the pad id.
+    m = DiffusionLM(tiny(logits_shift=True)).double()
+    am = torch.ones(2, 17, dtype=torch.bool)
+    am[1, :5] = False
+    lmask = mask & am
+    lmask[1, 5] = True  # the first real token carries loss
+    losses = [m(torch.where(am, xt, pad), targets=x, loss_mask=lmask, attention_mask=am)
+              for pad in (0, 5)]  # fmt: skip
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-12, atol=1e-12)
     # Packed: two documents per row, positions restart at 8; the shift stays inside each.
     pos = torch.cat([torch.arange(8), torch.arange(9)]).expand(2, 17)
     cu = torch.tensor([0, 8, 17, 25, 34], dtype=torch.int32)
@@ -273,17 +283,20 @@ def test_config_refuses_values_that_would_fail_or_do_nothing_later():
 
     with pytest.raises(ConfigError, match="even head size"):
         ModelConfig(d_model=6, n_heads=2)  # RoPE rotates pairs: every forward would fail
-    for kw in (dict(lr=float("inf")), dict(seed=2**62), dict(grad_clip=float("inf"))):
+    for kw in (dict(lr=float("inf")), dict(seed=2**64), dict(weight_decay=float("inf"))):
         with pytest.raises(ConfigError, match=next(iter(kw))):
             TrainConfig(**kw)
+    TrainConfig(seed=-1, grad_clip=float("inf"))  # torch's seeds; inf: no clipping
     with pytest.raises(ConfigError, match="rope_theta"):
         ModelConfig(rope_theta=float("inf"))
-    with pytest.raises(ConfigError, match="val_fraction"):
-        DataConfig(val_fraction=0.0)  # nothing held out: no validation ELBO to report
+    # Settings a new run refuses but a stored config may hold (older checkpoints still load).
+    llada = Config(train=TrainConfig(objective="llada", weighting="min_snr"))
     with pytest.raises(ConfigError, match="train.weighting"):
-        TrainConfig(objective="llada", weighting="min_snr")  # llada's 1 / p_mask is fixed
+        llada.check_new_run()  # llada's 1 / p_mask is fixed
+    packed = Config(data=DataConfig(packing=True), train=TrainConfig(random_length_prob=0.01))
     with pytest.raises(ConfigError, match="random_length_prob"):
-        Config(data=DataConfig(packing=True), train=TrainConfig(random_length_prob=0.01))
+        packed.check_new_run()
+    assert Config.from_dict(packed.to_dict()) == packed
     with pytest.raises(ConfigError, match="unknown section"):
         Config.from_dict({"trian": {"steps": 3}})
     with pytest.raises(ConfigError, match=r"\[train\] must be a table"):

@@ -152,10 +152,13 @@ def test_patched_forward_keeps_the_signature_and_its_arguments():
         loss = ours(ids, am.long(), pos, labels=labels).loss
         tup = ours(ids, am.long(), pos, labels=labels, return_dict=False)
         assert isinstance(tup, tuple) and torch.equal(tup[0], loss)
-        # Pre-shifted labels (context parallelism): no further shift.
-        shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], 1)
-        again = ours(ids, am.long(), pos, shift_labels=shifted, labels=labels).loss
-        assert abs(again.item() - loss.item()) <= 1e-6 * abs(loss.item())
+        # Pre-shifted labels (context parallelism) are used as they are, not shifted again:
+        # given the unshifted labels as shift_labels, the loss is the unshifted one.
+        plain = apply_dlm_kernels(copy.deepcopy(ref), shift_labels=False)
+        want_plain = plain(ids, am.long(), pos, labels=labels).loss
+        again = ours(ids, am.long(), pos, shift_labels=labels, labels=labels).loss
+        assert abs(again.item() - want_plain.item()) <= 1e-6 * abs(want_plain.item())
+        assert abs(again.item() - loss.item()) > 1e-3 * abs(loss.item())
 
 
 def test_final_logit_softcapping_reaches_the_fused_loss():

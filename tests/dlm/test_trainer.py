@@ -466,3 +466,17 @@ def test_finished_run_resume_adds_no_row_and_stale_temp_files_go(tmp_path, refer
     )
     after = load_file(str(out / CHECKPOINT))
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_resume_refuses_changed_data(tmp_path):
+    """The checkpoint's data position refers to the token arrays it was trained on: resuming
+    over edited data (or a changed split rule) is refused unless asked for."""
+    text = tmp_path / "text.txt"
+    text.write_text("".join(f"line {i} of a small corpus, with some words.\n" for i in range(400)))
+    cfg = small_config(tmp_path / "run", steps=3)
+    cfg.data = DataConfig(data=str(text), seq_len=32)
+    Trainer(cfg, log=quiet).fit(stop_at=2)
+    text.write_text(text.read_text().replace("words", "other words"))
+    with pytest.raises(ValueError, match="training data .* differs from the checkpoint"):
+        Trainer(cfg, resume=True, log=quiet)
+    assert Trainer(cfg, resume=True, override_config=True, log=quiet).step == 2
