@@ -183,6 +183,9 @@ class CharTokenizer:
     def special_ids(self) -> list[int]:
         return [self.pad_token_id, self.mask_token_id]
 
+    def is_special(self, i: int) -> bool:
+        return i in self.special_ids
+
     def to_json(self) -> str:
         return json.dumps({"kind": "char", "chars": self.chars})
 

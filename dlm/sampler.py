@@ -653,7 +653,7 @@ def _loop(
             if out_range is not None:
                 kw["output_range"] = out_range
             if graphs is not None:
-                logits = graphs(xs[:, q0:q1], **kw)
+                logits = graphs.run(xs[:, q0:q1], **kw)  # parameters checked in _graphs
             else:
                 logits = call_model(model, xs[:, q0:q1], **kw)
         if uncond_src is not None:

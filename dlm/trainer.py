@@ -244,7 +244,7 @@ class Trainer:
         elif (
             mc.mask_token_id < self.tokenizer.vocab_size
             and mc.mask_token_id != self.tokenizer.mask_token_id
-            and not getattr(self.tokenizer, "is_special", lambda i: False)(mc.mask_token_id)
+            and not self.tokenizer.is_special(mc.mask_token_id)
         ):
             # A real token as the mask: every occurrence of it in the data would read as masked.
             raise ValueError(
