@@ -23,6 +23,12 @@ import subprocess
 import sys
 import tempfile
 
+# Run as a script, sys.path[0] is tests/, where tests/dlm would shadow the dlm package (an
+# editable install's finder hides that; a plain checkout or a regular install does not): the
+# repository root instead, as pytest sees it.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if sys.path and os.path.abspath(sys.path[0] or ".") == _HERE:
+    sys.path[0] = os.path.dirname(_HERE)
 os.environ.pop("TRITON_INTERPRET", None)
 os.environ["DLM_KERNELS_AUTOTUNE"] = "0"
 

@@ -1,6 +1,7 @@
 """The trainer: exact resume, 2-process DDP (and FSDP2) on gloo, the CLI end to end,
 SIGINT / SIGTERM (save, then resume exactly), resuming with the checkpoint's config."""
 
+import faulthandler
 import json
 import os
 import shutil
@@ -74,7 +75,11 @@ def _free_port() -> int:
 
 
 def _dist_env(rank, world, port):
-    """The environment torch.distributed's env:// init reads, for one process of a local run."""
+    """The environment torch.distributed's env:// init reads, for one process of a local run.
+    A worker still running after 150 s (a run takes seconds) prints every thread's stack and
+    exits: a hang then fails its test, with where it hung in the captured stderr, instead of
+    blocking mp.spawn forever or reaching the signal test's 240 s deadline with no trace."""
+    faulthandler.dump_traceback_later(150, exit=True)
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
