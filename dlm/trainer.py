@@ -58,6 +58,7 @@ from dlm.config import Config
 from dlm.data import TokenStream, build_tokenizer, load_documents, tokenizer_from_json
 from dlm.loss import DiffusionObjective
 from dlm.model import DiffusionLM
+from dlm.schedules import Linear
 
 CHECKPOINT = "checkpoint.safetensors"
 
@@ -443,24 +444,30 @@ class Trainer:
         """Validation ELBO: nats and bits per token, nats per character.
 
         Fixed windows spread over the validation text and a fixed noise seed, so evaluations at
-        different steps are comparable; ``eval_t_samples`` antithetic draws of t per window with
-        the ELBO weight of the training schedule (an upper bound on the NLL).
+        different steps are comparable; ``eval_t_samples`` stratified draws per window of the
+        masked fraction p in [eps, 1], weight 1 / p: the continuous-time ELBO, which does not
+        depend on the schedule (an upper bound on the NLL). A time-conditioned model is given
+        the training objective's t of p. The training schedule's own weights would leave out the
+        nearly all-masked states where alpha(1) > 0 (log-linear, geometric, few discrete
+        steps) and could report less than the NLL.
         """
         tc = self.cfg.train
         n_batches = n_batches or tc.eval_batches
         starts = self.val_stream.eval_windows(n_batches * tc.batch_size)
         self.model.eval()
         objective = DiffusionObjective(
-            self.objective.mask_token_id, self.objective.schedule, "elbo", "mdlm", tc.sampling_eps
+            self.objective.mask_token_id, Linear(), "elbo", "mdlm", tc.sampling_eps
         )
+        time_of = self.objective.time_of  # masked fraction -> the training objective's t
         gen = torch.Generator().manual_seed(tc.seed + 2)
+        u = torch.rand(1, generator=gen, dtype=torch.float64)  # one offset for all passes
         nats = torch.zeros((), dtype=torch.float64)
         tokens = 0
         chunk = max(1, self.micro * tc.grad_accum)
         mine = starts[self.rank :: self.world]
         with self.ema_weights():
             for rep in range(tc.eval_t_samples):
-                t_all = _eval_times(len(starts), rep, tc.eval_t_samples, gen, tc.sampling_eps)
+                t_all = _eval_times(len(starts), rep, tc.eval_t_samples, u, tc.sampling_eps)
                 t_mine = t_all[self.rank :: self.world]
                 for i in range(0, len(mine), chunk):
                     batch = self.val_stream.batch_at(mine[i : i + chunk], self.cfg.data.packing)
@@ -476,7 +483,7 @@ class Trainer:
                             loss_mask=nz.mask,
                             loss_weight=nz.weight,
                             normalizer=1.0,
-                            t=nz.t,
+                            t=time_of(nz.t),
                             cu_seqlens=to(batch.cu_seqlens),
                             max_seqlen=batch.max_seqlen,
                         )
@@ -800,10 +807,9 @@ class Trainer:
         self.train_stream.load_state_dict(state["train_stream"])
 
 
-def _eval_times(n: int, rep: int, reps: int, gen: torch.Generator, eps: float) -> torch.Tensor:
-    """Antithetic times for n windows on evaluation pass ``rep`` of ``reps``: all passes together
-    stratify [eps, 1] into n * reps evenly spaced strata."""
-    u = torch.rand(1, generator=gen, dtype=torch.float64)
+def _eval_times(n: int, rep: int, reps: int, u: torch.Tensor, eps: float) -> torch.Tensor:
+    """Times for n windows on evaluation pass ``rep`` of ``reps``, u (1,) the offset shared by
+    all passes: together they stratify [eps, 1] into n * reps evenly spaced strata."""
     t = (u + (torch.arange(n, dtype=torch.float64) * reps + rep) / (n * reps)) % 1.0
     return eps + (1.0 - eps) * t
 

@@ -485,3 +485,51 @@ def test_resume_refuses_changed_data(tmp_path):
     with pytest.raises(ValueError, match="training data .* differs from the checkpoint"):
         Trainer(cfg, resume=True, log=quiet)
     assert Trainer(cfg, resume=True, override_config=True, log=quiet).step == 2
+
+
+def test_validation_elbo_does_not_depend_on_the_schedule(tmp_path):
+    """The continuous-time ELBO is the same integral under every schedule: the same weights
+    evaluated for a run trained with linear, log-linear or geometric report the same bound (the
+    schedule's own weights left out the nearly all-masked states where alpha(1) > 0 and could
+    report less than the NLL). A time-conditioned model gets the training objective's t."""
+    cfgs = [small_config(tmp_path / s, eval_t_samples=2) for s in ("linear", "log-linear")]
+    cfgs[1].train.schedule = "log-linear"
+    a, b = (Trainer(c, log=quiet) for c in cfgs)
+    b.raw_model.load_state_dict(a.raw_model.state_dict())
+    for k in a.ema:
+        b.ema[k].copy_(a.ema[k])
+    assert a.evaluate() == b.evaluate()
+    seen = []
+    tc = small_config(tmp_path / "t", eval_t_samples=2).train
+    tc.schedule = "geometric"
+    c = Trainer(Config(ModelConfig(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1,
+                                   time_conditioning=True),
+                       DataConfig(data="shakespeare", seq_len=32), tc), log=quiet)  # fmt: skip
+    forward = c.model.forward
+
+    def spy(*args, **kw):
+        seen.append((kw["t"], kw["loss_mask"].float().mean(1)))
+        return forward(*args, **kw)
+
+    c.model.forward = spy
+    c.evaluate()
+    t, frac = (torch.cat(v) for v in zip(*seen))
+    # The model's t is the geometric schedule's time of each drawn masked fraction p, and the
+    # fractions are the stratified draws (one offset u from the evaluation seed).
+    from dlm.trainer import _eval_times
+
+    u = torch.rand(1, generator=torch.Generator().manual_seed(tc.seed + 2), dtype=torch.float64)
+    p = torch.cat([_eval_times(8, r, 2, u, tc.sampling_eps) for r in range(2)])
+    p_of_t = 1.0 - c.objective.schedule.alpha(t.double())
+    torch.testing.assert_close(p_of_t.sort().values, p.sort().values, rtol=1e-5, atol=1e-6)
+    assert (t.double() - p_of_t).abs().max() > 0.05  # t is not the fraction itself
+    assert (frac.double() - p_of_t.cpu()).abs().max() < 0.5  # and the masks follow p
+
+
+def test_eval_times_stratify_all_passes_together():
+    from dlm.trainer import _eval_times
+
+    u = torch.tensor([0.3], dtype=torch.float64)
+    t = torch.cat([_eval_times(4, r, 3, u, 0.0) for r in range(3)]).sort().values
+    gaps = t.diff()
+    torch.testing.assert_close(gaps, torch.full_like(gaps, 1 / 12))
