@@ -158,6 +158,7 @@ def masked_nll_estimate(
         # As in generate: positions restart at each row's first real token.
         pos_t = (am_t.to(torch.int64).cumsum(1) - 1).clamp_min(0)
     frac_t = torch.cat([m / n for m, n in zip(fracs_m, fracs_n)]) if t_of is not None else None
+    n_real_t = torch.tensor([float(n_real[b]) for b in owners], dtype=torch.float64)
     prompt_t = None
     if cfg_scale > 0:
         real = am_t if am_t is not None else torch.ones_like(masks_t)
@@ -193,6 +194,10 @@ def masked_nll_estimate(
         if prompt_t is not None:
             un = torch.where(prompt_t[lo:hi], torch.full_like(xt, mask_id), xt)
             kw = {k: torch.cat([v, v]) if isinstance(v, Tensor) else v for k, v in kw.items()}
+            if t_of is not None:  # the unconditional input's own, larger masked fraction
+                n_prompt = prompt_t[lo:hi].sum(1).cpu().to(torch.float64)
+                f_un = frac_t[lo:hi] + n_prompt / n_real_t[lo:hi]
+                kw["t"] = torch.cat([kw["t"][: hi - lo], t_of(f_un).float().to(dev)])
             both = call_model(model, torch.cat([xt, un]), attention_mask=None if am is None
                               else torch.cat([am, am]), **kw)  # fmt: skip
             c, u = both.chunk(2)

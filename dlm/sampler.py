@@ -623,16 +623,22 @@ def _loop(
         if t_of is not None:
             rp = real_pos if rows is None else real_pos[rows]
             nr = n_real if rows is None else n_real[rows]
-            t_in = t_of(((xs == mask_id) & rp).sum(1).to(torch.float64) / nr).float()
+
+            def t_in_of(inp):  # the t of an input's masked fraction (its real positions)
+                return t_of(((inp == mask_id) & rp).sum(1).to(torch.float64) / nr).float()
+
+            t_in = t_in_of(xs)
         am_ = am_fwd if forward_fn is not None else am
         ams = am_ if (am_ is None or rows is None) else am_[rows]
         ps = pos_ids if (pos_ids is None or rows is None) else pos_ids[rows]
         if uncond_src is not None:
             us = uncond_src if rows is None else uncond_src[rows]
-            xs = torch.cat([xs, torch.where(us, torch.full_like(xs, mask_id), xs)], 0)
+            un = torch.where(us, torch.full_like(xs, mask_id), xs)
+            # The unconditional input has its prompt masked too: its own, larger fraction.
+            t_in = None if t_in is None else torch.cat([t_in, t_in_of(un)], 0)
+            xs = torch.cat([xs, un], 0)
             ams = None if ams is None else torch.cat([ams, ams], 0)
             ps = None if ps is None else torch.cat([ps, ps], 0)
-            t_in = None if t_in is None else torch.cat([t_in, t_in], 0)
         if counter is not None:
             counter.append(xs.shape[0])
         if forward_fn is not None:

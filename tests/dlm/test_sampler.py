@@ -448,8 +448,9 @@ def test_time_conditioned_model_gets_t_of_the_masked_fraction():
     # the model's own map (load_model attaches the training schedule's inverse)
     m2 = _TimeStub(time_of=lambda f: f**2)
     generate(m2, prompt, am, gen_length=8, steps=4, mask_id=mask, cfg_scale=1.5)
-    got2 = torch.stack(m2.seen)  # cfg: conditional and unconditional rows, the same t
-    torch.testing.assert_close(got2, torch.cat([want, want], 1) ** 2)
+    got2 = torch.stack(m2.seen)  # cfg: the unconditional rows have their prompt masked too
+    want_un = (left + torch.tensor([2.0, 3.0])) / torch.tensor([10.0, 11.0])
+    torch.testing.assert_close(got2, torch.cat([want, want_un], 1) ** 2)
 
 
 def test_time_conditioned_diffusion_lm_samples_and_scores():
@@ -491,6 +492,14 @@ def test_likelihood_gives_t_of_each_draw():
     maskable = torch.tensor([[False, False, True, True, True, True, True, True]])  # n = 6
     masked_nll_estimate(m, x, maskable, mask_id=10, mc_num=5, batch_size=2, seed=1)
     torch.testing.assert_close(torch.cat(m.seen).double(), torch.cat(seen_frac))
+    # With guidance the unconditional half (prompt masked too) gets its own fraction's t.
+    m.seen.clear()
+    seen_frac.clear()
+    masked_nll_estimate(m, x, maskable, mask_id=10, mc_num=5, batch_size=2, seed=1,
+                        cfg_scale=1.0)  # fmt: skip
+    got, frac = torch.cat(m.seen).double(), torch.cat(seen_frac)
+    torch.testing.assert_close(got, frac, rtol=1e-6, atol=1e-7)
+    assert bool((frac[2:4] > frac[0:2]).all())  # the first chunk's unconditional rows
 
 
 # ---------------------------------------------------------------------------------------------
