@@ -108,8 +108,10 @@ class DiffusionObjective:
         n = global_batch or B
         rows = rows if rows is not None else slice(0, B)
         if t is None:
-            # mdlm: t in [eps, 1], away from w(t) = 1/t's pole; llada: eps enters p_mask instead.
-            eps = self.eps if self.objective == "mdlm" else 0.0
+            # mdlm: t in [eps, 1], away from w(t) = 1/t's pole; llada: eps enters p_mask instead;
+            # a discrete schedule has no pole, and its step ceil(t T) must be uniform in 1..T
+            # (with eps >= 1/T step 1 was never drawn, and the others were reweighted).
+            eps = self.eps if self.objective == "mdlm" and not self.schedule.discrete else 0.0
             t = sample_t(n, generator, mode=self.t_sampling, eps=eps)[rows]
         u = torch.rand(n, S, generator=generator, dtype=torch.float64)[rows]
         t, u = t.to(x0.device), u.to(x0.device)

@@ -8,6 +8,7 @@ import torch
 
 from dlm.loss import DiffusionObjective
 from dlm.model import DiffusionLM
+from dlm.schedules import DiscreteLinearBeta
 from tests.dlm.test_model import V, pair, tiny
 
 M = V - 1  # mask token
@@ -135,3 +136,13 @@ def test_time_of_inverts_mask_prob(schedule, objective):
     if objective == "mdlm" and schedule == "linear":
         g = torch.tensor([0.0, 0.25, 1.0])
         torch.testing.assert_close(obj.time_of(g), g)  # 1 - alpha(t) = t
+
+
+def test_discrete_schedule_draws_every_step_uniformly():
+    # i = ceil(t T) must be uniform in 1..T: eps (for w = 1/t's pole, which a discrete schedule
+    # does not have) kept step 1 from ever being drawn once eps >= 1/T, and reweighted the rest.
+    obj = DiffusionObjective(0, DiscreteLinearBeta(T=8), eps=0.3)
+    x0 = torch.ones(8, 5, dtype=torch.long)
+    for seed in range(3):
+        nz = obj.noise(x0, torch.Generator().manual_seed(seed))  # antithetic: one t per stratum
+        assert obj.schedule.step(nz.t).sort().values.tolist() == list(range(1, 9))
