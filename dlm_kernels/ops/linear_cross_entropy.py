@@ -1076,6 +1076,12 @@ class _CpuGradInForward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, grad_lse):
+        if torch.is_grad_enabled():  # create_graph=True: the forward's gradients carry no graph
+            raise RuntimeError(
+                "masked_linear_cross_entropy: no second-order gradients (create_graph=True) on "
+                "the CPU path with a reduction, whose gradients are computed in the forward; "
+                "use the reference (DLM_KERNELS_IMPL=reference) for higher-order gradients"
+            )
         if ctx.grads is None:
             raise RuntimeError(
                 "masked_linear_cross_entropy: backward ran twice through a graph whose gradients "

@@ -308,6 +308,13 @@ def test_cpu_no_grad_and_retain_graph():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="retain_graph"):
         loss.backward()
+    # Nor do they carry a graph: a second-order gradient must fail, not silently drop the
+    # loss's curvature (it returned grad + 0 where the reference gives the full term).
+    h = hidden.clone().requires_grad_(True)
+    with impl("cpp"):
+        loss = dlm_kernels.masked_linear_cross_entropy(h, W, target, mask, reduction="sum")
+    with pytest.raises(RuntimeError, match="second-order"):
+        torch.autograd.grad(loss, h, create_graph=True)
 
 
 def test_gradcheck_float64():
