@@ -175,11 +175,12 @@ def test_sample_and_eval_use_the_mask_id_the_model_was_trained_with(tmp_path, mo
 
     def fake_generate(model, ids, am, **kw):
         seen["sample"] = kw["mask_id"]
-        return torch.cat([ids, torch.ones(ids.shape[0], kw["gen_length"], dtype=ids.dtype)], 1)
+        tail = torch.ones(ids.shape[0], kw["gen_length"], dtype=ids.dtype, device=ids.device)
+        return torch.cat([ids, tail], 1)
 
     def fake_elbo(model, x, **kw):
         seen["eval"] = kw["mask_id"]
-        return torch.ones(x.shape[0]), torch.ones(x.shape[0])
+        return torch.ones(x.shape[0], device=x.device), torch.ones(x.shape[0], device=x.device)
 
     monkeypatch.setattr(cli_generate, "generate", fake_generate)
     monkeypatch.setattr("dlm.likelihood.elbo", fake_elbo)

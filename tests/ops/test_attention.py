@@ -332,7 +332,7 @@ def _bad(match, *args, exc=ValueError, **kw):
         dlm_kernels.bidirectional_attention(*args, **kw)
 
 
-def test_bad_inputs():
+def test_bad_inputs(monkeypatch):
     q, k, v = _inputs(2, 8, 8, 4, 2, 16, torch.float32)
     _bad("q must be float16", q.long(), k, v, exc=TypeError)
     _bad("share one dtype", q, k.half(), v, exc=TypeError)
@@ -362,6 +362,9 @@ def test_bad_inputs():
     _bad("given together", qp, kp, vp, **{**ok, "cu_seqlens_k": None})
     _bad("int32", qp, kp, vp, **{**ok, "cu_seqlens_q": cu.long()}, exc=TypeError)
     _bad("are required with cu_seqlens", qp, kp, vp, **{**ok, "max_seqlen_q": None})
+    # The values of cu_seqlens are read on the host: always on CPU, on CUDA only when asked
+    # (a read would sync the stream).
+    monkeypatch.setenv("DLM_KERNELS_CHECK", "1")
     _bad(
         "end at 16",
         qp,

@@ -19,7 +19,7 @@ import torch
 from dlm_kernels import fused_head_unmask_step, reference, unmask_step
 from dlm_kernels.ops import fused_head_sample as fh
 from dlm_kernels.ops import unmask_sample as us
-from tests.utils import device, ids, impl, run_on, skip_unless_available
+from tests.utils import device, ids, impl, run_on, skip_unless_available, to_device
 
 CONFS = ["prob", "raw_prob", "margin", "neg_entropy", "random"]
 RULES = {
@@ -252,7 +252,7 @@ def test_triton_cublas_chunks(dtype, monkeypatch):
         assert bool(((new >= 0) & (new <= mask_id)).all())
     monkeypatch.setenv("DLM_KERNELS_HEAD", "fast")
     with impl("triton"), pytest.raises(ValueError, match="DLM_KERNELS_HEAD"):
-        fused_head_unmask_step(x, h, W, mask_id=mask_id, num_transfer=1)
+        fused_head_unmask_step(*to_device((x, h, W), device()), mask_id=mask_id, num_transfer=1)
 
 
 @pytest.mark.parametrize("name", ["cpp", "triton"])
