@@ -31,8 +31,11 @@ static inline float exp_clamped(float xc) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  int32_t ni = static_cast<int32_t>(n);
-  ni = ni < -126 ? -126 : ni;  // NaN converts to INT_MIN here; p is NaN then anyway
+  // A NaN argument gives a NaN p; its exponent must not reach the int cast (converting NaN to
+  // int32 is undefined behaviour, flagged by UBSan), so it becomes 0 first.
+  const float nn = n == n ? n : 0.0f;
+  int32_t ni = static_cast<int32_t>(nn);
+  ni = ni < -126 ? -126 : ni;
   const int32_t bits = (ni + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));

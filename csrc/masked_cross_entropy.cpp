@@ -27,7 +27,10 @@ int64_t grain_for(int64_t V) { return std::max<int64_t>(1, 16384 / std::max<int6
 // written): g = coef (p (1 + 2 z lse) - eps / V - (1 - eps) [j == y]).
 static inline void row_grad(const float* x, float* g, int64_t V, int64_t y, float coef, float lse,
                             float eps, float z) {
-  const float scale = coef * (1.0f + 2.0f * z * lse);
+  // Without z-loss the scale is coef itself: 2 z lse is NaN for z = 0 and lse = +inf (a row
+  // with a +inf logit), which would poison the whole row where the reference's is NaN only at
+  // the +inf logit.
+  const float scale = z != 0.0f ? coef * (1.0f + 2.0f * z * lse) : coef;
   const float shift = coef * eps / static_cast<float>(V);
 #pragma omp simd
   for (int64_t j = 0; j < V; ++j) g[j] = scale * fast_exp(x[j] - lse) - shift;

@@ -86,7 +86,8 @@ if triton is not None:
             if WRITE_GRAD:
                 # Second sweep over the row, read then overwritten tile by tile (the row has
                 # just been read, so on a GPU much of it is still in L2).
-                scale = w * (1.0 + 2.0 * z_loss * lse)
+                # Without z-loss: w itself (2 z lse is NaN at z = 0, lse = +inf).
+                scale = w * (1.0 + 2.0 * z_loss * lse) if HAS_Z else w
                 shift = w * label_smoothing / V
                 hit = w * (1.0 - label_smoothing)
                 for start in range(0, V, BLOCK_V):
@@ -127,7 +128,8 @@ if triton is not None:
             target = tl.load(target_ptr + row)
             lse = tl.load(lse_ptr + row)
             coef = tl.load(grad_ptr + row) * tl.load(weight_ptr + row)
-            scale = coef * (1.0 + 2.0 * z_loss * lse)
+            # 2 z lse is NaN at z = 0 and lse = +inf (a +inf logit): the scale is coef then.
+            scale = tl.where(z_loss != 0.0, coef * (1.0 + 2.0 * z_loss * lse), coef)
             shift = coef * label_smoothing / V
             hit = coef * (1.0 - label_smoothing)
             for start in range(0, V, BLOCK_V):

@@ -213,6 +213,38 @@ def test_nan_logits_give_nan_loss(name):
     assert torch.isfinite(loss[torch.arange(37) != 7]).all()
 
 
+@pytest.mark.parametrize("opts", [{}, {"z_loss": 1e-3}, {"label_smoothing": 0.1}],
+                         ids=["plain", "z_loss", "smoothing"])  # fmt: skip
+@pytest.mark.parametrize("grad_in_forward", [False, True], ids=["bwd", "grad_in_fwd"])
+@pytest.mark.parametrize("name", IMPLS)
+def test_pos_inf_and_nan_rows_match_the_reference(name, grad_in_forward, opts):
+    """A +inf logit (the target elsewhere or on it) and a NaN logit poison their own rows exactly
+    as the reference does: loss and gradient, NaN where the reference has NaN and nowhere else
+    (without z-loss, 2 z lse was NaN at lse = +inf and made every gradient of the row NaN)."""
+    skip_unless_available(name)
+    logits, target, mask, weight = _inputs((9,), 1003, torch.float32, p_mask=1.0)
+    target[1:4] = torch.tensor([5, 6, 7], device=DEV)
+    logits[1, 40] = float("inf")  # target elsewhere
+    logits[2, 6] = float("inf")  # on the target
+    logits[3, 7] = float("nan")
+    logits[4, :] = float("-inf")
+    g = torch.randn(9, dtype=torch.float64, device=DEV)
+    kw = dict(reduction="none", **opts)
+    want_loss, want_grad = _run("reference", logits.double(), target, mask, weight, g, **kw)
+    leaf = logits.detach().clone().requires_grad_(True)
+    x = leaf * 1  # grad_in_forward writes over the logits: they must come from an op
+    with impl(name):
+        got_loss = dlm_kernels.masked_cross_entropy(
+            x, target, mask, weight, grad_in_forward=grad_in_forward, **kw
+        )
+    (got_loss * g.to(got_loss.dtype)).sum().backward()
+    got_loss, got_grad = got_loss.detach(), leaf.grad
+    assert torch.equal(got_loss.isnan(), want_loss.isnan()), (got_loss, want_loss)
+    assert torch.equal(got_grad.isnan(), want_grad.isnan()), got_grad.isnan().sum(1)
+    torch.testing.assert_close(got_loss.double(), want_loss, equal_nan=True, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_grad.double(), want_grad, equal_nan=True, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", IMPLS)
 def test_noncontiguous_logits_and_broadcast_weight(name):
     skip_unless_available(name)
