@@ -137,3 +137,13 @@ def test_cpu_timing_repeats_cheap_calls(monkeypatch):
     counts = [[], []]
     common.time_fns([lambda: counts[0].append(1), lambda: counts[1].append(1)], "cpu")
     assert [len(c) for c in counts] == [1 + common._MAX_REPS] * 2
+
+
+def test_cuda_runs_attention_first():
+    # On CUDA attention's compiles need the start of the budget (a last module is left what the
+    # others did not spend); the CPU order is the list's.
+    names = list(bench_run.BENCHES)
+    cuda = bench_run.order(names, "cuda:0")
+    assert cuda[0] == "bench_attention" and sorted(cuda) == sorted(names)
+    assert bench_run.order(names, "cpu") == names
+    assert bench_run.order(["bench_sample"], "cuda") == ["bench_sample"]
