@@ -14,17 +14,19 @@ the logits of those rows are never all alive at once:
   (benchmarks/bench_linear_cross_entropy.py): peak extra 100 MB, against 129 MB for torch's
   chunked F.linear_cross_entropy, 380 MB for gather + linear + F.cross_entropy and 502 MB for
   the full logits; single-thread CPU time 1.66 s against 1.91 s for the gather composition.
-- GPU, eager ("slab", the default for CUDA tensors outside CUDA-graph capture and
-  torch.compile): the valid rows are gathered (one host sync for their count) and the
-  vocabulary is walked in slabs of ~V/64 columns: the GEMMs through cuBLAS, the softmax
-  work in one Triton pass per slab; see "CUDA, eager" below for why (the fused kernels'
-  backward measured 5x slower than eager on an H100).
-- GPU, fused ("triton": under CUDA graphs and torch.compile, or DLM_KERNELS_LCE=fused): the
-  valid rows are compacted on the device (a stable sort of the mask, no host
-  sync: the grid is sized for N rows and tiles past the device-side count exit at once). The
-  forward tiles (rows x vocab) with tl.dot, keeps the logits in registers, runs an online
-  logsumexp and keeps one float32 lse per row. The backward recomputes the logit tiles: one
-  kernel accumulates dHidden over vocabulary tiles, another dW / dbias over row tiles (both
+- GPU, slab (the default for CUDA tensors outside CUDA-graph capture, torch.compile'd code
+  included: the op is opaque to the compiler and chooses when it runs): the valid rows are
+  gathered (one host sync for their count) and the vocabulary is walked in slabs of ~V/64
+  columns: the GEMMs through cuBLAS, the softmax work in one Triton pass per slab; see "CUDA,
+  eager" below for why (the fused kernels' backward measured 5x slower than eager on an H100,
+  9x slower than the slab path on an H200).
+- GPU, fused ("triton": under CUDA-graph capture, torch.compile's mode="reduce-overhead"
+  included, or DLM_KERNELS_LCE=fused): the valid rows are compacted on the device (a stable
+  sort of the mask, no host sync: the grid is sized for N rows and tiles past the device-side
+  count exit at once). The forward tiles (rows x vocab) with tl.dot, keeps the logits in
+  registers, runs an online logsumexp and keeps one float32 lse per row. The backward
+  recomputes the logit tiles: one kernel accumulates dHidden over vocabulary tiles, another
+  dW / dbias over row tiles (both
   deterministic); ``deterministic=False`` uses one kernel with float32 atomics instead.
 """
 
