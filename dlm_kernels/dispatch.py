@@ -178,6 +178,11 @@ def as_int(value) -> int | None:
     argument). Lets arguments read from numpy or a config file pass as ints."""
     if isinstance(value, torch.Tensor) or is_bool(value):
         return None
+    if isinstance(value, (int, torch.SymInt)):
+        # Returned as is: torch.compile traces an int argument that changes between calls as a
+        # symbol, and operator.index would specialise the graph on its value (a recompile per
+        # offset=step).
+        return value
     try:
         return operator.index(value)
     except TypeError:
@@ -186,4 +191,8 @@ def as_int(value) -> int | None:
 
 def is_bool(value) -> bool:
     """A Python or numpy bool (numpy's has ``__index__``, so it would pass as an int)."""
-    return isinstance(value, bool) or getattr(getattr(value, "dtype", None), "kind", None) == "b"
+    if isinstance(value, (bool, torch.SymBool)):
+        return True
+    if isinstance(value, (int, float, torch.SymInt, torch.SymFloat)):
+        return False
+    return getattr(getattr(value, "dtype", None), "kind", None) == "b"

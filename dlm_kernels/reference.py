@@ -365,8 +365,11 @@ def philox4x32(c0: Tensor, c1, c2, c3, seed) -> tuple[Tensor, Tensor, Tensor, Te
     Triton's tl.philox and csrc/unmask_sample.cpp.
     """
     dev = c0.device
+    # A Python int word becomes a tensor by an add (torch.as_tensor would make torch.compile
+    # specialise the graph on the value of a traced int, e.g. offset=step).
+    zero = torch.zeros((), dtype=torch.int64, device=dev)
     c = torch.broadcast_tensors(
-        *[torch.as_tensor(v, dtype=torch.int64, device=dev) for v in (c0, c1, c2, c3)]
+        *[v.to(torch.int64) if isinstance(v, Tensor) else zero + v for v in (c0, c1, c2, c3)]
     )
     k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
     for _ in range(10):

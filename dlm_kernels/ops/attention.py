@@ -1202,7 +1202,7 @@ def bidirectional_attention(
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     elif isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
         raise _err(f"softmax_scale must be a float, got {type(softmax_scale).__name__}", TypeError)
-    elif not math.isfinite(softmax_scale):
+    elif not abs(softmax_scale) < math.inf:  # inf or NaN (compares trace under torch.compile)
         raise _err(f"softmax_scale must be finite, got {softmax_scale}")
     softmax_scale = float(softmax_scale)
     if not isinstance(return_lse, bool):

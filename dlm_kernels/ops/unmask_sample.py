@@ -636,14 +636,16 @@ def _per_row(name, arg, value, n, dtype, device, lo=None, hi=None, lo_open=False
     Values are range-checked (and NaN rejected) for scalars and CPU tensors (a CUDA check would
     sync). ``temperature``: also finite, and 0 or at least _MIN_TEMPERATURE.
     """
-    if lo is not None and hi is not None:
-        what = f"({lo}, {hi}]" if lo_open else f"[{lo}, {hi}]"
-    elif lo is not None:
-        what = f"{'>' if lo_open else '>='} {lo}"
-    else:
-        what = "a number (not NaN)" if hi is None else f"<= {hi}"
-    if temperature:
-        what = f"0 (greedy) or a finite number >= {_MIN_TEMPERATURE:g}"
+
+    def what() -> str:  # built only to raise (formatting traces badly under torch.compile)
+        if temperature:
+            return f"0 (greedy) or a finite number >= {_MIN_TEMPERATURE:g}"
+        if lo is not None and hi is not None:
+            return f"({lo}, {hi}]" if lo_open else f"[{lo}, {hi}]"
+        if lo is not None:
+            return f"{'>' if lo_open else '>='} {lo}"
+        return "a number (not NaN)" if hi is None else f"<= {hi}"
+
     if isinstance(value, Tensor):
         if value.dtype == torch.bool or value.is_complex():
             raise TypeError(f"{name}: {arg} must be a number or a real tensor, got {value.dtype}")
@@ -664,7 +666,7 @@ def _per_row(name, arg, value, n, dtype, device, lo=None, hi=None, lo_open=False
             if temperature:
                 bad |= (t.isinf() | ((t > 0) & (t < _MIN_TEMPERATURE))).any()
             if bool(bad):
-                raise ValueError(f"{name}: every {arg} must be {what}, got {t.tolist()[:8]}")
+                raise ValueError(f"{name}: every {arg} must be {what()}, got {t.tolist()[:8]}")
         return t
     if dispatch.is_bool(value) or not isinstance(value, Real):
         raise TypeError(f"{name}: {arg} must be a number or a tensor, got {type(value).__name__}")
@@ -680,9 +682,9 @@ def _per_row(name, arg, value, n, dtype, device, lo=None, hi=None, lo_open=False
         value != value
         or (lo is not None and (value <= lo if lo_open else value < lo))
         or (hi is not None and value > hi)
-        or (temperature and (math.isinf(value) or 0 < value < _MIN_TEMPERATURE))
+        or (temperature and (abs(value) == math.inf or 0 < value < _MIN_TEMPERATURE))
     ):
-        raise ValueError(f"{name}: {arg} must be {what}, got {value}")
+        raise ValueError(f"{name}: {arg} must be {what()}, got {value}")
     return torch.full((n,), value, dtype=dtype, device=device)
 
 

@@ -838,6 +838,37 @@ def test_traced_step_matches_eager():
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("dynamic", [None, True], ids=["auto", "dynamic"])
+@pytest.mark.parametrize("name", ["reference", "cpp"])
+def test_compiled_step_with_changing_arguments(name, dynamic):
+    """A sampling loop compiled with fullgraph=True passes offset=step, and may change the seed,
+    num_transfer or temperature between calls: each call matches eager and no value recompiles
+    past dynamo's first (an argument check on a traced int, or an f-string / math.isinf on a
+    traced float, had broken the graph from the second call, or recompiled on every value)."""
+    skip_unless_available(name)
+    import torch._dynamo.utils as dutils
+
+    x, _, logits = _masked_batch(b=2, l=9, v=23)
+    args = ("offset", "seed", "num_transfer", "temperature")
+
+    def step(x, logits, offset, seed, num_transfer, temperature):
+        return unmask_step(x, logits, mask_id=MASK_ID, num_transfer=num_transfer, seed=seed,
+                           offset=offset, temperature=temperature, top_p=0.9)  # fmt: skip
+
+    with impl(name):
+        for arg in args:
+            torch._dynamo.reset()
+            dutils.counters.clear()
+            compiled = torch.compile(step, fullgraph=True, backend="eager", dynamic=dynamic)
+            for v in range(4):
+                kw = dict(offset=1, seed=3, num_transfer=2, temperature=0.7)
+                kw[arg] = {"temperature": 0.5 + 0.1 * v, "num_transfer": 1 + v}.get(arg, 7 * v)
+                for got, want in zip(compiled(x, logits, **kw), step(x, logits, **kw)):
+                    assert torch.equal(got, want), (arg, v)
+            assert dutils.counters["stats"]["unique_graphs"] <= 2, arg
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("name", ["reference"] + KERNELS)
 def test_unmask_step_ties_lowest_position(name):
     skip_unless_available(name)
