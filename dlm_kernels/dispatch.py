@@ -196,3 +196,16 @@ def is_bool(value) -> bool:
     if isinstance(value, (int, float, torch.SymInt, torch.SymFloat)):
         return False
     return getattr(getattr(value, "dtype", None), "kind", None) == "b"
+
+
+def values_readable(t: torch.Tensor) -> bool:
+    """Whether the host may read ``t``'s values for an argument check: not while torch.compile
+    traces, not under a tracer or dispatch mode (make_fx, FakeTensorMode), not for fake or meta
+    tensors. The checks are skipped there; the kernels stay safe on bad values (NaN results)."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() != 0:
+        return False
+    if t.device.type == "meta":
+        return False
+    from torch._subclasses.fake_tensor import is_fake
+
+    return not is_fake(t)

@@ -1008,11 +1008,13 @@ def _check_int(name: str, x, minimum: int) -> int:
     return x
 
 
-def _host_checks(device: torch.device) -> bool:
+def _host_checks(cu: Tensor) -> bool:
     """Whether to check the values of cu_seqlens: always on CPU (free); on CUDA it would stall
-    the stream, so only with DLM_KERNELS_CHECK=1 (as masked_cross_entropy's target check)."""
-    if torch.compiler.is_compiling():
+    the stream, so only with DLM_KERNELS_CHECK=1 (as masked_cross_entropy's target check);
+    never while traced (dispatch.values_readable)."""
+    if not dispatch.values_readable(cu):
         return False
+    device = cu.device
     if device.type == "cpu":
         return True
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
@@ -1078,7 +1080,7 @@ def _check_varlen(q, k, cu_q, cu_k, max_q, max_k, block_size):
         )
     max_q = _check_int("max_seqlen_q", max_q, 0)
     max_k = _check_int("max_seqlen_k", max_k, 0)
-    if _host_checks(q.device):
+    if _host_checks(cu_q):
         for name, cu, total, mx in (
             ("cu_seqlens_q", cu_q, q.shape[0], max_q),
             ("cu_seqlens_k", cu_k, k.shape[0], max_k),

@@ -619,7 +619,7 @@ def _plain_eager() -> bool:
 
 
 def _host_checkable(t: Tensor) -> bool:
-    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+    return t.device.type == "cpu" and dispatch.values_readable(t)
 
 
 # Temperatures in (0, this) are refused, and infinite ones: there logits / T overflows float64
