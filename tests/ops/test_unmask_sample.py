@@ -270,6 +270,40 @@ def test_triton_thresholds_on_narrowed_keys(dtype, monkeypatch):
             _check_same(got, ref, f"triton-{dtype}-{conf}-T{T}-{sorted(kw)}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: ids(d=d))
+def test_triton_top_p_search_bound(dtype, monkeypatch):
+    # The top_p search starts at a data bound (the values whose weights are under
+    # (1 - p) Z / (2 V)) instead of -inf's key. Rows where the threshold falls deep in a long
+    # tail (one spike, then thousands of small weights that top_p needs), a dense row, tails
+    # just above and below the bound, LLM-like spikes; p from 0.3 to 0.9999 (over 0.9999 the
+    # bound is off) and T down to 1e-7 (|x_lo| / T >= 1e6: off). Tokens and confidences against
+    # the reference.
+    skip_unless_available("triton")
+    import dlm_kernels.ops.unmask_sample as us
+
+    monkeypatch.setattr(us, "_block_v", lambda V: 256)
+    g = torch.Generator().manual_seed(5)
+    V = 1003
+    x = torch.randn(8, V, generator=g, dtype=torch.float64)
+    x[0] = x[0] * 0.05  # a dense row: the threshold far below the max
+    x[1] = x[1] * 0.05 - 6.0  # a spike of weight ~1 at T 1 and a tail that holds ~2.5
+    x[1, 17] = 0.0
+    x[2] = x[2] * 3.0 + 25.0  # LLM-like: a wide spread well above zero
+    x[3] = x[3] * 0.02 - math.log(V)  # a flat tail whose total weight ~1 beside the spike
+    x[3, 500] = 0.0
+    x[4] = x[4] * 0.5 - 12.0  # tail weights near (1 - p) Z / (2 V) at T 1
+    x[4, 9] = 0.0
+    x[5, :900] = -1.0e4  # a few live values, the rest far below
+    x[6] = torch.round(x[6] * 16) / 64  # ties
+    xs = x.to(dtype)
+    top_p = torch.tensor([0.95, 0.9, 0.99, 0.6, 0.999, 0.3, 0.9999, 0.99995])
+    for T, conf in ((1.0, "prob"), (0.7, "margin"), (0.2, "neg_entropy"), (1e-7, "prob")):
+        kw = dict(confidence=conf, temperature=T, seed=11, top_p=top_p)
+        ref = _run("reference", sample_tokens, xs, **kw)
+        got = _run("triton", sample_tokens, xs, **kw)
+        _check_same(got, ref, f"triton-{dtype}-{conf}-T{T}")
+
+
 @pytest.mark.parametrize("conf", ["prob", "raw_prob", "margin", "neg_entropy"])
 def test_greedy_cpp_across_blocks(conf):
     # The C++ greedy path reads a row in blocks of 2048 with a running max (AVX2 where built
