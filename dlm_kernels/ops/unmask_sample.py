@@ -437,16 +437,32 @@ def _sample_configs(V: int) -> list:
     which is fastest is for the card to say (one row per program: the tile trades registers,
     and so resident programs, against loop trips).
     """
-    cands = [(2048, 8), (1024, 4), (4096, 8), (1024, 8), (512, 4)]
+    n = _NPIV
+    cands = [(2048, 8, n), (1024, 4, n), (4096, 8, n), (1024, 8, n), (512, 4, n), (2048, 8, 8),
+             (2048, 8, 4)]  # fmt: skip
     cap = triton.next_power_of_2(V)
     out, seen = [], set()
-    for bv, nw in cands:
+    for bv, nw, npiv in cands:
         bv = min(bv, cap)
-        if (bv, nw) not in seen:
-            seen.add((bv, nw))
+        if (bv, nw, npiv) not in seen:
+            seen.add((bv, nw, npiv))
             bs = min(bv, 32 * nw)
-            out.append(triton.Config({"BLOCK_V": bv, "BLOCK_S": bs}, num_warps=nw))
+            out.append(triton.Config({"BLOCK_V": bv, "BLOCK_S": bs, "NPIV": npiv}, num_warps=nw))
     return out
+
+
+# Pivots per pass of the top_k / top_p searches: ceil(log_(NPIV+1) of the key range) passes of
+# ~6 instructions per element and pivot (sm_90 SASS, 16 pivots: ~97 per element and pass).
+# Fewer pivots cost more passes over the row (from L2) but fewer instructions in all when the
+# range is narrow (the top_p bound): 8 and 4 are autotune candidates on a GPU, untimed so far.
+_NPIV = 16
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Rows without a top_k / top_p search compile the same kernel for every NPIV: one each."""
+    if kwargs.get("HAS_TOPK") or kwargs.get("HAS_TOPP"):
+        return configs
+    return [c for c in configs if c.kwargs["NPIV"] == _NPIV]
 
 
 _TUNERS: dict = {}  # V bucket -> triton.autotune wrapper of _sample_rows_kernel
@@ -482,20 +498,22 @@ def _triton_sample(logits, rows, valid, temp, topk, topp, minp, mode, seed, offs
     args = (logits, logits.stride(0), rows, valid, temp, topk, topp, minp, tok, conf, V, seed,
             _as_int32(offset), seeds, offsets)  # fmt: skip
     meta = dict(MODE=mode, HAS_TOPK=has_topk, HAS_TOPP=has_topp, HAS_MINP=has_minp,
-                PER_ROW_KEY=per_row, NPIV=16, SHIFT=_KEY_SHIFT[logits.dtype])  # fmt: skip
+                PER_ROW_KEY=per_row, SHIFT=_KEY_SHIFT[logits.dtype])  # fmt: skip
     capturing = logits.is_cuda and torch.cuda.is_current_stream_capturing()
     if _autotune_on() and logits.is_cuda and not capturing:
         bucket = triton.next_power_of_2(V)
         tuner = _TUNERS.get(bucket)
         if tuner is None:
             tuner = triton.autotune(
-                _sample_configs(V), key=["V", "MODE", "HAS_TOPK", "HAS_TOPP", "HAS_MINP"]
+                _sample_configs(V),
+                key=["V", "MODE", "HAS_TOPK", "HAS_TOPP", "HAS_MINP"],
+                prune_configs_by={"early_config_prune": _prune_configs},
             )(_sample_rows_kernel)
             _TUNERS[bucket] = tuner
         tuner[(R,)](*args, **meta)
         return tok, conf
     _sample_rows_kernel[(R,)](*args, **meta, BLOCK_V=_block_v(V), BLOCK_S=_block_s(V),
-                              num_warps=8)  # fmt: skip
+                              NPIV=_NPIV, num_warps=8)  # fmt: skip
     return tok, conf
 
 

@@ -56,7 +56,7 @@ shifts = {"bf16": 16, "fp16": 13, "fp32": 0}
 for mode, flags, per_row, seed, cfgs, dt in cases:
     for cfg in cfgs:
         consts = dict(MODE=mode, HAS_TOPK=flags[0], HAS_TOPP=flags[1], HAS_MINP=flags[2],
-                      PER_ROW_KEY=per_row, NPIV=16, SHIFT=shifts[dt], **cfg.kwargs)
+                      PER_ROW_KEY=per_row, SHIFT=shifts[dt], **cfg.kwargs)
         sig = dict(signature, logits_ptr="*" + dt, seed=mangle_type(seed),
                    **{k: "constexpr" for k in consts})
         src = ASTSource(fn=fn, signature=sig,

@@ -270,18 +270,20 @@ def test_triton_thresholds_on_narrowed_keys(dtype, monkeypatch):
             _check_same(got, ref, f"triton-{dtype}-{conf}-T{T}-{sorted(kw)}")
 
 
+@pytest.mark.parametrize("npiv", [16, 8, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: ids(d=d))
-def test_triton_top_p_search_bound(dtype, monkeypatch):
+def test_triton_top_p_search_bound(dtype, npiv, monkeypatch):
     # The top_p search starts at a data bound (the values whose weights are under
     # (1 - p) Z / (2 V)) instead of -inf's key. Rows where the threshold falls deep in a long
     # tail (one spike, then thousands of small weights that top_p needs), a dense row, tails
     # just above and below the bound, LLM-like spikes; p from 0.3 to 0.9999 (over 0.9999 the
     # bound is off) and T down to 1e-7 (|x_lo| / T >= 1e6: off). Tokens and confidences against
-    # the reference.
+    # the reference. Every pivot count the GPU autotuner may pick (npiv).
     skip_unless_available("triton")
     import dlm_kernels.ops.unmask_sample as us
 
     monkeypatch.setattr(us, "_block_v", lambda V: 256)
+    monkeypatch.setattr(us, "_NPIV", npiv)
     g = torch.Generator().manual_seed(5)
     V = 1003
     x = torch.randn(8, V, generator=g, dtype=torch.float64)
@@ -297,8 +299,10 @@ def test_triton_top_p_search_bound(dtype, monkeypatch):
     x[6] = torch.round(x[6] * 16) / 64  # ties
     xs = x.to(dtype)
     top_p = torch.tensor([0.95, 0.9, 0.99, 0.6, 0.999, 0.3, 0.9999, 0.99995])
-    for T, conf in ((1.0, "prob"), (0.7, "margin"), (0.2, "neg_entropy"), (1e-7, "prob")):
-        kw = dict(confidence=conf, temperature=T, seed=11, top_p=top_p)
+    top_k = torch.tensor([0, 40, 1003, 7, 0, 600, 1, 999])
+    for T, conf, k in ((1.0, "prob", None), (0.7, "margin", top_k), (0.2, "neg_entropy", None),
+                       (1e-7, "prob", top_k)):  # fmt: skip
+        kw = dict(confidence=conf, temperature=T, seed=11, top_p=top_p, top_k=k)
         ref = _run("reference", sample_tokens, xs, **kw)
         got = _run("triton", sample_tokens, xs, **kw)
         _check_same(got, ref, f"triton-{dtype}-{conf}-T{T}")
@@ -1059,3 +1063,14 @@ def test_top_k_survives_top_p_near_one_and_extreme_temperatures(name):
                dict(temperature=1e300, top_p=0.9)):  # fmt: skip
         _check_same(_run(name, sample_tokens, y, seed=1, **kw),
                     _run("reference", sample_tokens, y, seed=1, **kw), f"{name}-{kw}")  # fmt: skip
+
+
+def test_autotune_candidates_and_pruning():
+    # The pivot-count candidates compile only for rows with a top_k / top_p search; every
+    # candidate keeps one element per thread in the searches' per-lane accumulators.
+    configs = us._sample_configs(151936)
+    assert {c.kwargs["NPIV"] for c in configs} == {16, 8, 4}
+    assert all(c.kwargs["BLOCK_S"] == min(c.kwargs["BLOCK_V"], 32 * c.num_warps) for c in configs)
+    plain = us._prune_configs(configs, {}, HAS_TOPK=False, HAS_TOPP=False, HAS_MINP=True)
+    assert plain and {c.kwargs["NPIV"] for c in plain} == {us._NPIV}
+    assert us._prune_configs(configs, {}, HAS_TOPK=False, HAS_TOPP=True) == configs
