@@ -355,14 +355,24 @@ STREAM_TOKEN, STREAM_CONFIDENCE, STREAM_ALG_TEMP, STREAM_ANCESTRAL = 0, 1, 2, 3
 UNMASK_CONFIDENCES = ("prob", "raw_prob", "margin", "neg_entropy", "random")
 
 
+def _mulhilo32(a: Tensor, m: int) -> tuple[Tensor, Tensor]:
+    """(high, low) 32-bit words of a * m for a in [0, 2^32) (int64) and m < 2^32, without
+    overflowing int64: a * m itself can reach 2^64, and signed overflow is undefined behaviour in
+    the C++ that torch.compile's inductor generates (GCC -O3 then gave wrong high words for
+    per-row seeds; eager wraps). a * m = (a * mh) 2^16 + a * ml with 16-bit halves mh, ml."""
+    t0 = a * (m & 0xFFFF)  # < 2^48
+    t1 = a * (m >> 16)  # < 2^48
+    s = t0 + ((t1 & 0xFFFF) << 16)  # < 2^49: the low 48 bits of a * m, plus a carry
+    return (t1 >> 16) + (s >> 32), s & _MASK32
+
+
 def philox4x32(c0: Tensor, c1, c2, c3, seed) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Philox4x32-10 (Salmon et al. 2011) on int64 tensors holding uint32 values.
 
     Counter (c0, c1, c2, c3), key (seed mod 2^32, seed >> 32); seed an int or an int64 tensor
     that broadcasts against the counters (one key per row). The 32 x 32 -> 64-bit products are
-    formed in int64, whose wrap-around keeps the low 64 bits exact; (p >> 32) & mask recovers the
-    high word whatever the sign. Matches Random123's philox4x32_10 (known answers in the tests),
-    Triton's tl.philox and csrc/unmask_sample.cpp.
+    formed from 32 x 16-bit halves (_mulhilo32) that never overflow int64. Matches Random123's
+    philox4x32_10 (known answers in the tests), Triton's tl.philox and csrc/unmask_sample.cpp.
     """
     dev = c0.device
     # A Python int word becomes a tensor by an add (torch.as_tensor would make torch.compile
@@ -373,10 +383,8 @@ def philox4x32(c0: Tensor, c1, c2, c3, seed) -> tuple[Tensor, Tensor, Tensor, Te
     )
     k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
     for _ in range(10):
-        p0 = c[0] * PHILOX_M0
-        p1 = c[2] * PHILOX_M1
-        hi0, lo0 = (p0 >> 32) & _MASK32, p0 & _MASK32
-        hi1, lo1 = (p1 >> 32) & _MASK32, p1 & _MASK32
+        hi0, lo0 = _mulhilo32(c[0], PHILOX_M0)
+        hi1, lo1 = _mulhilo32(c[2], PHILOX_M1)
         c = [hi1 ^ c[1] ^ k0, lo1, hi0 ^ c[3] ^ k1, lo0]
         k0, k1 = (k0 + PHILOX_W0) & _MASK32, (k1 + PHILOX_W1) & _MASK32
     return c[0], c[1], c[2], c[3]

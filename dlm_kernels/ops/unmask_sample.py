@@ -863,21 +863,29 @@ def select_and_commit(
     x, tok, conf, cand, nt, th, factor, alg_temp, tt, seed, offset, left_pad, pos=None
 ):
     """(new x, commit) of a step from its drawn tokens and confidences, all (B, L) (or, given
-    pos (M,), the M draws at flat positions pos, b * L + l, which must include every
-    candidate): the rule of reference.select_commits, then tok where committed. Eager CPU calls
-    with the C++ extension run it as one C++ pass per row (commit_rows: ~20 ops and a (B, L)
-    sort fewer, which is most of a small-vocabulary step's own time; with pos, the scatter back
-    to (B, L) too); elsewhere the torch ops of the reference, which need no host sync."""
+    pos (M,), the M draws at flat positions pos, b * L + l, ascending, which must include
+    every candidate): the rule of reference.select_commits, then tok where committed. Eager CPU
+    calls with the C++ extension run it as one C++ pass per row (commit_rows: ~20 ops and a
+    (B, L) sort fewer, which is most of a small-vocabulary step's own time; with pos, the
+    scatter back to (B, L) too); elsewhere the torch ops of the reference, which need no host
+    sync."""
     cpp = (
         x.device.type == "cpu"
         and _plain_eager()
         and dispatch.select(x.device, has_triton=False) == "cpp"
     )
     if pos is not None and not cpp:  # back to (B, L): -inf confidence where nothing was drawn
+        # Gathers, not scatters: torch.compile's inductor (CPU, torch 2.13) fused the read of
+        # x.reshape(-1).scatter(0, pos, tok) into a kernel before the scatter's own loop, so
+        # the commits took x's values (mask_id) instead of the drawn tokens.
         B, L = x.shape
-        conf_full = torch.full((B * L,), float("-inf"), dtype=torch.float32, device=x.device)
-        conf = conf_full.scatter(0, pos, conf).reshape(B, L)
-        tok = x.reshape(-1).scatter(0, pos, tok).reshape(B, L)  # never committed elsewhere
+        flat = torch.arange(B * L, dtype=torch.int64, device=x.device)
+        slot = torch.searchsorted(pos, flat)  # in [0, M]; pos is ascending
+        hit = torch.cat([pos, pos.new_full((1,), -1)])[slot] == flat
+        ninf = conf.new_full((1,), float("-inf"))
+        conf = torch.where(hit, torch.cat([conf, ninf])[slot], ninf).reshape(B, L)
+        tok = torch.cat([tok, tok.new_zeros(1)])[slot]
+        tok = torch.where(hit, tok, x.reshape(-1)).reshape(B, L)  # never committed elsewhere
         pos = None
     if not cpp:
         commit = reference.select_commits(

@@ -907,6 +907,35 @@ def test_compiled_step_with_changing_arguments(name, dynamic):
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("rule", ["ancestral", "threshold"])
+def test_inductor_step_matches_eager(rule):
+    # torch.compile(backend="inductor") on the CPU committed other tokens than eager: with
+    # (M, V) logits it ran the read of the draws scattered back to (B, L) before the scatter
+    # (x's mask_id committed), and with per-row seeds whose low word is >= 2**31 the selection's
+    # Philox draws differed (its int64 products overflowed: undefined behaviour in the C++).
+    skip_unless_available("cpp")
+    b, l, v = 8, 3, 50
+    x = torch.full((b, l), MASK_ID)
+    x[0] = 1  # a row with nothing masked
+    logits = _logits(int((x == MASK_ID).sum()), v)
+    seeds = torch.tensor([3, 2**40 - 5, 12345678901, 2**35 + 7, 0, 2**32 - 1, 2**31, 9])
+    kw = dict(mask_id=MASK_ID, temperature=0.7, offset=torch.arange(b))
+    if rule == "ancestral":
+        kw.update(ancestral=True, theta=0.5)
+    else:
+        kw.update(threshold=torch.linspace(0.0, 0.9, b, dtype=torch.float64))
+
+    def step(x, logits, seeds):
+        return unmask_step(x, logits, seed=seeds, **kw)
+
+    want = step(x, logits, seeds)
+    torch._dynamo.reset()
+    got = torch.compile(step, backend="inductor", fullgraph=True)(x, logits, seeds)
+    assert bool(want[1].any()) and bool((want[0][want[1]] != MASK_ID).all())
+    assert torch.equal(got[1], want[1]), (got[1] != want[1]).nonzero().tolist()
+    assert torch.equal(got[0], want[0]), (got[0] != want[0]).nonzero().tolist()
+
+
 @pytest.mark.parametrize("name", ["reference"] + KERNELS)
 def test_unmask_step_ties_lowest_position(name):
     skip_unless_available(name)
