@@ -397,10 +397,35 @@ def philox_uniform(cols: Tensor, rows, stream: int, seed, offset) -> Tensor:
 
     u = (k + 1/2) / 2^52 with k the top 26 bits of words 0 and 1: exact in float64 on every path,
     never 0 or 1, so -log(-log u) is always finite.
+
+    Under torch.compile the draws run as one opaque op (dlm_kernels::philox_uniform, the same
+    torch code run eagerly): inductor inlining the ten rounds into one expression took minutes
+    to compile (more than 5 for an ancestral step of 3 x 16 positions).
     """
+    if torch.compiler.is_compiling():
+        zero = torch.zeros((), dtype=torch.int64, device=cols.device)
+        as_t = [v if isinstance(v, Tensor) else zero + v for v in (rows, seed, offset)]
+        return _philox_uniform_op(cols, as_t[0], stream, as_t[1], as_t[2])
+    return _philox_uniform(cols, rows, stream, seed, offset)
+
+
+def _philox_uniform(cols, rows, stream, seed, offset) -> Tensor:
     w0, w1, _, _ = philox4x32(cols, rows, offset & _MASK32, stream, seed)
     k = (w0 >> 6) * 67108864 + (w1 >> 6)
     return (k.to(torch.float64) + 0.5) * 2.0**-52
+
+
+@torch.library.custom_op("dlm_kernels::philox_uniform", mutates_args=())
+def _philox_uniform_op(
+    cols: Tensor, rows: Tensor, stream: int, seed: Tensor, offset: Tensor
+) -> Tensor:
+    return _philox_uniform(cols, rows, stream, seed, offset)
+
+
+@_philox_uniform_op.register_fake
+def _(cols, rows, stream, seed, offset):
+    shape = torch.broadcast_shapes(cols.shape, rows.shape, seed.shape, offset.shape)
+    return cols.new_empty(shape, dtype=torch.float64)
 
 
 def _sanitize_logits(logits: Tensor) -> Tensor:
