@@ -198,11 +198,18 @@ def is_bool(value) -> bool:
     return getattr(getattr(value, "dtype", None), "kind", None) == "b"
 
 
+def plain_eager() -> bool:
+    """True outside torch.compile and outside any tracer or dispatch mode (make_fx, fake
+    tensors): only then may an op read tensor values on the host or call the C++ functions
+    directly, which tracers cannot see."""
+    return not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
+
+
 def values_readable(t: torch.Tensor) -> bool:
-    """Whether the host may read ``t``'s values for an argument check: not while torch.compile
-    traces, not under a tracer or dispatch mode (make_fx, FakeTensorMode), not for fake or meta
-    tensors. The checks are skipped there; the kernels stay safe on bad values (NaN results)."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() != 0:
+    """Whether the host may read ``t``'s values for an argument check: only in plain eager mode
+    and not for fake or meta tensors. The checks are skipped elsewhere; the kernels stay safe on
+    bad values (NaN results)."""
+    if not plain_eager():
         return False
     if t.device.type == "meta":
         return False

@@ -646,12 +646,6 @@ def _keys_at(pos: Tensor, L: int, seed, offset, left_pad):
             offset[b] if isinstance(offset, Tensor) else offset)  # fmt: skip
 
 
-def _plain_eager() -> bool:
-    """True outside torch.compile and outside any tracer or dispatch mode (make_fx, fake
-    tensors): only then may a step call the C++ functions directly, which tracers cannot see."""
-    return not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
-
-
 def _host_checkable(t: Tensor) -> bool:
     return t.device.type == "cpu" and dispatch.values_readable(t)
 
@@ -770,7 +764,7 @@ def _sample(logits2d, rows, valid, temp, tk, tp, mp, confidence, seed, offset):
     dev = x.device
     # Eager CPU calls skip the custom op's Python layers (~40 us of a step that costs ~150 us at
     # small vocabularies); torch.compile and tracers still see the registered op.
-    direct = impl == "cpp" and _plain_eager()
+    direct = impl == "cpp" and dispatch.plain_eager()
 
     def off(dtype, fill):  # the tensor of a filter that is off: never read by the kernels
         if direct:  # the C++ function accepts any placeholder: no (R,) allocation
@@ -871,7 +865,7 @@ def select_and_commit(
     sync."""
     cpp = (
         x.device.type == "cpu"
-        and _plain_eager()
+        and dispatch.plain_eager()
         and dispatch.select(x.device, has_triton=False) == "cpp"
     )
     if pos is not None and not cpp:  # back to (B, L): -inf confidence where nothing was drawn
