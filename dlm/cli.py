@@ -229,9 +229,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         summary = trainer.fit()
     except TrainingInterrupted as e:
+        trainer.close()
         if trainer.rank == 0:
             print(f"dlm train: {e}", file=sys.stderr, flush=True)
         return e.exit_code
+    trainer.close()
     if trainer.rank == 0 and "val_nats_per_char" in summary:
         print(
             f"done: {summary['step']} steps in {summary['train_time_s']:.0f} s "

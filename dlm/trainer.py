@@ -171,14 +171,17 @@ def lr_at(step: int, cfg) -> float:
     return cfg.lr * ratio
 
 
-def _init_distributed(device: str) -> tuple[int, int, int]:
-    """(rank, world_size, local_rank); starts the process group under torchrun."""
+def _init_distributed(device: str) -> tuple[int, int, int, bool]:
+    """(rank, world_size, local_rank, started): starts the process group under torchrun;
+    started tells whether this call started it (the caller's own group is the caller's to end)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        return 0, 1, 0
-    if not dist.is_initialized():
+        return 0, 1, 0, False
+    started = not dist.is_initialized()
+    if started:
         dist.init_process_group("nccl" if device == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    return rank, world, int(os.environ.get("LOCAL_RANK", "0")), started
 
 
 class Trainer:
@@ -205,7 +208,7 @@ class Trainer:
                 "use device 'cpu' or 'auto'"
             )
         dev = tc.device if tc.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        self.rank, self.world, local_rank = _init_distributed(dev)
+        self.rank, self.world, local_rank, self._owns_group = _init_distributed(dev)
         self.device = torch.device(f"cuda:{local_rank}" if dev == "cuda" else dev)
         if dev == "cuda":
             if local_rank >= torch.cuda.device_count():
@@ -525,6 +528,20 @@ class Trainer:
         return [self.tokenizer.decode(row.tolist()) for row in ids.cpu()]
 
     # -----------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """End the process group this trainer started (under torchrun), as torch asks before a
+        process exits: every process waits at a barrier, then each destroys the group. Without
+        it a process that exits first can leave another blocked in torch's teardown of the
+        group. Collective: call it on every process, after ``fit`` returned or raised
+        ``TrainingInterrupted`` (never after another error: the others may not come). A group
+        the caller started stays open; a second call does nothing."""
+        if not getattr(self, "_owns_group", False):
+            return
+        self._owns_group = False
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
     def fit(self, stop_at: int | None = None) -> dict:
         """Train to cfg.train.steps (or stop early at ``stop_at``, saving a checkpoint there).
 
