@@ -84,7 +84,7 @@ static inline void row_from_float(const float* src, T* dst, int64_t n) {
 struct RowStats {
   float max;
   float lse;
-  float sum;  // sum of the elements, for label smoothing
+  float mean;  // mean of the elements, for label smoothing
 };
 
 static inline RowStats row_stats(const float* x, int64_t n, bool want_sum) {
@@ -100,7 +100,7 @@ static inline RowStats row_stats(const float* x, int64_t n, bool want_sum) {
     const float q = std::numeric_limits<float>::quiet_NaN();
     st.max = q;
     st.lse = q;
-    st.sum = q;
+    st.mean = q;
     return st;
   }
   // All -inf (or empty): logsumexp is -inf; shift by 0 to avoid inf - inf.
@@ -124,7 +124,9 @@ static inline RowStats row_stats(const float* x, int64_t n, bool want_sum) {
   if (want_sum) {
     for (int64_t b = 0; b < n; b += kSumBlock) {
       const int64_t e = b + kSumBlock < n ? b + kSumBlock : n;
-      float part = 0.0f;
+      // double lanes: float ones overflowed to inf on rows of logits near +-3e38, whose
+      // mean is finite (the float64 reference's).
+      double part = 0.0;
 #pragma omp simd reduction(+ : part)
       for (int64_t j = b; j < e; ++j) part += x[j];
       total += part;
@@ -132,7 +134,7 @@ static inline RowStats row_stats(const float* x, int64_t n, bool want_sum) {
   }
   st.max = m;
   st.lse = std::isinf(s) ? static_cast<float>(s) : static_cast<float>(shift + std::log(s));
-  st.sum = static_cast<float>(total);
+  st.mean = n > 0 ? static_cast<float>(total / static_cast<double>(n)) : 0.0f;
   return st;
 }
 

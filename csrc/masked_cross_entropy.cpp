@@ -64,7 +64,7 @@ void fwd_impl(const at::Tensor& logits, const int64_t* target, const bool* valid
       const RowStats st = row_stats(x, V, eps != 0.0f);
       const float l = st.lse;
       float row = l - x[target[i]];
-      if (eps != 0.0f) row = (1.0f - eps) * row + eps * (l - st.sum / static_cast<float>(V));
+      if (eps != 0.0f) row = (1.0f - eps) * row + eps * (l - st.mean);
       if (z != 0.0f) row += z * l * l;
       loss[i] = weight[i] * row;
       lse[i] = l;

@@ -53,6 +53,7 @@ if triton is not None:
             m = tl.full([BLOCK_V], float("-inf"), tl.float32)
             s = tl.zeros([BLOCK_V], tl.float32)
             total = tl.zeros([BLOCK_V], tl.float32)
+            inv_v = 1.0 / V
             for start in range(0, V, BLOCK_V):
                 offs = start + tl.arange(0, BLOCK_V)
                 x = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
@@ -65,7 +66,9 @@ if triton is not None:
                 s = s * tl.exp(m - shift) + tl.exp(x - shift)
                 m = m_new
                 if HAS_SMOOTHING:
-                    total += tl.where(offs < V, x, 0.0)
+                    # The mean by terms x / V: lanes of x overflowed to inf on rows of logits
+                    # near +-3e38, whose mean is finite.
+                    total += tl.where(offs < V, x * inv_v, 0.0)
             m_row = tl.max(m, 0)  # a NaN lane poisons its own s below, so the sum is NaN
             shift_row = tl.where((m_row == float("-inf")) | (m_row == float("inf")), 0.0, m_row)
             lanes = tl.where(m == float("-inf"), 0.0, s * tl.exp(m - shift_row))
@@ -75,9 +78,7 @@ if triton is not None:
             x_t = tl.where(in_range, x_t, float("nan"))  # never read outside the row
             loss = lse - x_t
             if HAS_SMOOTHING:
-                loss = (1.0 - label_smoothing) * loss + label_smoothing * (
-                    lse - tl.sum(total, 0) / V
-                )
+                loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - tl.sum(total, 0))
             if HAS_Z:
                 loss += z_loss * lse * lse
             w = tl.load(weight_ptr + row)

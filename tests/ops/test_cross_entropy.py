@@ -246,6 +246,22 @@ def test_pos_inf_and_nan_rows_match_the_reference(name, grad_in_forward, opts):
 
 
 @pytest.mark.parametrize("name", IMPLS)
+def test_label_smoothing_on_logits_near_float_max(name):
+    """Rows of finite logits in [1e38, 3e38]: label smoothing's row mean is finite (float64
+    reference), though the row's float32 sum is not (it overflowed to inf in both kernels)."""
+    skip_unless_available(name)
+    logits, target, mask, weight = _inputs((5,), 1003, torch.float32, p_mask=1.0)
+    logits = torch.rand(5, 1003, device=DEV) * 2e38 + 1e38
+    g = torch.randn(5, dtype=torch.float64, device=DEV)
+    kw = dict(reduction="none", label_smoothing=0.1)
+    want_loss, want_grad = _run("reference", logits.double(), target, mask, weight, g, **kw)
+    got_loss, got_grad = _run(name, logits, target, mask, weight, g, **kw)
+    assert got_loss.isfinite().all(), got_loss
+    torch.testing.assert_close(got_loss.double(), want_loss, rtol=1e-5, atol=0)
+    torch.testing.assert_close(got_grad.double(), want_grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", IMPLS)
 def test_noncontiguous_logits_and_broadcast_weight(name):
     skip_unless_available(name)
     base = torch.randn(3, 37, 2 * 1003, device=DEV)
