@@ -97,7 +97,10 @@ def _models(device: str, quick: bool):
         yield f"tiny-V{vocab}", DiffusionLM(cfg).eval(), vocab - 1, torch.float32, cases
 
 
-def _case(name, model, mask_id, dtype, device, quick, B, P, G, steps, bl) -> list[dict]:
+def _providers(name, model, mask_id, device, B, P, G, steps, bl):
+    """(shape, tokens/s from a timing, eager providers, graphed providers, kv caches) of one
+    case; a provider is (name, call, extra figures after timing). The baseline and our eager
+    output are computed here, once."""
     shape = f"{name}-B{B}-P{P}-G{G}-S{steps}-BL{bl}"
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, mask_id - 1, (B, P), generator=g).to(device)
@@ -116,9 +119,9 @@ def _case(name, model, mask_id, dtype, device, quick, B, P, G, steps, bl) -> lis
     def agree(a, b) -> float:
         return float((a == b).float().mean())
 
-    # (provider, call, extra figures after timing): eager rows, then, on a GPU, the forward
-    # replayed from CUDA graphs (dlm.cuda_graph: one graph per block window and cached step,
-    # captured in the warm-up call, replayed in the timed calls).
+    # Eager rows, then, on a GPU, the forward replayed from CUDA graphs (dlm.cuda_graph: one
+    # graph per block window and cached step, captured in the warm-up call, replayed in the
+    # timed calls).
     eager = [
         ("torch", lambda: llada_style_loop(model, prompt, steps, G, bl, mask_id), dict),
         ("dlm", ours, lambda: dict(same_tokens_as_baseline=bool((out == ref).all()))),
@@ -132,46 +135,76 @@ def _case(name, model, mask_id, dtype, device, quick, B, P, G, steps, bl) -> lis
                                                                   ours(kv)),
                                    graphs_captured=graphed_forward(model).captures))
                for kv in [None, *kvs]]  # fmt: skip
+    return shape, tps, eager, graphed, kvs
+
+
+def _missing_cache_rows(shape, dtype) -> list[dict]:
+    return [row("sample", f"dlm+{kv}-cache", shape, dtype, None,
+                status="missing: DiffusionLM.forward takes no kv_cache")
+            for kv in ("prefix", "dual")]  # fmt: skip
+
+
+def _cpu_case(name, model, mask_id, dtype, device, quick, B, P, G, steps, bl) -> list[dict]:
+    shape, tps, eager, graphed, kvs = _providers(name, model, mask_id, device, B, P, G, steps, bl)
     rows = []
-    if device.startswith("cuda"):
-        # One by one, graphs right after the eager rows they compare with; a provider the
-        # budget does not reach is recorded as skipped, the ones measured are kept.
-        order = eager[:2] + [graphed[0]]
-        for kv in ("dual", "prefix"):
-            order += [p for p in graphed + eager if p[0].endswith(f"+{kv}-cache")]
-        for prov, fn, extra in order:
+    # Every provider timed in one interleaved loop: the ratios are between calls made side by
+    # side, not between blocks of calls minutes apart on a shared machine.
+    times = time_fns([fn for _, fn, _ in eager], device, quick=quick)
+    for (prov, _, extra), t in zip(eager, times):
+        rows.append(row("sample", prov, shape, dtype, t, tokens_per_s=tps(t), **extra()))
+    for prov, _, _ in graphed:
+        rows.append(row("sample", prov, shape, dtype, None,
+                        status="missing: CUDA graphs need a GPU"))  # fmt: skip
+    return rows + ([] if kvs else _missing_cache_rows(shape, dtype))
+
+
+def gpu_order(cases: list[tuple[list, list]]) -> list:
+    """The GPU's timing order over cases given as (core jobs, cache jobs): the core jobs of
+    every case (the baseline, our eager run, our graphed run: the issue's goal rows, batch 8
+    first), then the cache jobs of every case, so the budget reaches batch 1's core rows
+    before batch 8's cache rows (session 15's run skipped all of batch 1)."""
+    return [j for core, _ in cases for j in core] + [j for _, cache in cases for j in cache]
+
+
+def _gpu_jobs(name, model, mask_id, device, B, P, G, steps, bl) -> tuple[list, list]:
+    """(core jobs, cache jobs) of one GPU case; a job is (shape, provider, call, extra, tps).
+    Graphs right after the eager rows they compare with, dual before prefix."""
+    shape, tps, eager, graphed, kvs = _providers(name, model, mask_id, device, B, P, G, steps, bl)
+    core = eager[:2] + [graphed[0]]
+    cache = [
+        p for kv in ("dual", "prefix") for p in graphed + eager if p[0].endswith(f"+{kv}-cache")
+    ]
+    return ([(shape, *p, tps) for p in core], [(shape, *p, tps) for p in cache])
+
+
+def run(quick: bool, device: str) -> list[dict]:
+    rows = []
+    check_time()
+    cuda = device.startswith("cuda")
+    for name, model, mask_id, dtype, cases in _models(device, quick):
+        plans = []
+        for B, P, G, steps, bl in cases:
+            try:
+                if cuda:
+                    plans.append(_gpu_jobs(name, model, mask_id, device, B, P, G, steps, bl))
+                    if not plans[-1][1]:  # no kv_cache= on this model
+                        rows += _missing_cache_rows(plans[-1][0][0][0], dtype)
+                else:
+                    rows += _cpu_case(
+                        name, model, mask_id, dtype, device, quick, B, P, G, steps, bl
+                    )
+            except OutOfTime:  # keep the cases measured so far; record the rest as skipped
+                shape = f"{name}-B{B}-P{P}-G{G}-S{steps}-BL{bl}"
+                rows.append(row("sample", "-", shape, dtype, None, status="skipped: time budget"))
+        # GPU: one by one; a job the budget does not reach is recorded as skipped, the ones
+        # measured are kept.
+        for shape, prov, fn, extra, tps in gpu_order(plans):
             try:
                 t = time_fn(fn, device, quick=quick)
             except OutOfTime:
                 rows.append(row("sample", prov, shape, dtype, None, status="skipped: time budget"))
                 continue
             rows.append(row("sample", prov, shape, dtype, t, tokens_per_s=tps(t), **extra()))
-    else:
-        # Every provider timed in one interleaved loop (CPU): the ratios are between calls made
-        # side by side, not between blocks of calls minutes apart on a shared machine.
-        times = time_fns([fn for _, fn, _ in eager], device, quick=quick)
-        for (prov, _, extra), t in zip(eager, times):
-            rows.append(row("sample", prov, shape, dtype, t, tokens_per_s=tps(t), **extra()))
-        for prov, _, _ in graphed:
-            rows.append(row("sample", prov, shape, dtype, None,
-                            status="missing: CUDA graphs need a GPU"))  # fmt: skip
-    if not kvs:
-        for kv in ("prefix", "dual"):
-            rows.append(row("sample", f"dlm+{kv}-cache", shape, dtype, None,
-                            status="missing: DiffusionLM.forward takes no kv_cache"))  # fmt: skip
-    return rows
-
-
-def run(quick: bool, device: str) -> list[dict]:
-    rows = []
-    check_time()
-    for name, model, mask_id, dtype, cases in _models(device, quick):
-        for B, P, G, steps, bl in cases:
-            try:
-                rows += _case(name, model, mask_id, dtype, device, quick, B, P, G, steps, bl)
-            except OutOfTime:  # keep the cases measured so far; record the rest as skipped
-                shape = f"{name}-B{B}-P{P}-G{G}-S{steps}-BL{bl}"
-                rows.append(row("sample", "-", shape, dtype, None, status="skipped: time budget"))
     return rows
 
 

@@ -147,3 +147,15 @@ def test_cuda_runs_attention_first():
     assert cuda[0] == "bench_attention" and sorted(cuda) == sorted(names)
     assert bench_run.order(names, "cpu") == names
     assert bench_run.order(["bench_sample"], "cuda") == ["bench_sample"]
+
+
+def test_sample_gpu_order_reaches_every_case_core_rows_before_any_cache_row():
+    """Session 15's GPU run spent the sampler's budget on batch 8's cache rows and skipped all
+    of batch 1: the core rows (baseline, eager, graphed) of every case come first."""
+    from benchmarks.bench_sample import gpu_order
+
+    cases = [(["b8-torch", "b8-dlm", "b8-graph"], ["b8-dual", "b8-prefix"]),
+             (["b1-torch", "b1-dlm", "b1-graph"], ["b1-dual", "b1-prefix"])]  # fmt: skip
+    want = ["b8-torch", "b8-dlm", "b8-graph", "b1-torch", "b1-dlm", "b1-graph", "b8-dual",
+            "b8-prefix", "b1-dual", "b1-prefix"]  # fmt: skip
+    assert gpu_order(cases) == want
