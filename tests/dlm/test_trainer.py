@@ -395,6 +395,30 @@ def test_signal_on_one_of_two_processes_stops_both_after_the_same_step(tmp_path)
     assert checkpoint_step(tmp_path / "run") == 3
 
 
+def _cli_worker(rank, world, port, argv, result_dir):
+    _dist_env(rank, world, port)
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    code = main(argv)
+    with open(os.path.join(result_dir, f"cli{rank}.json"), "w") as f:
+        json.dump({"code": code, "closed": not dist.is_initialized()}, f)
+    _exit_without_teardown()
+
+
+def test_cli_under_two_processes_ends_the_process_group(tmp_path):
+    """`dlm train` as torchrun starts it: both ranks train, the final evaluation runs on both,
+    and each returns 0 with the process group it started ended (Trainer.close)."""
+    out = tmp_path / "run"
+    argv = ["train", "--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--seq-len", "16",
+            "--batch-size", "4", "--steps", "2", "--eval-every", "0", "--eval-batches", "1",
+            "--no-progress", "--device", "cpu", "--out", str(out)]  # fmt: skip
+    mp.spawn(_cli_worker, args=(2, _free_port(), argv, str(tmp_path)), nprocs=2, join=True)
+    outcomes = [json.loads((tmp_path / f"cli{r}.json").read_text()) for r in range(2)]
+    assert outcomes == [{"code": 0, "closed": True}] * 2
+    assert checkpoint_step(out) == 2
+
+
 def test_resume_takes_the_checkpoint_config_and_refuses_inexact_changes(
     tmp_path, reference, capsys
 ):
