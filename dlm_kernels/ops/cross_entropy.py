@@ -433,7 +433,7 @@ def check_options(name: str, reduction: str, label_smoothing: float, z_loss: flo
                 f"{name}: normalizer must be a number or a one-element tensor, got shape "
                 f"{tuple(normalizer.shape)}"
             )
-        if normalizer.device.type == "cpu" and not torch.compiler.is_compiling():
+        if normalizer.device.type == "cpu" and dispatch.values_readable(normalizer):
             normalizer = float(normalizer)  # free on the CPU; a CUDA check would sync
     if isinstance(normalizer, (int, float)) and not normalizer > 0:
         raise ValueError(f"{name}: normalizer must be > 0, got {normalizer}")

@@ -1269,7 +1269,7 @@ def _masked_linear_cross_entropy(
         # The CPU path computes the gradients of the summed loss during the forward (one pass
         # over the logits instead of two); with reduction="none" the per-row grad_output is
         # known only in the backward, which then recomputes the logits chunk by chunk.
-        grad_in_fwd = impl == "cpp" and reduce and needs_grad and not torch.compiler.is_compiling()
+        grad_in_fwd = impl == "cpp" and reduce and needs_grad and dispatch.plain_eager()
         W = lm_head_weight if lm_head_weight.is_contiguous() else lm_head_weight.contiguous()
         b = None if bias is None else bias.contiguous()
         if grad_in_fwd:
