@@ -226,14 +226,17 @@ def cmd_train(args: argparse.Namespace) -> int:
             "that run, --force starts a new one that overwrites it, or choose another --out"
         )
     trainer = Trainer(cfg, resume=args.resume, override_config=args.override_config)
+    global _DISTRIBUTED_RUN_ENDED
     try:
         summary = trainer.fit()
     except TrainingInterrupted as e:
         trainer.close()
+        _DISTRIBUTED_RUN_ENDED = trainer.world > 1
         if trainer.rank == 0:
             print(f"dlm train: {e}", file=sys.stderr, flush=True)
         return e.exit_code
     trainer.close()
+    _DISTRIBUTED_RUN_ENDED = trainer.world > 1
     if trainer.rank == 0 and "val_nats_per_char" in summary:
         print(
             f"done: {summary['step']} steps in {summary['train_time_s']:.0f} s "
@@ -292,6 +295,26 @@ def _message(e: BaseException) -> str:
     return str(e)
 
 
+# Set by `dlm train` once a multi-process run has ended its process group (Trainer.close):
+# run() then exits without Python's teardown of torch's distributed objects.
+_DISTRIBUTED_RUN_ENDED = False
+
+
+def run() -> None:
+    """The ``dlm`` command (the console script and ``python -m dlm.cli``): ``main``, then exit
+    with its status. After a multi-process ``dlm train`` has ended its process group, the exit
+    skips Python's teardown: freeing the DDP model and gloo group can deadlock inside torch (a
+    gloo worker thread that needs the GIL held by the thread joining it; pytorch#179291), which
+    this project's CI saw once in a two-process test. Every file the run writes is closed by
+    then (the checkpoint atomically), and stdout / stderr are flushed."""
+    code = main()
+    if _DISTRIBUTED_RUN_ENDED:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``dlm``; returns the exit status or raises SystemExit (argparse, UsageError)."""
     args = make_parser().parse_args(argv)
@@ -313,4 +336,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

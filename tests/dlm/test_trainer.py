@@ -400,9 +400,13 @@ def _cli_worker(rank, world, port, argv, result_dir):
     torch.set_num_threads(1)
     import torch.distributed as dist
 
+    import dlm.cli
+
     code = main(argv)
+    outcome = {"code": code, "closed": not dist.is_initialized(),
+               "exit_without_teardown": dlm.cli._DISTRIBUTED_RUN_ENDED}  # fmt: skip
     with open(os.path.join(result_dir, f"cli{rank}.json"), "w") as f:
-        json.dump({"code": code, "closed": not dist.is_initialized()}, f)
+        json.dump(outcome, f)
     _exit_without_teardown()
 
 
@@ -415,8 +419,30 @@ def test_cli_under_two_processes_ends_the_process_group(tmp_path):
             "--no-progress", "--device", "cpu", "--out", str(out)]  # fmt: skip
     mp.spawn(_cli_worker, args=(2, _free_port(), argv, str(tmp_path)), nprocs=2, join=True)
     outcomes = [json.loads((tmp_path / f"cli{r}.json").read_text()) for r in range(2)]
-    assert outcomes == [{"code": 0, "closed": True}] * 2
+    assert outcomes == [{"code": 0, "closed": True, "exit_without_teardown": True}] * 2
     assert checkpoint_step(out) == 2
+
+
+def test_dlm_command_exits_without_teardown_after_a_distributed_run(monkeypatch):
+    """run() (the console script): sys.exit(status) normally; os._exit(status), streams flushed,
+    once a multi-process dlm train has ended its process group."""
+    import dlm.cli
+
+    class Exited(Exception):
+        pass
+
+    def fake_exit(code):
+        raise Exited(code)
+
+    monkeypatch.setattr(dlm.cli.os, "_exit", fake_exit)
+    monkeypatch.setattr(dlm.cli, "main", lambda: 3)
+    with pytest.raises(SystemExit) as info:
+        dlm.cli.run()
+    assert info.value.code == 3
+    monkeypatch.setattr(dlm.cli, "_DISTRIBUTED_RUN_ENDED", True)
+    with pytest.raises(Exited) as info:
+        dlm.cli.run()
+    assert info.value.args == (3,)
 
 
 def test_resume_takes_the_checkpoint_config_and_refuses_inexact_changes(
