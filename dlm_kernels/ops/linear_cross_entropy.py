@@ -117,16 +117,17 @@ if triton is not None:
         return _epilogue(acc, b_ptr, offs_v, col_ok, softcap, HAS_BIAS, HAS_CAP)
 
     @triton.jit
-    def _online_lse(x, cols, col_ok, tgt, m_i, s_i, x_t, total, HAS_SMOOTHING: tl.constexpr):
+    def _online_lse(x, cols, col_ok, tgt, m_i, s_i, x_t, total, inv_v, HAS_SMOOTHING: tl.constexpr):
         """Fold a (rows, cols) tile of logits (-inf outside col_ok) into each row's running
-        max m_i, sum s_i of exp(x - m_i), target logit x_t and (smoothing) row sum total."""
+        max m_i, sum s_i of exp(x - m_i), target logit x_t and (smoothing) row mean total, by
+        terms x / V (a float32 sum of x overflowed on logits near +-3e38)."""
         m_new = tl.maximum(m_i, tl.max(x, 1))
         # A row that has seen only -inf keeps shift 0: exp(-inf - 0) = 0, not NaN.
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         s_i = s_i * tl.exp(m_i - shift) + tl.sum(tl.exp(x - shift[:, None]), 1)
         x_t += tl.sum(tl.where(cols[None, :] == tgt[:, None], x, 0.0), 1)
         if HAS_SMOOTHING:
-            total += tl.sum(tl.where(col_ok[None, :], x, 0.0), 1)
+            total += tl.sum(tl.where(col_ok[None, :], x * inv_v, 0.0), 1)
         return m_new, s_i, x_t, total
 
     @triton.jit
@@ -217,12 +218,12 @@ if triton is not None:
                 )  # fmt: skip
                 x = tl.where(col_ok[None, :], x, float("-inf"))
                 m_i, s_i, x_t, total = _online_lse(
-                    x, offs_v, col_ok, tgt, m_i, s_i, x_t, total, HAS_SMOOTHING
+                    x, offs_v, col_ok, tgt, m_i, s_i, x_t, total, 1.0 / V, HAS_SMOOTHING
                 )
             lse = m_i + tl.log(s_i)
             loss = lse - x_t
             if HAS_SMOOTHING:
-                loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - total / V)
+                loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - total)
             if HAS_Z:
                 loss += z_loss * lse * lse
             w = tl.load(weight_ptr + rows, mask=row_ok, other=0.0)
@@ -396,8 +397,9 @@ if triton is not None:
         x_ptr,  # (M, C) float32 h @ W_s.T of one slab, rows contiguous
         b_ptr,  # bias from the slab's first column (unused without HAS_BIAS)
         t_ptr,  # (M,) int64 targets
-        m_ptr, s_ptr, xt_ptr, tot_ptr,  # (P, M) float32 partial max, sum, target logit, row sum
+        m_ptr, s_ptr, xt_ptr, tot_ptr,  # (P, M) float32 partial max, sum, target logit, row mean
         M, C, v0,  # rows, slab width, the slab's first column
+        inv_v,  # 1 / V (the row mean's terms are x / V)
         p0, SPAN,  # this slab's first partial row; columns per program along grid axis 1
         softcap,
         HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
@@ -426,7 +428,7 @@ if triton is not None:
             x = _epilogue(x, b_ptr, cols, col_ok, softcap, HAS_BIAS, HAS_CAP)
             x = tl.where(ok, x, float("-inf"))
             m_i, s_i, x_t, total = _online_lse(
-                x, cols, col_ok, tgt, m_i, s_i, x_t, total, HAS_SMOOTHING
+                x, cols, col_ok, tgt, m_i, s_i, x_t, total, inv_v, HAS_SMOOTHING
             )
         out = (p0 + tl.program_id(1)).to(tl.int64) * M + offs_m
         tl.store(m_ptr + out, m_i, mask=row_ok)
@@ -735,8 +737,8 @@ def _slab_fwd(hidden, W, bias, target, valid, weight, eps, z, cap):
         x = _mm_f32(h, W[v0:v1].t())
         _slab_fwd_kernel[(triton.cdiv(M, blk["BLOCK_M"]), triton.cdiv(v1 - v0, span))](
             x, bias[v0:] if bias is not None else x, t, m_p, s_p, xt_p, tot_p, M, v1 - v0, v0,
-            i * splits, span, float(cap or 1.0), HAS_BIAS=bias is not None, HAS_CAP=bool(cap),
-            HAS_SMOOTHING=bool(eps), **blk,
+            1.0 / V, i * splits, span, float(cap or 1.0), HAS_BIAS=bias is not None,
+            HAS_CAP=bool(cap), HAS_SMOOTHING=bool(eps), **blk,
         )  # fmt: skip
     m = m_p.amax(0)
     # A row whose every logit is -inf keeps shift 0 (no -inf - -inf); its lse is -inf.
@@ -747,7 +749,7 @@ def _slab_fwd(hidden, W, bias, target, valid, weight, eps, z, cap):
     lse_v = m + torch.log(s)
     row = lse_v - x_t
     if eps:
-        row = (1.0 - eps) * row + eps * (lse_v - total / V)
+        row = (1.0 - eps) * row + eps * (lse_v - total)
     if z:
         row = row + z * lse_v * lse_v
     loss.index_copy_(0, idx, w * row)

@@ -507,3 +507,21 @@ def test_bad_lce_choice_is_an_error(monkeypatch):
     hidden, W, b, target, mask, weight = _inputs((1, 7), 16, 33, torch.float32)
     with impl("triton"), pytest.raises(ValueError, match="DLM_KERNELS_LCE"):
         dlm_kernels.masked_linear_cross_entropy(hidden, W, target, mask)
+
+
+@pytest.mark.parametrize("name", KERNELS)
+def test_label_smoothing_on_logits_near_float_max(name):
+    """Logits h . W in [1e38, 3.3e38] (H 1): label smoothing's row mean is finite (the float64
+    reference's), though a float32 sum of the row is not; every path sums x / V."""
+    _skip(name)
+    dev = _dev(name)
+    hidden = (torch.rand(5, 1, device=dev) * 0.8 + 1.0) * 1e19
+    W = (torch.rand(1003, 1, device=dev) * 0.8 + 1.0) * 1e19
+    target = torch.randint(0, 1003, (5,), device=dev)
+    mask = torch.ones(5, dtype=torch.bool, device=dev)
+    kw = dict(reduction="none", label_smoothing=0.1)
+    want = reference.masked_linear_cross_entropy(hidden.double(), W.double(), target, mask, **kw)
+    with _impl(name):
+        got = dlm_kernels.masked_linear_cross_entropy(hidden, W, target, mask, **kw)
+    assert got.isfinite().all(), got
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=0)
