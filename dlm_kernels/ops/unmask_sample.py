@@ -146,8 +146,15 @@ if triton is not None:
                 e_l = tl.zeros([BLOCK_V], tl.float64)
             for start in range(0, V, BLOCK_V):
                 offs = start + cols0
-                x = _load_x(base, offs, V)
+                # _load_x's rewrites that this pass needs, two compares and selects fewer per
+                # element: +inf -> FLT_MAX (an anchor of +inf would give inf - inf = NaN).
+                # A NaN fails every compare below (never the max; weight 0 through x > -inf)
+                # and -0 compares equal to +0 as on the other paths; margin's min(m, x) would
+                # pass a NaN's partner on, so MODE 2 maps NaN to -inf.
+                x = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+                x = tl.where(x == float("inf"), 3.4028234663852886e38, x)
                 if MODE == 2:
+                    x = tl.where(x != x, float("-inf"), x)
                     s_l = tl.maximum(s_l, tl.minimum(m_l, x))
                 top = x > m_l
                 i_l = tl.where(top, offs, i_l)

@@ -198,14 +198,28 @@ def test_triton_small_tiles(conf, monkeypatch):
     # A lane's most negative float before +inf (FLT_MAX): their difference overflows float32.
     xs[10] = xs[6]
     xs[10, [15, 79]] = torch.tensor([torch.finfo(torch.float32).min, float("inf")])
+    # The one-pass greedy loop maps only +inf (and for margin NaN) itself: NaN in the max's lane
+    # before and after it, beside the second value, a whole tile of NaN; two +inf in one lane
+    # (their difference is NaN); -0 tied with +0 at the top (the lower index wins).
+    xs = torch.cat([xs, xs[:3].clone()])
+    xs[11, ::5] = float("nan")
+    xs[11, [96, 128, 160]] = torch.tensor([8.0, float("nan"), 7.5])
+    xs[11, 192:256] = float("nan")
+    xs[12, [3, 67, 200]] = float("inf")
+    xs[13] = float("-inf")
+    xs[13, [3, 7]] = torch.tensor([-0.0, 0.0])
+    xs[13, 100] = -1.0
     # some rows filtered, some not
-    top_p = torch.tensor([1.0, 0.9, 1.0, 1.0, 0.7, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
-    top_k = torch.tensor([0, 5, 0, 301, 9, 0, 0, 0, 0, 0, 0])
+    top_p = torch.tensor([1.0, 0.9, 1.0, 1.0, 0.7, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    top_k = torch.tensor([0, 5, 0, 301, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0])
     for kw in (dict(), dict(top_p=top_p), dict(top_k=top_k)):
         for T in (0.0, 0.8):
             kw2 = dict(confidence=conf, temperature=T, seed=3, **kw)
             ref = _run("reference", sample_tokens, xs, **kw2)
-            _check_same(_run("triton", sample_tokens, xs, **kw2), ref, f"triton-{conf}-{T}-{kw}")
+            got = _run("triton", sample_tokens, xs, **kw2)
+            _check_same(got, ref, f"triton-{conf}-{T}-{kw}")
+            if T == 0.0 and not kw:
+                assert got[0][12] == 3 and got[0][13] == 3, got[0][11:]
 
 
 @pytest.mark.parametrize("conf", ["prob", "margin", "neg_entropy"])
