@@ -175,10 +175,8 @@ def _head_by_blas(hidden: Tensor) -> bool:
     choice = os.environ.get("DLM_KERNELS_HEAD", "auto").strip().lower() or "auto"
     if choice not in _HEAD_CHOICES:
         raise ValueError(f"DLM_KERNELS_HEAD must be one of {_HEAD_CHOICES}, got {choice!r}")
-    if torch.compiler.is_compiling() or (
-        hidden.is_cuda and torch.cuda.is_current_stream_capturing()
-    ):
-        return False  # the host read would break the graph: never, even when asked for
+    if not dispatch.plain_eager() or (hidden.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return False  # the host read would break the graph or trace: never, even when asked for
     if choice != "auto":
         return choice == "cublas"
     return hidden.is_cuda

@@ -90,8 +90,9 @@ if triton is not None:
 
 def use_fused(x: Tensor, *params: Tensor) -> bool:
     """Whether the model's forward may take these kernels for ``x``: Triton picked for its
-    device, a 16/32-bit float, outside torch.compile, and no gradient wanted."""
-    if triton is None or x.dtype not in _DTYPES or torch.compiler.is_compiling():
+    device, a 16/32-bit float, in plain eager mode (not under torch.compile or a tracer), and no
+    gradient wanted."""
+    if triton is None or x.dtype not in _DTYPES or not dispatch.plain_eager():
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params)):
         return False
