@@ -87,7 +87,7 @@ struct RowStats {
   float mean;  // mean of the elements, for label smoothing
 };
 
-static inline RowStats row_stats(const float* x, int64_t n, bool want_sum) {
+static inline RowStats row_stats(const float* x, int64_t n, bool want_mean) {
   float m = -std::numeric_limits<float>::infinity();
   int nan = 0;
 #pragma omp simd reduction(max : m) reduction(| : nan)
@@ -121,7 +121,7 @@ static inline RowStats row_stats(const float* x, int64_t n, bool want_sum) {
     }
   }
   double total = 0.0;
-  if (want_sum) {
+  if (want_mean) {
     for (int64_t b = 0; b < n; b += kSumBlock) {
       const int64_t e = b + kSumBlock < n ? b + kSumBlock : n;
       // double lanes: float ones overflowed to inf on rows of logits near +-3e38, whose

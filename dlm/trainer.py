@@ -529,12 +529,13 @@ class Trainer:
 
     # -----------------------------------------------------------------------------------------
     def close(self) -> None:
-        """End the process group this trainer started (under torchrun), as torch asks before a
-        process exits: every process waits at a barrier, then each destroys the group. Without
-        it a process that exits first can leave another blocked in torch's teardown of the
-        group. Collective: call it on every process, after ``fit`` returned or raised
-        ``TrainingInterrupted`` (never after another error: the others may not come). A group
-        the caller started stays open; a second call does nothing."""
+        """End the process group this trainer started (under torchrun), as torch's
+        documentation asks before a process exits: every process waits at a barrier, then each
+        destroys the group. Collective: call it on every process, after ``fit`` returned or
+        raised ``TrainingInterrupted`` (never after another error: the others may not come).
+        A group the caller started stays open; a second call does nothing. Freeing the DDP
+        model and gloo group afterwards can still deadlock inside torch (pytorch#179291):
+        ``dlm train`` exits without that teardown (``dlm.cli.run``)."""
         if not getattr(self, "_owns_group", False):
             return
         self._owns_group = False
