@@ -22,7 +22,9 @@ such near-ties may be ordered differently):
     equal values), the op keeps the whole group. The renormalised probabilities, hence the
     confidences and at T > 0 the draws, then differ (ties are common in bf16 logits);
   * Dream counts the batch's mean number of masks; we count each row's own (identical for the
-    equal rows Dream's padding produces; Dream's own code corrupts rows with fewer masks).
+    equal rows Dream's padding produces; where rows differ, as with masks in a prompt or a
+    tokens hook that fills one row, Dream's own code writes the mask over tokens of rows with
+    fewer masks and leaves masks unfilled in rows with more).
 """
 
 from __future__ import annotations
@@ -240,9 +242,10 @@ def dream_generate(
         output_history, return_dict_in_generate: as Dream (history only in the dict).
         generation_tokens_hook_func(step, x, logits) -> x and
         generation_logits_hook_func(step, x, logits) -> logits: Dream's hooks, called at every
-            one of the ``steps`` steps (also once nothing is masked), as is the history. The
-            logits hook gets fresh logits of that step's x each step (it may edit them in
-            place); without it the model's prediction is reused while x does not change.
+            one of the ``steps`` steps (also once nothing is masked), as is the history. With
+            either hook, each step runs the model on that step's x for the whole batch, as
+            Dream does (the logits hook may edit them in place; the tokens hook gets them);
+            without hooks the prediction of a row is reused while its x does not change.
 
     Returns:
         (B, max_length) int64, or a DreamOutput(sequences=..., history=...).

@@ -500,22 +500,23 @@ def _loop(
     ``_generate``, which sets inference mode):
     forward_fn(x, attention_mask (B, S) bool | None, position_ids | None[, t=]) -> logits
     replaces the model call (t, a (B,) float tensor, is passed when the model is
-    time-conditioned, see ``time_input``); logits_hook(step, x, logits) / tokens_hook(step, x)
-    edit the logits / x (Dream's generation_*_hook_func); commit_fn(x, logits, cand, step,
-    rows) replaces the commit rule; position_ids=False never passes position ids; counter (a
-    list) gets one entry per model forward (the number of rows run); ban_mask=False lets the
+    time-conditioned, see ``time_input``); logits_hook(step, x, logits) and tokens_hook(step, x,
+    logits) edit the logits / x (Dream's generation_*_hook_func); commit_fn(x, logits, cand,
+    step, rows) replaces the commit rule; position_ids=False never passes position ids; counter
+    (a list) gets one entry per model forward (the number of rows run); ban_mask=False lets the
     mask token be drawn (LLaDA and Dream do not forbid it); block_counts_only=True counts only
     the block's own masks for the even schedule, as LLaDA does (ours counts every candidate, so
     masks left before the block - prompt masks, a drawn mask token - are filled too);
     ban_tokens: token ids whose logits are set to -inf after guidance and the shift (LLaDA's
-    logits_eos_inf: banning them in the conditional and unconditional passes instead would
-    give -inf - -inf = NaN; logits path only); every_step=True runs every one of the steps
-    even when no row has a candidate left (commit_fn, hooks and history every step, as LLaDA
-    and Dream do; the prediction is still reused when x did not change and there is no
-    logits_hook), where the default skips such steps.
+    logits_eos_inf: banning them in the conditional and unconditional passes instead would give
+    -inf - -inf = NaN; logits path only); every_step=True runs every one of the steps even when
+    no row has a candidate left (commit_fn, hooks and history every step, as LLaDA and Dream do;
+    the prediction is still reused when x did not change and there is no hook), where the
+    default skips such steps.
 
-    With a logits_hook every step runs a fresh forward of that step's x (no reuse), so that a
-    hook editing the logits in place never sees its own earlier edits, as in Dream."""
+    With a logits_hook or tokens_hook every step runs a fresh forward of that step's x for the
+    whole batch (no reuse), as Dream does: a hook editing the logits in place never sees its
+    own earlier edits, and the tokens hook gets that step's prediction of every row."""
     mask_id, eos_id, steps, gen_length, block_length = map(
         _as_int, (mask_id, eos_id, steps, gen_length, block_length)
     )
@@ -800,11 +801,14 @@ def _loop(
                     logits_all is None
                     or len(need) == B
                     or logits_hook is not None
+                    or tokens_hook is not None
                     or win != logits_win
                     or (graphs is not None and need)  # a graph per window shape: whole batch
                 ):
                     # A logits hook gets fresh logits of this step's x every step (it may edit
-                    # them in place: reusing them would compound its edits).
+                    # them in place: reusing them would compound its edits), and so does a
+                    # tokens hook (Dream passes it that step's prediction for every row, also
+                    # for rows with nothing masked, which the reuse would leave stale).
                     logits_all, logits_win = forward(None, keep=win), win
                     need = list(range(B))
                 elif need:
@@ -821,7 +825,8 @@ def _loop(
                 # (max: with an empty prompt the first block starts at 0, shifted or not)
                 q0 = 0 if first else (max(s_blk - 1, 0) if logits_shift else s_blk)
                 q1 = L if (first or kv_cache == "prefix") else e_blk
-                if first or logits_hook is not None or any(stale[b] and has[b] for b in range(B)):
+                hooked = logits_hook is not None or tokens_hook is not None
+                if first or hooked or any(stale[b] and has[b] for b in range(B)):
                     logits_all = forward(None, q0, q1, cache, keep=(s_blk, e_blk))
                     stale = [False] * B
                 w0, w1, logits = s_blk, e_blk, logits_all

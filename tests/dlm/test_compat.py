@@ -354,6 +354,35 @@ def test_dream_hooks_history_and_lengths(dream_model):
         dream_generate(dream_model, ids, max_length=8, steps=4, alg="maskgit_plus")
 
 
+def test_dream_tokens_hook_gets_each_steps_logits(dream_model):
+    """Dream hands its tokens hook that step's prediction for every row. Here the hook fills
+    every mask at step 1: the later steps have nothing masked, and the reuse of an unchanged
+    row's prediction had handed the hook step 1's logits again."""
+    ids, _ = _prompts(2, 5)
+
+    def run(fn, **kw):
+        seen = []
+
+        def tokens_hook(step, x, logits):
+            if logits is not None:
+                seen.append((step, logits.clone()))
+            if step == 1:
+                x = torch.where(x == MASK, 7, x)
+            return x
+
+        out = fn(dream_model, ids, max_new_tokens=6, steps=5, alg="maskgit_plus",
+                 tokens_hook=tokens_hook, **kw)  # fmt: skip
+        return out, seen
+
+    (ref, _), want = run(dream_reference)
+    out, got = run(lambda *a, tokens_hook, **k: dream_generate(
+        *a, mask_token_id=MASK, generation_tokens_hook_func=tokens_hook, **k))  # fmt: skip
+    assert torch.equal(out, ref)
+    assert [s for s, _ in got] == [s for s, _ in want] == [0, 1, 2, 3, 4]
+    for (s, a), (_, b) in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"step {s}")
+
+
 @pytest.mark.parametrize("alg", ["origin", "maskgit_plus"])
 def test_dream_runs_every_step_once_nothing_is_masked(dream_model, alg):
     # Dream runs all `steps` steps: hooks and history see each one even when nothing is left
