@@ -33,8 +33,12 @@ MASKS = ("none", "padding30", "block32")
 MODES = ("fwd", "bwd", "fwd+bwd")
 FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
 # ours_atomic_dq: ours with deterministic=False (dQ by atomics in the dK/dV kernel); its forward
-# is ours, so it has bwd and fwd+bwd rows only.
-PROVIDERS = ("ours", "ours_atomic_dq", "sdpa", "flex", "flash_attn")
+# is ours, so it has bwd and fwd+bwd rows only. "sdpa" is SDPA as a user gets it (the backend
+# it picks is recorded in each row's "backend"); sdpa_flash and sdpa_cudnn pin one backend, for
+# the unmasked case only (issue 5's goal names SDPA's flash backend; on Hopper SDPA may pick
+# cuDNN's kernels instead, which are faster there).
+PROVIDERS = ("ours", "ours_atomic_dq", "sdpa", "sdpa_flash", "sdpa_cudnn", "flex", "flash_attn")
+PINNED = ("sdpa_flash", "sdpa_cudnn")
 
 
 # ------------------------------------------------------------------ inputs and FLOPs
@@ -67,7 +71,7 @@ def _ours_atomic_dq(q, k, v, mask, key_mask):
     return _ours(q, k, v, mask, key_mask, deterministic=False)
 
 
-def _sdpa(q, k, v, mask, key_mask):
+def _sdpa_args(q, k, v, mask, key_mask):
     # SDPA takes (B, H, S, D); the transposes are views. A boolean mask sends it off the flash
     # backend (efficient or math), which is the point of the comparison.
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
@@ -78,7 +82,43 @@ def _sdpa(q, k, v, mask, key_mask):
     elif mask == "block32":
         i = torch.arange(S, device=q.device)
         attn_mask = (i[None, :] // 32) <= (i[:, None] // 32)
+    return qt, kt, vt, attn_mask
+
+
+def sdpa_backend(q, k, v, mask, key_mask) -> str | None:
+    """The backend SDPA picks for these inputs ("FLASH_ATTENTION", "CUDNN_ATTENTION", ...)."""
+    from torch.nn.attention import SDPBackend
+
+    try:
+        return SDPBackend(torch._fused_sdp_choice(*_sdpa_args(q, k, v, mask, key_mask))).name
+    except Exception:  # a private function: its absence must not cost the figures
+        return None
+
+
+def _sdpa(q, k, v, mask, key_mask):
+    qt, kt, vt, attn_mask = _sdpa_args(q, k, v, mask, key_mask)
     return lambda: F.scaled_dot_product_attention(qt, kt, vt, attn_mask=attn_mask).transpose(1, 2)
+
+
+def _sdpa_pinned(backend_name: str):
+    def make(q, k, v, mask, key_mask):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = getattr(SDPBackend, backend_name)
+        qt, kt, vt, _ = _sdpa_args(q, k, v, mask, key_mask)
+
+        def run():
+            # The backward runs the backend the forward chose: only the forward needs the pin.
+            with sdpa_kernel(backend):
+                try:
+                    out = F.scaled_dot_product_attention(qt, kt, vt)
+                except RuntimeError as e:  # "No viable backend ...": not on this device / shape
+                    raise NotImplementedError(f"{backend_name}: {str(e)[:120]}") from e
+            return out.transpose(1, 2)
+
+        return run
+
+    return make
 
 
 _FLEX = None
@@ -138,7 +178,9 @@ def _flash_attn(q, k, v, mask, key_mask):
     return run
 
 
-_MAKERS = {"ours": _ours, "ours_atomic_dq": _ours_atomic_dq, "sdpa": _sdpa, "flex": _flex,
+_MAKERS = {"ours": _ours, "ours_atomic_dq": _ours_atomic_dq, "sdpa": _sdpa,
+           "sdpa_flash": _sdpa_pinned("FLASH_ATTENTION"),
+           "sdpa_cudnn": _sdpa_pinned("CUDNN_ATTENTION"), "flex": _flex,
            "flash_attn": _flash_attn}  # fmt: skip
 
 
@@ -191,7 +233,7 @@ def run(quick: bool = True, device: str = "cuda") -> list[dict]:
 
     Row keys: name, provider, shape, dtype, mask, mode, ms, ms_p20, ms_p80, tflops,
     peak_mem_mb (extra memory over the inputs, CUDA only), status ("ok", "missing",
-    "unsupported: ...", "error: ..."), device.
+    "unsupported: ...", "error: ..."), device; sdpa's rows add backend (the one SDPA picked).
     """
     dev = torch.device(device)
     dev_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor()
@@ -207,12 +249,18 @@ def run(quick: bool = True, device: str = "cuda") -> list[dict]:
                 for mode in MODES:
                     if provider == "ours_atomic_dq" and mode == "fwd":
                         continue  # the same forward as ours
+                    if provider in PINNED and mask != "none":
+                        continue  # the goal compares the unmasked case only
                     row = dict(
                         name=f"attention-{mask}-{mode}", provider=provider, shape=shape,
                         dtype=str(dtype).replace("torch.", ""), mask=mask, mode=mode, ms=None,
                         ms_p20=None, ms_p80=None, tflops=None, peak_mem_mb=None, status="ok",
                         device=dev_name,
                     )  # fmt: skip
+                    if provider == "sdpa":  # the choice can depend on whether grads are needed
+                        g = mode != "fwd"
+                        qkv = (t.detach().requires_grad_(g) for t in (q, k, v))
+                        row["backend"] = sdpa_backend(*qkv, mask, key_mask)
                     try:
                         check_time()  # before the set-up: a provider's first call compiles
                         fn = _timed_fn(_MAKERS[provider], q, k, v, mask, key_mask, mode)
@@ -257,8 +305,9 @@ def _print(rows: list[dict]) -> None:
         tf = f"{r['tflops']:.1f}" if r["tflops"] else "-"
         base = ours.get((r["shape"], r["mask"], r["mode"]))
         speed = f"{r['ms'] / base:.2f}" if base and r["ms"] else "-"
+        backend = f"  ({r['backend']})" if r.get("backend") else ""
         print(f"{r['shape']:<22}{r['mask']:<11}{r['mode']:<9}{r['provider']:<16}{ms:>9}{tf:>9}"
-              f"{speed:>8}  {r['status']}")  # fmt: skip
+              f"{speed:>8}  {r['status']}{backend}")  # fmt: skip
 
 
 def main() -> None:

@@ -103,6 +103,8 @@ def table(rows: list[dict]) -> str:
         "frac_of_matmul",
         "peak_mem_mb",
     ]
+    if any(r.get("backend") for r in rows):  # SDPA's pick (bench_attention)
+        cols.append("backend")
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         cells = []

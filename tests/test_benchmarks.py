@@ -159,3 +159,22 @@ def test_sample_gpu_order_reaches_every_case_core_rows_before_any_cache_row():
     want = ["b8-torch", "b8-dlm", "b8-graph", "b1-torch", "b1-dlm", "b1-graph", "b8-dual",
             "b8-prefix", "b1-dual", "b1-prefix"]  # fmt: skip
     assert gpu_order(cases) == want
+
+
+def test_attention_rows_name_sdpas_backend_and_pin_flash_for_the_goal():
+    # Issue 5's goal is against SDPA's flash backend; SDPA as a user calls it may pick another
+    # (cuDNN on Hopper). Its rows say which; the pinned rows time the named backends, unmasked.
+    from benchmarks import bench_attention
+
+    rows = bench_attention.run(quick=True, device="cpu")
+    sdpa = [r for r in rows if r["provider"] == "sdpa"]
+    assert sdpa and all(r["backend"] == "FLASH_ATTENTION" for r in sdpa)  # CPU: its flash kernel
+    pinned = [r for r in rows if r["provider"] in bench_attention.PINNED]
+    assert {r["mask"] for r in pinned} == {"none"}
+    by = {(r["provider"], r["mode"]): r for r in pinned}
+    assert all(by["sdpa_flash", m]["status"] == "ok" for m in bench_attention.MODES)
+    # No cuDNN on a CPU: reported as unsupported (never as an error or a time).
+    assert all(
+        by["sdpa_cudnn", m]["status"].startswith("unsupported") for m in bench_attention.MODES
+    )
+    assert "backend" in bench_run.table(rows).splitlines()[0]
