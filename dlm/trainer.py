@@ -620,8 +620,10 @@ class Trainer:
             )
             if self.rank == 0:
                 self.plot(os.path.join(self.out, "loss.png"))
-            fsdp = self.world > 1 and tc.distributed == "fsdp"
-            if tc.samples and (self.rank == 0 or fsdp):
+            # Every process samples: under FSDP the forward is collective, and under DDP the
+            # others would otherwise wait at close()'s barrier for as long as rank 0 samples,
+            # past the collective timeout (NCCL's 10 minutes) for a long sample.
+            if tc.samples:
                 texts = self.sample(
                     tc.samples, tc.sample_len, tc.sample_steps, tc.seed, tc.sample_temperature
                 )

@@ -395,6 +395,51 @@ def test_signal_on_one_of_two_processes_stops_both_after_the_same_step(tmp_path)
     assert checkpoint_step(tmp_path / "run") == 3
 
 
+def _slow_sample_worker(rank, world, port, cfg_dict, result_dir):
+    _dist_env(rank, world, port)
+    torch.set_num_threads(1)
+    import datetime
+    import functools
+
+    import torch.distributed as dist
+
+    # The trainer's group with a 5 s collective timeout (NCCL's default is 10 minutes), and an
+    # end-of-training sample that takes longer: a process that skipped sampling would wait at
+    # close()'s barrier past the timeout.
+    dist.init_process_group = functools.partial(
+        dist.init_process_group, timeout=datetime.timedelta(seconds=5)
+    )
+    calls = []
+
+    def slow_sample(self, n, *args, **kwargs):
+        calls.append(n)
+        time.sleep(8)
+        return ["sample"] * n
+
+    Trainer.sample = slow_sample
+    trainer = Trainer(Config.from_dict(cfg_dict), log=quiet)
+    summary = trainer.fit()
+    trainer.close()
+    outcome = {"sampled": calls, "closed": not dist.is_initialized(),
+               "samples": summary.get("samples")}  # fmt: skip
+    with open(os.path.join(result_dir, f"slow{rank}.json"), "w") as f:
+        json.dump(outcome, f)
+    _exit_without_teardown()
+
+
+def test_end_of_training_samples_keep_every_process_in_step(tmp_path):
+    """DDP on gloo: the end-of-training sample runs on every process (rank 0 alone returns
+    and writes them), so no process waits at close()'s barrier while another samples."""
+    cfg = small_config(tmp_path / "run", steps=2, eval_every=0, ema_decay=0.0, threads=1,
+                       samples=2, device="cpu")  # fmt: skip
+    mp.spawn(_slow_sample_worker, args=(2, _free_port(), cfg.to_dict(), str(tmp_path)),
+             nprocs=2, join=True)  # fmt: skip
+    outcomes = [json.loads((tmp_path / f"slow{r}.json").read_text()) for r in range(2)]
+    assert outcomes[0] == {"sampled": [2], "closed": True, "samples": ["sample"] * 2}
+    assert outcomes[1] == {"sampled": [2], "closed": True, "samples": None}
+    assert (tmp_path / "run" / "samples.txt").read_text().count("--- sample") == 2
+
+
 def _cli_worker(rank, world, port, argv, result_dir):
     _dist_env(rank, world, port)
     torch.set_num_threads(1)
