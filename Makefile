@@ -45,10 +45,15 @@ test: build
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
-# CPU suite at the issues' CPU goal shapes -> benchmarks/results/cpu-<date>.{json,md} + PNGs.
+# CPU suite at the issues' CPU goal shapes -> benchmarks/results/cpu-<date>.{json,md} + PNGs,
+# then the goal cases under pytest-benchmark -> benchmarks/results/cpu-<date>-pytest.json.
 bench: build
-	$(BIN)/python -m benchmarks.run --device cpu --budget 450  # about 9 min with the ceilings and plots
+	$(BIN)/python -m benchmarks.run --device cpu --budget 380  # about 8 min with the ceilings and plots
 	$(BIN)/python -m benchmarks.plot benchmarks/results/cpu-$$(date +%F).json
+	$(BIN)/python -m pytest benchmarks/pytest_suite.py -q -p no:cacheprovider \
+	  --benchmark-group-by=group --benchmark-columns=min,median,max,rounds \
+	  --benchmark-max-time=1 --benchmark-min-rounds=3 \
+	  --benchmark-json=benchmarks/results/cpu-$$(date +%F)-pytest.json  # about 1 min
 
 lint: $(VENV)/.deps
 	$(BIN)/ruff check dlm_kernels dlm tests benchmarks setup.py

@@ -178,3 +178,20 @@ def test_attention_rows_name_sdpas_backend_and_pin_flash_for_the_goal():
         by["sdpa_cudnn", m]["status"].startswith("unsupported") for m in bench_attention.MODES
     )
     assert "backend" in bench_run.table(rows).splitlines()[0]
+
+
+def test_pytest_benchmark_suite_runs_at_toy_size():
+    # benchmarks/pytest_suite.py (make bench's pytest-benchmark part), once per case, toy shapes:
+    # its own checks (our output against the baseline's) run; no timing.
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "DLM_BENCH_TOY": "1"}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        str(root / "benchmarks" / "pytest_suite.py"), "--benchmark-disable"],
+                       cwd=root, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout and "skipped" not in r.stdout, r.stdout[-500:]
