@@ -339,6 +339,7 @@ def fused_head_unmask_step(
     dst_all = torch.where(valid_all, order, torch.full_like(order, N))
     temp, tk, tp, mp = (None if t is None else t[order] for t in (temp, tk, tp, mp))
     krows, kseed, koff = us._keys_at(order, L, seed, offset, left_pad)
+    greedy = us.all_greedy(temperature)
     per_row_seed, per_row_off = isinstance(kseed, Tensor), isinstance(koff, Tensor)
     for s in range(0, n_valid, chunk_rows):
         e = min(s + chunk_rows, n_valid)
@@ -350,7 +351,7 @@ def fused_head_unmask_step(
         opts = [None if t is None else t[s:e] for t in (temp, tk, tp, mp)]
         tok, conf = us._sample(logits, krows[s:e], valid_all[s:e], *opts, confidence,
                                kseed[s:e] if per_row_seed else kseed,
-                               koff[s:e] if per_row_off else koff)  # fmt: skip
+                               koff[s:e] if per_row_off else koff, greedy)  # fmt: skip
         del logits  # the chunk's logits die here: peak extra memory is one chunk
         tok_full.scatter_(0, dst_all[s:e], tok)
         conf_full.scatter_(0, dst_all[s:e], conf)

@@ -35,6 +35,7 @@ from dlm_kernels import dispatch, reference
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra import libdevice
 except Exception:  # no triton, or a broken one: the Triton path is never selected
     triton = None
 
@@ -79,6 +80,159 @@ if triton is not None:
         return k
 
     @triton.jit
+    def _exp_ftz(x, FAST: tl.constexpr):
+        # exp with subnormal results flushed to 0: on a GPU one MUFU.EX2 after the scaling
+        # (tl.exp's ex2.approx.f32 adds a compare and two predicated multiplies per element to
+        # keep subnormals, ~3 of ~15 instructions per element of the greedy pass in sm_90
+        # SASS). The interpreter has no libdevice: tl.exp there; the two differ only for
+        # results under 2^-126, which the greedy sums (>= 1) cannot tell apart from 0.
+        if FAST:
+            return libdevice.fast_expf(x)
+        else:
+            return tl.exp(x)
+
+    @triton.jit
+    def _greedy_prob_row(base, r, V, tok_ptr, conf_ptr, BLOCK_V: tl.constexpr,
+                         CHUNK: tl.constexpr, FAST_EXP: tl.constexpr):  # fmt: skip
+        # A greedy row's argmax and softmax probability (confidence prob or raw_prob at T = 0)
+        # in one pass. The tile is [BLOCK_V // CHUNK, CHUNK]: each thread loads CHUNK
+        # contiguous logits (16 bytes) and keeps its state per chunk row, not per element: the
+        # best chunk max and the start of the first chunk holding it, and a float64 sum of
+        # exp(x - a) against an anchor a that moves to a chunk's max only when that exceeds it
+        # by more than 8 (terms stay below e^8; a rescale multiplies the sum by less than e^-8,
+        # so its float32 factor never compounds). Per element: the two rewrites, one subtract,
+        # one exp, one add and the chunk max (sm_90 SASS: ~10 instructions per element against
+        # ~27 for per-element state); the max's index is found at the end in its chunk.
+        NC: tl.constexpr = BLOCK_V // CHUNK
+        ninf = float("-inf")
+        crow = tl.arange(0, NC) * CHUNK
+        ccol = tl.arange(0, CHUNK)
+        m_c = tl.full([NC], ninf, tl.float32)
+        s_c = tl.zeros([NC], tl.int32)
+        a_c = tl.full([NC], ninf, tl.float32)
+        z_c = tl.zeros([NC], tl.float64)
+        for start in range(0, V, BLOCK_V):
+            cs = start + crow
+            offs = cs[:, None] + ccol[None, :]
+            x = tl.load(base + offs, mask=offs < V, other=ninf).to(tl.float32)
+            # NaN -> -inf: never the max, weight 0 (explicit: the interpreter's maximum
+            # propagates NaN where the GPU's ignores it). +inf is left as it is (a row holding
+            # one gets NaN sums, replaced after the loop).
+            x = tl.where(x == x, x, ninf)
+            cm = tl.max(x, 1)
+            top = cm > m_c  # strictly: the first chunk holding the max keeps it
+            s_c = tl.where(top, cs, s_c)
+            m_c = tl.where(top, cm, m_c)
+            mv = cm > a_c + 8.0  # also a first finite value (anchor -inf)
+            a_n = tl.where(mv, cm, a_c)
+            f = tl.where(mv, _exp_ftz(a_c - a_n, FAST_EXP), 1.0).to(tl.float64)
+            # A chunk of -inf only beside an anchor of -inf: -inf - -inf is NaN, adds nothing.
+            e = tl.sum(_exp_ftz(x - a_n[:, None], FAST_EXP), 1)
+            z_c = z_c * f + tl.where(cm > ninf, e, 0.0).to(tl.float64)
+            a_c = a_n
+        mx = tl.max(m_c, 0)
+        if mx == ninf:
+            tl.store(tok_ptr + r, 0)
+            tl.store(conf_ptr + r, ninf)
+        else:
+            # The lowest chunk start among the chunks that hold the max holds its lowest index
+            # (chunks are disjoint and each keeps its first); -0 and +0 compare equal.
+            c0 = tl.min(tl.where(m_c == mx, s_c, 2147483647), 0)
+            offs = c0 + ccol
+            x = tl.load(base + offs, mask=offs < V, other=ninf).to(tl.float32)
+            x = tl.where(x == x, x, ninf)
+            amax = tl.min(tl.where(x == mx, offs, 2147483647), 0).to(tl.int64)
+            if mx == float("inf"):
+                # +inf counts as FLT_MAX on every path: weight 1 against it (as any FLT_MAX),
+                # 0 for the rest. A second pass, for such rows only (no clamp in the loop).
+                zi = tl.zeros([NC, CHUNK], tl.float32)
+                for start in range(0, V, BLOCK_V):
+                    o2 = start + crow[:, None] + ccol[None, :]  # (new names: see the search)
+                    x2 = tl.load(base + o2, mask=o2 < V, other=ninf).to(tl.float32)
+                    zi += (x2 >= 3.4028234663852886e38).to(tl.float32)
+                Z = tl.sum(tl.sum(zi, 1).to(tl.float64), 0)
+            else:
+                dl = tl.where(a_c > ninf, a_c.to(tl.float64) - mx.to(tl.float64), ninf)
+                Z = tl.sum(tl.exp(dl) * z_c, 0)
+            tl.store(tok_ptr + r, amax)
+            tl.store(conf_ptr + r, (1.0 / Z).to(tl.float32))
+
+    @triton.jit
+    def _greedy_row(base, r, V, tok_ptr, conf_ptr, MODE: tl.constexpr, BLOCK_V: tl.constexpr):
+        # One greedy row (T = 0; no active filter unless MODE 1) in one pass over its logits.
+        cols0 = tl.arange(0, BLOCK_V)
+        ninf = float("-inf")
+        # Per-lane online softmax. Every lane (one element slot of the tile) keeps its max
+        # and the lowest index of it (for margin also its second value with multiplicity),
+        # and float64 sums of exp(x - a) (for neg_entropy also exp(x - a) (x - a)) against
+        # its own anchor a. The anchor moves to x only when x exceeds it by more than 8
+        # (lazy rescaling): terms stay below e^8 and a rescale multiplies the sums by less
+        # than e^-8, so the float32 exp of its factor never compounds (moving it on every
+        # new max, a slowly rising row lost 1e-5 relative). One exp per element; no
+        # cross-thread reduction until the row's end.
+        m_l = tl.full([BLOCK_V], ninf, tl.float32)
+        i_l = tl.zeros([BLOCK_V], tl.int32)
+        a_l = tl.full([BLOCK_V], ninf, tl.float32)
+        z_l = tl.zeros([BLOCK_V], tl.float64)
+        if MODE == 2:
+            s_l = tl.full([BLOCK_V], ninf, tl.float32)
+        if MODE == 3:
+            e_l = tl.zeros([BLOCK_V], tl.float64)
+        for start in range(0, V, BLOCK_V):
+            offs = start + cols0
+            # _load_x's rewrites that this pass needs, two compares and selects fewer per
+            # element: +inf -> FLT_MAX (an anchor of +inf would give inf - inf = NaN).
+            # A NaN fails every compare below (never the max; weight 0 through x > -inf)
+            # and -0 compares equal to +0 as on the other paths; margin's min(m, x) would
+            # pass a NaN's partner on, so MODE 2 maps NaN to -inf.
+            x = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+            x = tl.where(x == float("inf"), 3.4028234663852886e38, x)
+            if MODE == 2:
+                x = tl.where(x != x, float("-inf"), x)
+                s_l = tl.maximum(s_l, tl.minimum(m_l, x))
+            top = x > m_l
+            i_l = tl.where(top, offs, i_l)
+            m_l = tl.where(top, x, m_l)
+            # d is +inf at a lane's first finite value (anchor -inf) and on overflow, NaN
+            # for x = -inf beside an anchor of -inf: x = -inf adds nothing.
+            d = x - a_l
+            mv = d > 8.0
+            e = tl.where(x > ninf, tl.exp(tl.where(mv, -d, d)), 0.0).to(tl.float64)
+            if MODE == 3:
+                # mv: scale (es + dm zs) by e, dm = a - x exactly in float64 (a lane whose
+                # anchor is -inf has zs = es = 0); else add e (x - a).
+                dm = tl.where(a_l > ninf, a_l.to(tl.float64) - x.to(tl.float64), 0.0)
+                e_l = tl.where(mv, e * (e_l + dm * z_l), e_l + e * tl.where(e > 0.0, d, 0.0))
+            z_l = tl.where(mv, z_l * e + 1.0, z_l + e)
+            a_l = tl.where(mv, x, a_l)
+        mx = tl.max(m_l, 0)
+        if mx == ninf:
+            tl.store(tok_ptr + r, 0)
+            tl.store(conf_ptr + r, ninf)
+        else:
+            amax = tl.min(tl.where(m_l == mx, i_l, 2147483647), 0).to(tl.int64)
+            # Each lane's sums moved from its anchor to the row max, in float64.
+            dl = tl.where(a_l > ninf, a_l.to(tl.float64) - mx.to(tl.float64), ninf)
+            f = tl.exp(dl)
+            Z = tl.sum(f * z_l, 0)
+            tl.store(tok_ptr + r, amax)
+            if (MODE == 0) | (MODE == 1):
+                tl.store(conf_ptr + r, (1.0 / Z).to(tl.float32))
+            elif MODE == 2:
+                # The row's second value with multiplicity: the max again if two lanes
+                # hold it, else the best other lane max, or a lane's own second value.
+                n_top = tl.sum((m_l == mx).to(tl.int32), 0)
+                sec = tl.max(tl.where(m_l != mx, m_l, ninf), 0)
+                sec = tl.where(n_top >= 2, mx, sec)
+                sec = tl.maximum(sec, tl.max(s_l, 0))
+                # p1 - p2 = (1 - exp(sec - mx)) / Z, 0 for a tie at the top.
+                e2 = tl.exp(sec.to(tl.float64) - mx.to(tl.float64))
+                tl.store(conf_ptr + r, tl.where(sec == mx, 0.0, (1.0 - e2) / Z).to(tl.float32))
+            elif MODE == 3:  # (MODE 4, random, never takes this branch: one_pass is False)
+                ES = tl.sum(tl.where(f > 0.0, f * (e_l + dl * z_l), 0.0), 0)
+                tl.store(conf_ptr + r, (ES / Z - tl.log(Z)).to(tl.float32))
+
+    @triton.jit
     def _sample_rows_kernel(
         logits_ptr,  # (R, V) float32/bf16/fp16, last dim contiguous
         stride_row,  # elements between rows of logits
@@ -104,6 +258,9 @@ if triton is not None:
         BLOCK_S: tl.constexpr,  # vocabulary tile of the threshold searches
         NPIV: tl.constexpr,  # pivots per pass of the threshold searches
         SHIFT: tl.constexpr,  # key shift: 16 for bf16 logits, 13 for fp16, 0 for float32
+        GREEDY: tl.constexpr = False,  # every row greedy (T = 0), no active filter but MODE 1's
+        CHUNK: tl.constexpr = 8,  # logits per thread and load of the greedy prob rows (16 bytes)
+        FAST_EXP: tl.constexpr = False,  # the greedy prob rows' exps flush subnormals (GPU)
     ):
         r = tl.program_id(0).to(tl.int64)
         base = logits_ptr + r * stride_row
@@ -127,76 +284,16 @@ if triton is not None:
         if not tl.load(valid_ptr + r):
             tl.store(tok_ptr + r, 0)
             tl.store(conf_ptr + r, ninf)
-        elif one_pass:
-            # Per-lane online softmax. Every lane (one element slot of the tile) keeps its max
-            # and the lowest index of it (for margin also its second value with multiplicity),
-            # and float64 sums of exp(x - a) (for neg_entropy also exp(x - a) (x - a)) against
-            # its own anchor a. The anchor moves to x only when x exceeds it by more than 8
-            # (lazy rescaling): terms stay below e^8 and a rescale multiplies the sums by less
-            # than e^-8, so the float32 exp of its factor never compounds (moving it on every
-            # new max, a slowly rising row lost 1e-5 relative). One exp per element; no
-            # cross-thread reduction until the row's end.
-            m_l = tl.full([BLOCK_V], ninf, tl.float32)
-            i_l = tl.zeros([BLOCK_V], tl.int32)
-            a_l = tl.full([BLOCK_V], ninf, tl.float32)
-            z_l = tl.zeros([BLOCK_V], tl.float64)
-            if MODE == 2:
-                s_l = tl.full([BLOCK_V], ninf, tl.float32)
-            if MODE == 3:
-                e_l = tl.zeros([BLOCK_V], tl.float64)
-            for start in range(0, V, BLOCK_V):
-                offs = start + cols0
-                # _load_x's rewrites that this pass needs, two compares and selects fewer per
-                # element: +inf -> FLT_MAX (an anchor of +inf would give inf - inf = NaN).
-                # A NaN fails every compare below (never the max; weight 0 through x > -inf)
-                # and -0 compares equal to +0 as on the other paths; margin's min(m, x) would
-                # pass a NaN's partner on, so MODE 2 maps NaN to -inf.
-                x = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-                x = tl.where(x == float("inf"), 3.4028234663852886e38, x)
-                if MODE == 2:
-                    x = tl.where(x != x, float("-inf"), x)
-                    s_l = tl.maximum(s_l, tl.minimum(m_l, x))
-                top = x > m_l
-                i_l = tl.where(top, offs, i_l)
-                m_l = tl.where(top, x, m_l)
-                # d is +inf at a lane's first finite value (anchor -inf) and on overflow, NaN
-                # for x = -inf beside an anchor of -inf: x = -inf adds nothing.
-                d = x - a_l
-                mv = d > 8.0
-                e = tl.where(x > ninf, tl.exp(tl.where(mv, -d, d)), 0.0).to(tl.float64)
-                if MODE == 3:
-                    # mv: scale (es + dm zs) by e, dm = a - x exactly in float64 (a lane whose
-                    # anchor is -inf has zs = es = 0); else add e (x - a).
-                    dm = tl.where(a_l > ninf, a_l.to(tl.float64) - x.to(tl.float64), 0.0)
-                    e_l = tl.where(mv, e * (e_l + dm * z_l), e_l + e * tl.where(e > 0.0, d, 0.0))
-                z_l = tl.where(mv, z_l * e + 1.0, z_l + e)
-                a_l = tl.where(mv, x, a_l)
-            mx = tl.max(m_l, 0)
-            if mx == ninf:
-                tl.store(tok_ptr + r, 0)
-                tl.store(conf_ptr + r, ninf)
+        elif GREEDY:  # (constexpr) every row greedy: the kernel holds this path alone
+            if (MODE == 0) | (MODE == 1):
+                _greedy_prob_row(base, r, V, tok_ptr, conf_ptr, BLOCK_V, CHUNK, FAST_EXP)
             else:
-                amax = tl.min(tl.where(m_l == mx, i_l, 2147483647), 0).to(tl.int64)
-                # Each lane's sums moved from its anchor to the row max, in float64.
-                dl = tl.where(a_l > ninf, a_l.to(tl.float64) - mx.to(tl.float64), ninf)
-                f = tl.exp(dl)
-                Z = tl.sum(f * z_l, 0)
-                tl.store(tok_ptr + r, amax)
-                if (MODE == 0) | (MODE == 1):
-                    tl.store(conf_ptr + r, (1.0 / Z).to(tl.float32))
-                elif MODE == 2:
-                    # The row's second value with multiplicity: the max again if two lanes
-                    # hold it, else the best other lane max, or a lane's own second value.
-                    n_top = tl.sum((m_l == mx).to(tl.int32), 0)
-                    sec = tl.max(tl.where(m_l != mx, m_l, ninf), 0)
-                    sec = tl.where(n_top >= 2, mx, sec)
-                    sec = tl.maximum(sec, tl.max(s_l, 0))
-                    # p1 - p2 = (1 - exp(sec - mx)) / Z, 0 for a tie at the top.
-                    e2 = tl.exp(sec.to(tl.float64) - mx.to(tl.float64))
-                    tl.store(conf_ptr + r, tl.where(sec == mx, 0.0, (1.0 - e2) / Z).to(tl.float32))
-                elif MODE == 3:  # (MODE 4, random, never takes this branch: one_pass is False)
-                    ES = tl.sum(tl.where(f > 0.0, f * (e_l + dl * z_l), 0.0), 0)
-                    tl.store(conf_ptr + r, (ES / Z - tl.log(Z)).to(tl.float32))
+                _greedy_row(base, r, V, tok_ptr, conf_ptr, MODE, BLOCK_V)
+        elif one_pass:
+            if (MODE == 0) | (MODE == 1):
+                _greedy_prob_row(base, r, V, tok_ptr, conf_ptr, BLOCK_V, CHUNK, FAST_EXP)
+            else:
+                _greedy_row(base, r, V, tok_ptr, conf_ptr, MODE, BLOCK_V)
         else:
             # Pass 1: max and its lowest index.
             mx = tl.full([], ninf, tl.float32)
@@ -480,7 +577,7 @@ def _autotune_on() -> bool:
 
 
 def _triton_sample(logits, rows, valid, temp, topk, topp, minp, mode, seed, offset, seeds,
-                   offsets, flags):  # fmt: skip
+                   offsets, flags, greedy=False):  # fmt: skip
     """One program per row; passes over a valid row: 1 for a greedy row without filters (online
     softmax), else 2 + the threshold searches (log_17 of the key range passes each at most: 4
     for bf16 logits, 5 for fp16, 8 for float32) + the final pass.
@@ -504,8 +601,13 @@ def _triton_sample(logits, rows, valid, temp, topk, topp, minp, mode, seed, offs
         seeds, offsets = rows, valid
     args = (logits, logits.stride(0), rows, valid, temp, topk, topp, minp, tok, conf, V, seed,
             _as_int32(offset), seeds, offsets)  # fmt: skip
+    # greedy: the caller knows every row's T is 0 (a scalar temperature of 0) and no filter is
+    # on: a kernel compiled with the one-pass path alone (fewer registers: more rows resident).
+    greedy = bool(greedy) and not (has_topk or has_topp or has_minp)
+    chunk = min(16 // logits.element_size(), triton.next_power_of_2(V))
     meta = dict(MODE=mode, HAS_TOPK=has_topk, HAS_TOPP=has_topp, HAS_MINP=has_minp,
-                PER_ROW_KEY=per_row, SHIFT=_KEY_SHIFT[logits.dtype])  # fmt: skip
+                PER_ROW_KEY=per_row, SHIFT=_KEY_SHIFT[logits.dtype], GREEDY=greedy,
+                FAST_EXP=not dispatch.triton_interpret())  # fmt: skip
     capturing = logits.is_cuda and torch.cuda.is_current_stream_capturing()
     if _autotune_on() and logits.is_cuda and not capturing:
         bucket = triton.next_power_of_2(V)
@@ -513,14 +615,15 @@ def _triton_sample(logits, rows, valid, temp, topk, topp, minp, mode, seed, offs
         if tuner is None:
             tuner = triton.autotune(
                 _sample_configs(V),
-                key=["V", "MODE", "HAS_TOPK", "HAS_TOPP", "HAS_MINP"],
+                key=["V", "MODE", "HAS_TOPK", "HAS_TOPP", "HAS_MINP", "GREEDY"],
                 prune_configs_by={"early_config_prune": _prune_configs},
             )(_sample_rows_kernel)
             _TUNERS[bucket] = tuner
-        tuner[(R,)](*args, **meta)
+        tuner[(R,)](*args, **meta, CHUNK=chunk)
         return tok, conf
-    _sample_rows_kernel[(R,)](*args, **meta, BLOCK_V=_block_v(V), BLOCK_S=_block_s(V),
-                              NPIV=_NPIV, num_warps=8)  # fmt: skip
+    bv = _block_v(V)
+    _sample_rows_kernel[(R,)](*args, **meta, BLOCK_V=bv, BLOCK_S=_block_s(V), NPIV=_NPIV,
+                              CHUNK=min(chunk, bv), num_warps=8)  # fmt: skip
     return tok, conf
 
 
@@ -545,6 +648,7 @@ def _sample_rows_op(
     has_topp: bool,
     has_minp: bool,
     impl: str,
+    greedy: bool = False,
 ) -> tuple[Tensor, Tensor]:
     flags = (has_topk, has_topp, has_minp)
     if impl == "cpp":
@@ -554,12 +658,12 @@ def _sample_rows_op(
         )  # fmt: skip
         return tok, conf
     return _triton_sample(logits, rows, valid, temperature, top_k, top_p, min_p, mode, seed,
-                          offset, seeds, offsets, flags)  # fmt: skip
+                          offset, seeds, offsets, flags, greedy)  # fmt: skip
 
 
 @_sample_rows_op.register_fake
 def _(logits, rows, valid, temperature, top_k, top_p, min_p, mode, seed, offset, seeds, offsets,
-      has_topk, has_topp, has_minp, impl):  # fmt: skip
+      has_topk, has_topp, has_minp, impl, greedy=False):  # fmt: skip
     n = logits.shape[0]
     return logits.new_empty(n, dtype=torch.int64), logits.new_empty(n, dtype=torch.float32)
 
@@ -738,6 +842,14 @@ def _options(name, n, device, temperature, top_k, top_p, min_p, confidence):
     return temp, tk, tp, mp
 
 
+def all_greedy(temperature) -> bool:
+    """True when the temperature argument is known on the host, without a sync, to be 0 for
+    every row: a number, or a CPU tensor whose values can be read."""
+    if isinstance(temperature, Tensor):
+        return _host_checkable(temperature) and bool((temperature == 0).all())
+    return isinstance(temperature, Real) and not dispatch.is_bool(temperature) and temperature == 0
+
+
 def _check_logits(name: str, logits) -> None:
     if not isinstance(logits, Tensor) or not logits.dtype.is_floating_point:
         got = logits.dtype if isinstance(logits, Tensor) else type(logits).__name__
@@ -750,10 +862,11 @@ def _check_logits(name: str, logits) -> None:
 _OFF = {dt: torch.empty(0, dtype=dt) for dt in (torch.int64, torch.float64)}
 
 
-def _sample(logits2d, rows, valid, temp, tk, tp, mp, confidence, seed, offset):
+def _sample(logits2d, rows, valid, temp, tk, tp, mp, confidence, seed, offset, greedy=False):
     """Dispatch the per-row draw; (tokens int64 (R,), confidence float32 (R,)).
 
     seed and offset: ints (one Philox key for every row) or (R,) int64 tensors (per row).
+    greedy: every T is 0 (``all_greedy`` of the temperature argument), known on the host.
     """
     R, V = logits2d.shape
     per_row = isinstance(seed, Tensor) or isinstance(offset, Tensor)
@@ -790,7 +903,7 @@ def _sample(logits2d, rows, valid, temp, tk, tp, mp, confidence, seed, offset):
     if direct:
         tok, conf = dispatch.cpp_ops().sample_rows(*args)
     else:
-        tok, conf = _sample_rows_op(*args, impl)
+        tok, conf = _sample_rows_op(*args, impl, greedy)
     if confidence == "random":
         u = reference.philox_uniform(torch.zeros_like(rows), rows, reference.STREAM_CONFIDENCE,
                                      seed, offset).to(torch.float32)  # fmt: skip
@@ -857,7 +970,8 @@ def sample_tokens(
     seed, offset, _ = _step_keys(name, N, 1, dev, seed, offset, None, generator)
     rows = torch.arange(N, dtype=torch.int64, device=dev)
     valid = torch.ones(N, dtype=torch.bool, device=dev)
-    return _sample(logits, rows, valid, temp, tk, tp, mp, confidence, seed, offset)
+    return _sample(logits, rows, valid, temp, tk, tp, mp, confidence, seed, offset,
+                   all_greedy(temperature))  # fmt: skip
 
 
 def select_and_commit(
@@ -1091,7 +1205,8 @@ def unmask_step(
     _check_left_pad(name, cand, left_pad)
 
     krows, kseed, koff = _keys_at(pos, L, seed, offset, left_pad)
-    tok, conf = _sample(logits2d, krows, valid, temp, tk, tp, mp, confidence, kseed, koff)
+    tok, conf = _sample(logits2d, krows, valid, temp, tk, tp, mp, confidence, kseed, koff,
+                        all_greedy(temperature))  # fmt: skip
     if identity:
         # Already in (B, L) order, with -inf confidence wherever no token was drawn (the token
         # there is never committed: commits are candidates).

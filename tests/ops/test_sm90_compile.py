@@ -46,17 +46,24 @@ configs = us._sample_configs(151936)
 # The scalar seed's type is what the launcher gets: i64 for a drawn 62-bit seed, i32 for a small
 # one and for the 0 passed with per-row keys (a kernel that retypes it does not compile).
 # The logits' dtype sets the key shift (us._KEY_SHIFT): bf16 everywhere, fp16 and float32 once.
-cases = [(0, (False, True, False), False, 2**40, configs, "bf16"),
-         (2, (True, True, True), True, 0, configs, "bf16"),
-         (2, (True, True, True), False, 7, configs[:1], "bf16"),
-         (1, (True, True, True), False, 7, configs[:1], "bf16"),
-         (2, (True, True, True), False, 7, configs[:1], "fp16"),
-         (2, (True, True, True), False, 7, configs[:1], "fp32")]
+# GREEDY: the kernel with the one-pass greedy path alone (every row at T 0, no filter).
+none = (False, False, False)
+cases = [(0, (False, True, False), False, 2**40, configs, "bf16", False),
+         (2, (True, True, True), True, 0, configs, "bf16", False),
+         (2, (True, True, True), False, 7, configs[:1], "bf16", False),
+         (1, (True, True, True), False, 7, configs[:1], "bf16", False),
+         (2, (True, True, True), False, 7, configs[:1], "fp16", False),
+         (2, (True, True, True), False, 7, configs[:1], "fp32", False),
+         (0, none, False, 7, configs, "bf16", True),
+         (1, none, True, 0, configs[:1], "fp32", True),
+         (2, none, False, 7, configs[:1], "bf16", True),
+         (3, none, False, 7, configs[:1], "fp16", True)]
 shifts = {"bf16": 16, "fp16": 13, "fp32": 0}
-for mode, flags, per_row, seed, cfgs, dt in cases:
+for mode, flags, per_row, seed, cfgs, dt, greedy in cases:
     for cfg in cfgs:
         consts = dict(MODE=mode, HAS_TOPK=flags[0], HAS_TOPP=flags[1], HAS_MINP=flags[2],
-                      PER_ROW_KEY=per_row, SHIFT=shifts[dt], **cfg.kwargs)
+                      PER_ROW_KEY=per_row, SHIFT=shifts[dt], GREEDY=greedy,
+                      CHUNK=4 if dt == "fp32" else 8, FAST_EXP=True, **cfg.kwargs)
         sig = dict(signature, logits_ptr="*" + dt, seed=mangle_type(seed),
                    **{k: "constexpr" for k in consts})
         src = ASTSource(fn=fn, signature=sig,
@@ -71,7 +78,7 @@ for mode, flags, per_row, seed, cfgs, dt in cases:
         spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", info)]
         if not spills or max(spills) != 0:
             sys.exit(f"mode {mode} {flags} {dt} {cfg}: {info}")
-        print("ok", mode, flags, dt, cfg.kwargs, cfg.num_warps)
+        print("ok", mode, flags, dt, greedy, cfg.kwargs, cfg.num_warps)
 """
 
 
@@ -89,7 +96,7 @@ def test_sampler_compiles_for_sm90_without_spills():
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     import dlm_kernels.ops.unmask_sample as us
 
-    assert res.stdout.count("ok") == 2 * len(us._sample_configs(151936)) + 4, res.stdout
+    assert res.stdout.count("ok") == 3 * len(us._sample_configs(151936)) + 7, res.stdout
 
 
 _KERNELS = (

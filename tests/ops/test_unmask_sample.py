@@ -222,6 +222,56 @@ def test_triton_small_tiles(conf, monkeypatch):
                 assert got[0][12] == 3 and got[0][13] == 3, got[0][11:]
 
 
+def test_all_greedy_reads_only_what_the_host_holds():
+    assert us.all_greedy(0) and us.all_greedy(0.0) and us.all_greedy(np.float64(0.0))
+    assert not us.all_greedy(0.7) and not us.all_greedy(False) and not us.all_greedy(1e-30)
+    assert us.all_greedy(torch.zeros(3)) and not us.all_greedy(torch.tensor([0.0, 0.5]))
+
+
+def test_triton_greedy_kernel_matches_the_general_one(monkeypatch):
+    # A temperature the host knows to be 0 everywhere, with no filter, launches the kernel
+    # compiled with the one-pass greedy path alone (GREEDY: fewer registers); a per-row
+    # temperature with a sampled row, or a filter, launches the general kernel, whose greedy
+    # rows take the same one-pass code. Both against the reference: +inf (two, and beside
+    # FLT_MAX), NaN, a row of -inf, -0 tied with +0, ties across tiles and chunks.
+    skip_unless_available("triton")
+    seen = []
+    real = us._sample_rows_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen.append(kw["GREEDY"])
+                return real[grid](*args, **kw)
+
+            return launch
+
+    monkeypatch.setattr(us, "_sample_rows_kernel", Spy())
+    monkeypatch.setattr(us, "_block_v", lambda V: 64)
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(9, 301, generator=g) * 2
+    x[0, [40, 41, 250]] = 11.0  # ties inside one chunk and across tiles
+    x[1, [7, 130]] = float("inf")
+    x[1, 9] = torch.finfo(torch.float32).max
+    x[2, ::4] = float("nan")
+    x[3] = float("-inf")
+    x[4] = float("-inf")
+    x[4, [12, 5]] = torch.tensor([0.0, -0.0])
+    x[5] += torch.linspace(0, 40, 301)  # a new anchor in almost every chunk
+    x[6, 300] = 30.0  # the max alone in the ragged last chunk
+    mixed = torch.zeros(9, dtype=torch.float64)
+    mixed[8] = 0.6
+    for conf in ("prob", "raw_prob", "margin", "neg_entropy"):
+        for T, kw, greedy in ((0.0, {}, True), (torch.zeros(9), {}, True), (mixed, {}, False),
+                              (0.0, {"top_k": 5}, False)):  # fmt: skip
+            args = dict(confidence=conf, temperature=T, seed=4, **kw)
+            ref = _run("reference", sample_tokens, x, **args)
+            seen.clear()
+            got = _run("triton", sample_tokens, x, **args)
+            assert seen == [greedy], (conf, T, kw, seen)
+            _check_same(got, ref, f"triton-{conf}-{greedy}-{sorted(kw)}")
+
+
 @pytest.mark.parametrize("conf", ["prob", "margin", "neg_entropy"])
 def test_triton_greedy_rising_rows_keep_precision(conf, monkeypatch):
     # Rows whose max rises slowly give every lane of the one-pass greedy path a new max at
