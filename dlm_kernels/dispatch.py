@@ -216,3 +216,19 @@ def values_readable(t: torch.Tensor) -> bool:
     from torch._subclasses.fake_tensor import is_fake
 
     return not is_fake(t)
+
+
+def refuse_second_order(bwd_op, name: str) -> None:
+    """Give a custom backward op an autograd formula that raises a clear error. Without one, a
+    second-order gradient (``create_graph=True``, then a backward through the gradients) fails
+    inside torch with "no autograd formula was registered"; the kernel paths have no
+    second-order formulas, and the reference paths (``DLM_KERNELS_IMPL=reference``) do."""
+
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"{name}: no second-order gradients on the kernel paths (a backward through "
+            "gradients taken with create_graph=True); use the reference "
+            "(DLM_KERNELS_IMPL=reference or dlm_kernels.dispatch.use('reference'))"
+        )
+
+    bwd_op.register_autograd(backward, setup_context=lambda ctx, inputs, output: None)

@@ -983,6 +983,7 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 _attn_fwd.register_autograd(_backward, setup_context=_setup_context)
+dispatch.refuse_second_order(_attn_bwd, "bidirectional_attention")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -255,6 +255,7 @@ def _backward(ctx, grad_loss, grad_lse):
 
 
 _masked_ce_fwd.register_autograd(_backward, setup_context=_setup_context)
+dispatch.refuse_second_order(_masked_ce_bwd, "masked_cross_entropy")
 
 
 @torch.library.custom_op("dlm_kernels::masked_ce_fwd_grad_", mutates_args=("logits",))

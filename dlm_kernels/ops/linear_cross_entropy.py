@@ -1053,6 +1053,7 @@ def _backward(ctx, grad_loss, grad_lse):
 
 
 _masked_lce_fwd.register_autograd(_backward, setup_context=_setup_context)
+dispatch.refuse_second_order(_masked_lce_bwd, "masked_linear_cross_entropy")
 
 
 class _CpuGradInForward(torch.autograd.Function):

@@ -530,3 +530,43 @@ def test_narrow_integer_targets_are_not_wrapped_onto_ignore_index(name):
     far, _ = _run(name, logits, target.to(torch.int32), None, None, reduction="none",
                   ignore_index=2**32 + 156)  # fmt: skip
     assert torch.equal(far, wide)
+
+
+@pytest.mark.parametrize("name", ["cpp", "triton"])
+def test_second_order_gradients_are_refused_by_name_on_kernel_paths(name):
+    # A backward through gradients taken with create_graph=True: the kernel paths have no
+    # second-order formulas and must say so by op name (torch's own error names an internal
+    # op), while the cross-entropies' reference paths compute them.
+    skip_unless_available(name)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 7, generator=g).to(device())
+    t = torch.randint(0, 7, (4,), generator=g).to(device())
+    h, W = (torch.randn(n, 5, generator=g).to(device()) for n in (4, 7))
+    q = torch.randn(1, 5, 2, 8, generator=g).to(device())
+    calls = {
+        "masked_cross_entropy": (lambda a: dlm_kernels.masked_cross_entropy(a, t), x),
+        "masked_linear_cross_entropy": (
+            lambda a: dlm_kernels.masked_linear_cross_entropy(
+                a, W.to(a.dtype), t, reduction="none"
+            ).sum(),
+            h,
+        ),
+        "bidirectional_attention": (
+            lambda a: dlm_kernels.bidirectional_attention(a, a, a).sum(),
+            q,
+        ),
+    }
+    for op, (f, a) in calls.items():
+        if name == "cpp" and op == "bidirectional_attention":
+            continue  # its CPU path is the reference (SDPA)
+        a = a.clone().requires_grad_(True)
+        with dispatch.use(name):
+            (gr,) = torch.autograd.grad(f(a), a, create_graph=True)
+            with pytest.raises(RuntimeError, match=f"{op}: no second-order gradients"):
+                gr.pow(2).sum().backward()
+        if op != "bidirectional_attention":
+            b = a.detach().double().requires_grad_(True)
+            with dispatch.use("reference"):
+                (gr,) = torch.autograd.grad(f(b), b, create_graph=True)
+                gr.pow(2).sum().backward()
+            assert b.grad is not None and torch.isfinite(b.grad).all()
