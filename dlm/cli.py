@@ -317,7 +317,11 @@ def run() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``dlm``; returns the exit status or raises SystemExit (argparse, UsageError)."""
-    args = make_parser().parse_args(argv)
+    parser = make_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # reported by the subcommand's parser: its usage and "dlm <cmd>: error: ..."
+        subparsers = next(a for a in parser._actions if isinstance(a.choices, dict))
+        subparsers.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     debug = os.environ.get("DLM_DEBUG", "") not in ("", "0")
     try:
         return args.func(args)

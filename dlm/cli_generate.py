@@ -205,6 +205,13 @@ def _load(args):
 def _prompts(tok, texts: list[str] | None, num: int, dev: str):
     """Left-padded (B, P) ids and attention mask (None when all rows have the same length)."""
     texts = texts or [""]
+    vocab = getattr(tok, "stoi", None)  # a character tokenizer reads unknown characters as "?"
+    if vocab is not None:
+        unknown = sorted({c for t in texts for c in t if c not in vocab})
+        if unknown:
+            print(f"dlm sample: warning: the prompt's characters {', '.join(map(repr, unknown))} "
+                  "are not in the model's vocabulary; each is read as "
+                  f"{tok.decode([tok._unk])!r}", file=sys.stderr)  # fmt: skip
     rows = [torch.as_tensor(tok.encode(t), dtype=torch.long) for t in texts for _ in range(num)]
     P = max(len(r) for r in rows)
     if P == 0:
@@ -260,7 +267,8 @@ def cmd_sample(args) -> int:
                 print(f"step {i + 1:>{width}} | {left:>4} masked | {text}")
     for b in range(x.shape[0]):
         print(f"=== sample {b}")
-        print(tok.decode(rows[b].tolist()) + tok.decode(x[b, P:].tolist()))
+        # Decoded whole: a word-level tokenizer puts its separator between prompt and answer.
+        print(tok.decode(rows[b].tolist() + x[b, P:].tolist()))
     n_tok = x.shape[0] * args.length
     print(f"[{n_tok} tokens in {dt:.2f} s: {n_tok / max(dt, 1e-9):,.0f} tokens/s on {dev}]")
     if cfg is not None and cfg.data.data == "shakespeare":

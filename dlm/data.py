@@ -314,7 +314,8 @@ class TokenStream:
         self.doc_starts = torch.tensor(starts, dtype=torch.long)
         self.n_chars = sum(len(d.text) for d in docs)
         if len(self.tokens) < 2 * seq_len:
-            raise ValueError(f"data: {len(self.tokens)} tokens is too few for seq_len {seq_len}")
+            raise ValueError(f"data: {len(self.tokens)} tokens is too few for seq_len {seq_len}: "
+                             f"at least 2 x seq_len ({2 * seq_len}) are needed")  # fmt: skip
         self.epoch, self.index = 0, 0
         self._order = None
 

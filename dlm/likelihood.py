@@ -299,6 +299,11 @@ def conditional_nll(
         >>> nll = conditional_nll(model, q, a, mask_id=126336, mc_num=128, seed=0)
         >>> best = nll.argmin()    # multiple choice: the most likely answer
     """
+    for name, t in (("prompt", prompt), ("answer", answer)):
+        if not isinstance(t, Tensor) or t.dtype != torch.int64 or t.dim() != 2:
+            got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+            raise TypeError(f"conditional_nll: {name} must be a (B, n) int64 tensor of token "
+                            f"ids, got {got}")  # fmt: skip
     pm = torch.ones_like(prompt, dtype=torch.bool) if prompt_mask is None else prompt_mask.bool()
     amask = torch.ones_like(answer, dtype=torch.bool) if answer_mask is None else answer_mask.bool()
     for name, m, t in (("prompt_mask", pm, prompt), ("answer_mask", amask, answer)):

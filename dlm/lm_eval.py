@@ -41,6 +41,10 @@ except ImportError:  # pragma: no cover - exercised where lm_eval is not install
         return lambda cls: cls
 
 
+# Arguments lm-eval may pass to any model that this one has no use for.
+_HARNESS_KEYS = frozenset({"max_batch_size", "trust_remote_code"})
+
+
 @_register("dlm")
 class DiffusionLMEval(_Base):
     """lm-eval's LM interface over a DiffusionLM (or any model with the same call).
@@ -67,7 +71,19 @@ class DiffusionLMEval(_Base):
                  cfg_scale: float = 0.0, seed: int = 0, gen_length: int = 256,
                  steps: int | None = None, block_length: int | None = None,
                  alg: str = "low_confidence", temperature: float = 0.0, schedule: str = "even",
-                 check_greedy: bool = True, **_ignored):  # fmt: skip
+                 check_greedy: bool = True, **harness):  # fmt: skip
+        # lm-eval hands every model its batch settings (max_batch_size) and may add
+        # trust_remote_code from model_args; anything else is a misspelled argument, which
+        # would otherwise run silently with a default (mc_num sets the cost and the result).
+        unknown = sorted(set(harness) - _HARNESS_KEYS)
+        if unknown:
+            import difflib
+            import inspect
+
+            names = list(inspect.signature(DiffusionLMEval.__init__).parameters)[1:-1]
+            hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, names, 1))
+                     else k for k in unknown]  # fmt: skip
+            raise TypeError(f"DiffusionLMEval: unknown argument(s): {', '.join(hints)}")
         if _Base is not object:
             super().__init__()
         if model is None:

@@ -267,7 +267,8 @@ class DiffusionLM(nn.Module):
 
         Args:
             input_ids: (B, S) int64, the noised sequence x_t (mask_token_id where masked).
-            attention_mask: (B, S) bool, True at real tokens (left/right padding is False).
+            attention_mask: (B, S) bool, True at real tokens (left/right padding is False); 0/1
+                integers (Hugging Face's int64 masks) are read as bool.
             position_ids: (B, S) int64; default 0..S-1 per row (packing restarts them per document).
             targets: (B, S) int64, the clean tokens x0. Given: return the loss, build no logits.
                 -100 (ignore_index) carries no loss and does not count in the default
@@ -296,6 +297,14 @@ class DiffusionLM(nn.Module):
             (B, S, V) float logits, (B, S, d_model) hidden states, or a float32 scalar loss.
         """
         B, S = input_ids.shape
+        if attention_mask is not None and attention_mask.dtype != torch.bool:
+            # Hugging Face's convention (1 at real tokens, 0 at padding, int64) is taken as is;
+            # a float mask (additive -inf or a soft weight) has no meaning here.
+            if attention_mask.is_floating_point() or attention_mask.is_complex():
+                got = attention_mask.dtype
+                raise TypeError("DiffusionLM.forward: attention_mask must be bool (or 0/1 "
+                                f"integers), True at real tokens; got {got}")  # fmt: skip
+            attention_mask = attention_mask != 0
         if cu_seqlens is not None and attention_mask is not None:
             # The varlen kernel has no padding mask: packed documents have no padding (a pad
             # run is a document of its own, or left out of the packing).

@@ -471,7 +471,8 @@ def masked_cross_entropy(
         label_smoothing: eps in [0, 1]: (1 - eps) * NLL + eps * mean over the vocabulary of -log p.
         z_loss: coefficient of logsumexp^2 (PaLM's z-loss), >= 0.
         normalizer: with reduction="mean", divide the sum by this instead (the ELBO divides by
-            B * L, the number of tokens, not the number of masked ones). Float or 0-dim tensor.
+            B * L, the number of tokens, not the number of masked ones). A number or a
+            one-element tensor.
         grad_in_forward: compute the gradient during the forward pass and write it over the
             logits' storage (Liger-Kernel's trade: no second (N, V) buffer, about half the peak
             memory at large V). The logits are destroyed, so use it only when nothing else

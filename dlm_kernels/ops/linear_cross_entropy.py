@@ -1215,7 +1215,7 @@ def masked_linear_cross_entropy(
         label_smoothing: eps in [0, 1]: (1 - eps) * NLL + eps * mean over the vocabulary of -log p.
         z_loss: coefficient of logsumexp^2 (PaLM's z-loss), >= 0.
         normalizer: with reduction="mean", divide the sum by this instead (the ELBO divides by
-            B * L). Float or 0-dim tensor.
+            B * L). A number or a one-element tensor.
         softcap: None (default) or c > 0: the logits become ``c * tanh(logits / c)`` (Gemma 2)
             before the loss.
         return_lse: also return the (...) float32 logsumexp of each position (0 where the

@@ -24,6 +24,12 @@ CASES = {
         "--cuda-graph needs a CUDA device, got --device cpu",
     ),
     "windows-0": (["eval", "--checkpoint", "x", "--windows", "0"], "--windows: must be >= 1"),
+    # Reported by the subcommand's own parser, not the top-level one.
+    "train-unknown-flag": (["train", "--bogus", "--out", "{tmp}/out"], "unrecognized arguments"),
+    "sample-unknown-flag": (
+        ["sample", "--checkpoint", "x", "--tempreature", "0.5"],
+        "unrecognized arguments: --tempreature 0.5",
+    ),
     "seq-len-0": (["eval", "--checkpoint", "x", "--seq-len", "0"], "--seq-len: must be >= 1"),
     "eval-data-missing": (["eval", "--checkpoint", "x", "--data", "{tmp}/no.txt"], "--data: no"),
     "train-steps-negative": (["train", "--steps", "-5", "--out", "{tmp}/out"], "must be >= 1"),
@@ -215,3 +221,15 @@ def test_unwritable_out_is_a_user_error_before_training(tmp_path, monkeypatch, c
     with pytest.raises(SystemExit) as info:
         main(argv)
     assert info.value.code == 2 and "not writable" in capsys.readouterr().err
+
+
+def test_sample_warns_of_prompt_characters_outside_the_vocabulary(capsys):
+    from dlm.data import CharTokenizer
+
+    tok = CharTokenizer("ROMEO: ?")
+    ids, _, _ = cli_generate._prompts(tok, ["ROMEO: ñ€", "ROMEO:"], 1, "cpu")
+    err = capsys.readouterr().err
+    assert "'ñ', '€'" in err and "read as '?'" in err, err
+    assert tok.decode(ids[0, -2:].tolist()) == "??"
+    cli_generate._prompts(tok, ["ROMEO:"], 1, "cpu")
+    assert capsys.readouterr().err == ""

@@ -165,3 +165,10 @@ def test_llada_mask_token_is_recognised(tmp_path):
     tok = build_tokenizer(path, [], [])
     assert tok.mask_token_id == t.token_to_id("<|mdm_mask|>") and tok.vocab_size == 5
     assert tok.is_special(tok.mask_token_id) and not tok.is_special(0)
+
+
+def test_too_short_data_names_the_rule():
+    docs = [Document("d", "abcdefghijkl")]  # 12 tokens: two windows of 8 need 16
+    with pytest.raises(ValueError, match=r"12 tokens is too few for seq_len 8: at least 2 x "
+                                         r"seq_len \(16\)"):  # fmt: skip
+        TokenStream(docs, CharTokenizer.from_documents(docs), 8)

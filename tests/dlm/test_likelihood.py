@@ -146,6 +146,10 @@ def test_input_errors_name_the_argument():
         conditional_nll(lm, p, a, None, torch.tensor([[False, True]]), mask_id=MASK, **kw)
     with pytest.raises(ValueError, match="answer_mask must have the shape"):
         conditional_nll(lm, p, a, None, torch.tensor([[True]]), mask_id=MASK, **kw)
+    with pytest.raises(TypeError, match=r"conditional_nll: answer must be a \(B, n\) int64"):
+        conditional_nll(lm, p, a.float(), mask_id=MASK, **kw)
+    with pytest.raises(TypeError, match=r"conditional_nll: prompt must be a \(B, n\) int64"):
+        conditional_nll(lm, p[0], a, mask_id=MASK, **kw)
 
 
 def test_stderr_of_a_single_draw_is_nan():

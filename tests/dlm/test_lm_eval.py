@@ -207,3 +207,13 @@ def test_time_conditioned_and_plain_callable_models():
     reqs = [_req("abc", "de"), _req("ba", " cab")]
     for (a, ga), (b, gb) in zip(lm.loglikelihood(reqs), ref.loglikelihood(reqs)):
         assert math.isclose(a, b, rel_tol=1e-5) and ga == gb
+
+
+def test_misspelled_arguments_are_refused_not_ignored():
+    # lm-eval passes its batch settings to every model (kept quiet); a typo in model_args would
+    # otherwise run with the default (mc_num sets both the cost and the estimate).
+    model = _model()
+    lm = DiffusionLMEval(model=model, tokenizer=TOK, mc_num=4, max_batch_size=64)
+    assert lm.mc_num == 4
+    with pytest.raises(TypeError, match=r"mc_nmu \(did you mean mc_num\?\)"):
+        DiffusionLMEval(model=model, tokenizer=TOK, mc_nmu=1000)

@@ -62,6 +62,10 @@ def test_padding_does_not_change_real_positions():
         torch.testing.assert_close(a[1, :20], b[1, :20])
         alone = model(x[1:, :20])
         torch.testing.assert_close(a[1, :20], alone[0], rtol=1e-5, atol=1e-5)
+        # Hugging Face's int64 0/1 masks mean the same on both paths; float masks are refused.
+        torch.testing.assert_close(model(x, attention_mask=am.long()), a, rtol=0, atol=0)
+        with pytest.raises(TypeError, match="attention_mask must be bool"):
+            model(x, attention_mask=am.float())
 
 
 def test_packing_equals_separate_documents():
