@@ -231,7 +231,7 @@ if triton is not None:
         dk, dv, k, v,  # one key tile: accumulators and its keys / values
         q_base, do_base, lse_base, delta_base,  # query head h: row 0 of q, do, lse, delta
         dq_base,  # ATOMIC_DQ: row 0 of head h in the float32 dQ accumulator (q's layout)
-        mask_row, pos0, offs_n, offs_d, d_ok, start, end,
+        mask_row, pos0, offs_n, offs_d, d_ok, col_ok, start, end,
         stride_qs, stride_ds, sm_scale2, block_size,
         HAS_MASK: tl.constexpr,
         CHECK: tl.constexpr,  # apply the block-causal rule per element (the first tiles)
@@ -243,8 +243,10 @@ if triton is not None:
         """dV += P^T dO and dK += dS^T Q over query tiles [start, end); with ATOMIC_DQ also
         dQ += dS K, added into the accumulator with float32 atomics (FlashAttention-2's
         backward: no dQ kernel recomputing S and dP). Padding and out-of-range queries load
-        lse = -inf, hence p = 0; keys are masked by the caller (padding keys load k = v = 0,
-        so they add nothing to dQ)."""
+        lse = -inf, hence p = 0. Padding and out-of-range keys (col_ok False) load k = v = 0:
+        their dK / dV are zeroed by the caller, and with ATOMIC_DQ their p is zeroed here,
+        since p = exp(-lse) there overflows to inf for a row whose lse is below about -88
+        (-11 once cast to fp16), and inf x 0 in dS K would put NaN in the row's dQ."""
         for start_m in range(start, end, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             pos_m = pos0 + offs_m
@@ -268,6 +270,8 @@ if triton is not None:
                 pT = tl.where(
                     (offs_n[:, None] // block_size) <= (pos_m[None, :] // block_size), pT, 0.0
                 )
+            if ATOMIC_DQ:
+                pT = tl.where(col_ok[:, None], pT, 0.0)
             dv += _dot(pT.to(do.dtype), do, PRECISION)
             dpT = _dot(v, tl.trans(do), PRECISION)
             dsT = (pT * (dpT - delta[None, :])).to(q.dtype)
@@ -482,13 +486,13 @@ if triton is not None:
                 l_off = b * stride_lb + h * stride_lh + q_start
                 dk, dv = _dkdv_tiles(
                     dk, dv, k, v, q_base, do_base, lse_ptr + l_off, delta_ptr + l_off, dq_base,
-                    mask_row, off, offs_n, offs_d, d_ok, q_lo, q_mid,
+                    mask_row, off, offs_n, offs_d, d_ok, col_ok, q_lo, q_mid,
                     stride_qs, stride_ds, sm_scale2, block_size,
                     HAS_MASK, BLOCK_CAUSAL, BLOCK_CAUSAL, BLOCK_M, PRECISION, ATOMIC_DQ,
                 )  # fmt: skip
                 dk, dv = _dkdv_tiles(
                     dk, dv, k, v, q_base, do_base, lse_ptr + l_off, delta_ptr + l_off, dq_base,
-                    mask_row, off, offs_n, offs_d, d_ok, q_mid, q_hi,
+                    mask_row, off, offs_n, offs_d, d_ok, col_ok, q_mid, q_hi,
                     stride_qs, stride_ds, sm_scale2, block_size,
                     HAS_MASK, False, BLOCK_CAUSAL, BLOCK_M, PRECISION, ATOMIC_DQ,
                 )  # fmt: skip

@@ -224,8 +224,10 @@ def test_varlen_equals_padded_batch(path):
 
 
 @pytest.mark.parametrize(
-    "case", ["cache-mask-blocks-gqa3", "bf16-long-mask-blocks", "varlen-cached", "fp16-plain"]
-)
+    "case",
+    ["cache-mask-blocks-gqa3", "bf16-long-mask-blocks", "varlen-cached", "fp16-plain",
+     "fp32-very-negative-lse", "fp16-negative-lse-padding"],
+)  # fmt: skip
 def test_atomic_dq_backward(case):
     # deterministic=False: dQ from the dK/dV kernel by float32 atomics, no dQ kernel. Every
     # feature that changes which (key tile, query tile) pairs meet, each against float64.
@@ -243,6 +245,20 @@ def test_atomic_dq_backward(case):
         q, k, v = _inputs(0, 0, 0, 6, 2, 40, torch.float32, (sum(lens_q), sum(lens_k)))
         kw = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=26, max_seqlen_k=30,
                   block_size=8)  # fmt: skip
+    elif case == "fp32-very-negative-lse":
+        # Every score near -130 (lse below -88) and out-of-range key columns in the last
+        # tile (S 37): their p = exp(-lse) overflowed to inf and its dS K put NaN in dQ (found
+        # by a fuzzer; the deterministic path was right).
+        q, k, v = _inputs(2, 37, 37, 2, 1, 40, torch.float32)
+        q, k = q.abs() + 1.0, k.abs() + 1.0
+        kw = dict(softmax_scale=-1.0)
+    elif case == "fp16-negative-lse-padding":
+        # One real key per row, scored near -12 for row 3: exp(12) is past fp16's range once p
+        # is cast for the matmuls; padding keys alone (S 32, no out-of-range columns).
+        q, k, v = _inputs(1, 32, 32, 1, 1, 64, torch.float16)
+        k[0, 3] = -2.0 * q[0, 3]
+        kw = dict(attention_mask=torch.zeros(1, 32, dtype=torch.bool, device=DEV))
+        kw["attention_mask"][0, 3] = True
     else:
         q, k, v = _inputs(1, 45, 45, 2, 2, 64, torch.float16)
         kw = {}
