@@ -38,6 +38,7 @@ import math
 import os
 import warnings
 from collections.abc import Iterator
+from numbers import Real
 
 import torch
 from torch import Tensor
@@ -1207,7 +1208,7 @@ def bidirectional_attention(
         block_size = _check_int("block_size", block_size, 1)
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
-    elif isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+    elif dispatch.is_bool(softmax_scale) or not isinstance(softmax_scale, Real):  # numpy too
         raise _err(f"softmax_scale must be a float, got {type(softmax_scale).__name__}", TypeError)
     elif not abs(softmax_scale) < math.inf:  # inf or NaN (compares trace under torch.compile)
         raise _err(f"softmax_scale must be finite, got {softmax_scale}")

@@ -368,6 +368,14 @@ def test_bad_inputs(monkeypatch):
     _bad("deterministic must be a bool", q, k, v, deterministic=1, exc=TypeError)
     _bad("block_size must be an int", q, k, v, block_size=2.0, exc=TypeError)
     _bad("softmax_scale must be finite", q, k, v, softmax_scale=float("nan"))
+    _bad("softmax_scale must be a float", q, k, v, softmax_scale="0.1", exc=TypeError)
+    _bad("softmax_scale must be a float", q, k, v, softmax_scale=True, exc=TypeError)
+    import numpy as np  # a numpy scale is a number like any other (as numpy ints for block_size)
+
+    with impl("reference"):
+        a = dlm_kernels.bidirectional_attention(q, k, v, softmax_scale=np.float32(0.25))
+        b = dlm_kernels.bidirectional_attention(q, k, v, softmax_scale=0.25)
+    assert torch.equal(a, b)
     _bad("max_seqlen_q / max_seqlen_k apply only", q, k, v, max_seqlen_q=8)
     # varlen
     qp, kp, vp = q.reshape(16, 4, 16), k.reshape(16, 2, 16), v.reshape(16, 2, 16)
