@@ -143,14 +143,19 @@ if triton is not None:
             x = tl.where(x == x, x, ninf)
             amax = tl.min(tl.where(x == mx, offs, 2147483647), 0).to(tl.int64)
             if mx == float("inf"):
-                # +inf counts as FLT_MAX on every path: weight 1 against it (as any FLT_MAX),
-                # 0 for the rest. A second pass, for such rows only (no clamp in the loop).
+                # +inf counts as FLT_MAX on every path: the token is the first value >= FLT_MAX
+                # (a FLT_MAX before the first +inf wins), and each such value has weight 1, the
+                # rest 0. A second pass, for such rows only (no clamp in the loop).
                 zi = tl.zeros([NC, CHUNK], tl.float32)
+                ii = tl.full([NC, CHUNK], 2147483647, tl.int32)
                 for start in range(0, V, BLOCK_V):
                     o2 = start + crow[:, None] + ccol[None, :]  # (new names: see the search)
                     x2 = tl.load(base + o2, mask=o2 < V, other=ninf).to(tl.float32)
-                    zi += (x2 >= 3.4028234663852886e38).to(tl.float32)
+                    top2 = x2 >= 3.4028234663852886e38
+                    zi += top2.to(tl.float32)
+                    ii = tl.minimum(ii, tl.where(top2, o2, 2147483647))
                 Z = tl.sum(tl.sum(zi, 1).to(tl.float64), 0)
+                amax = tl.min(tl.min(ii, 1), 0).to(tl.int64)
             else:
                 dl = tl.where(a_c > ninf, a_c.to(tl.float64) - mx.to(tl.float64), ninf)
                 Z = tl.sum(tl.exp(dl) * z_c, 0)
@@ -228,7 +233,7 @@ if triton is not None:
                 # p1 - p2 = (1 - exp(sec - mx)) / Z, 0 for a tie at the top.
                 e2 = tl.exp(sec.to(tl.float64) - mx.to(tl.float64))
                 tl.store(conf_ptr + r, tl.where(sec == mx, 0.0, (1.0 - e2) / Z).to(tl.float32))
-            elif MODE == 3:  # (MODE 4, random, never takes this branch: one_pass is False)
+            elif MODE == 3:  # (MODE 4, random, never gets here: no one-pass path)
                 ES = tl.sum(tl.where(f > 0.0, f * (e_l + dl * z_l), 0.0), 0)
                 tl.store(conf_ptr + r, (ES / Z - tl.log(Z)).to(tl.float32))
 
@@ -285,6 +290,7 @@ if triton is not None:
             tl.store(tok_ptr + r, 0)
             tl.store(conf_ptr + r, ninf)
         elif GREEDY:  # (constexpr) every row greedy: the kernel holds this path alone
+            tl.static_assert(MODE != 4, "confidence random has no one-pass greedy path")
             if (MODE == 0) | (MODE == 1):
                 _greedy_prob_row(base, r, V, tok_ptr, conf_ptr, BLOCK_V, CHUNK, FAST_EXP)
             else:
@@ -603,7 +609,9 @@ def _triton_sample(logits, rows, valid, temp, topk, topp, minp, mode, seed, offs
             _as_int32(offset), seeds, offsets)  # fmt: skip
     # greedy: the caller knows every row's T is 0 (a scalar temperature of 0) and no filter is
     # on: a kernel compiled with the one-pass path alone (fewer registers: more rows resident).
-    greedy = bool(greedy) and not (has_topk or has_topp or has_minp)
+    # (confidence "random", MODE 4, has no one-pass path: its rows take the general kernel,
+    # which stores the 0 that the host then replaces with the row's uniform draw.)
+    greedy = bool(greedy) and mode != 4 and not (has_topk or has_topp or has_minp)
     chunk = min(16 // logits.element_size(), triton.next_power_of_2(V))
     meta = dict(MODE=mode, HAS_TOPK=has_topk, HAS_TOPP=has_topp, HAS_MINP=has_minp,
                 PER_ROW_KEY=per_row, SHIFT=_KEY_SHIFT[logits.dtype], GREEDY=greedy,

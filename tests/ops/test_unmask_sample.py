@@ -262,11 +262,15 @@ def test_triton_greedy_kernel_matches_the_general_one(monkeypatch):
     x[4, [12, 5]] = torch.tensor([0.0, -0.0])
     x[5] += torch.linspace(0, 40, 301)  # a new anchor in almost every chunk
     x[6, 300] = 30.0  # the max alone in the ragged last chunk
+    x[7, [3, 20]] = torch.tensor([torch.finfo(torch.float32).max, float("inf")])  # FLT_MAX first
+    x[7, [5, 21]] = float("inf")  # (+inf counts as FLT_MAX: index 3 wins, in chunk and across)
     mixed = torch.zeros(9, dtype=torch.float64)
     mixed[8] = 0.6
-    for conf in ("prob", "raw_prob", "margin", "neg_entropy"):
+    for conf in ("prob", "raw_prob", "margin", "neg_entropy", "random"):
         for T, kw, greedy in ((0.0, {}, True), (torch.zeros(9), {}, host_tensor),
                               (mixed, {}, False), (0.0, {"top_k": 5}, False)):  # fmt: skip
+            # random has no one-pass path (the general kernel stores the 0 it replaces)
+            greedy = greedy and conf != "random"
             args = dict(confidence=conf, temperature=T, seed=4, **kw)
             ref = _run("reference", sample_tokens, x, **args)
             seen.clear()
