@@ -146,16 +146,16 @@ if triton is not None:
                 # +inf counts as FLT_MAX on every path: the token is the first value >= FLT_MAX
                 # (a FLT_MAX before the first +inf wins), and each such value has weight 1, the
                 # rest 0. A second pass, for such rows only (no clamp in the loop).
-                zi = tl.zeros([NC, CHUNK], tl.float32)
-                ii = tl.full([NC, CHUNK], 2147483647, tl.int32)
+                zi = tl.zeros([NC], tl.int32)  # per chunk row: as few registers as the loop
+                ii = tl.full([NC], 2147483647, tl.int32)
                 for start in range(0, V, BLOCK_V):
                     o2 = start + crow[:, None] + ccol[None, :]  # (new names: see the search)
                     x2 = tl.load(base + o2, mask=o2 < V, other=ninf).to(tl.float32)
                     top2 = x2 >= 3.4028234663852886e38
-                    zi += top2.to(tl.float32)
-                    ii = tl.minimum(ii, tl.where(top2, o2, 2147483647))
-                Z = tl.sum(tl.sum(zi, 1).to(tl.float64), 0)
-                amax = tl.min(tl.min(ii, 1), 0).to(tl.int64)
+                    zi += tl.sum(top2.to(tl.int32), 1)
+                    ii = tl.minimum(ii, tl.min(tl.where(top2, o2, 2147483647), 1))
+                Z = tl.sum(zi, 0).to(tl.float64)
+                amax = tl.min(ii, 0).to(tl.int64)
             else:
                 dl = tl.where(a_c > ninf, a_c.to(tl.float64) - mx.to(tl.float64), ninf)
                 Z = tl.sum(tl.exp(dl) * z_c, 0)
