@@ -92,6 +92,16 @@ timeout -k 10 $(( BENCH_BUDGET + 40 )) \
 rc_bench=$?
 tail -30 "$DEST/bench.err"
 
+# Where the time goes in the ops that miss a goal (benchmarks/profile_gpu.py): only with the
+# time left under ~7.5 minutes; its failure never fails the check.
+left=$(( 450 - ($(date +%s) - t0) ))
+if [ "$left" -ge 40 ]; then
+  stamp "profile (${left}s left)"
+  timeout -k 5 "$left" "$PY" -m benchmarks.profile_gpu --budget $(( left - 25 )) \
+    --out "$DEST/profile.txt" > /dev/null 2> "$DEST/profile.err" \
+    || stamp "profile stopped or failed (see profile.err); the figures above stand"
+fi
+
 stamp "done: tests rc=$rc_tests, benchmarks rc=$rc_bench; files in $DEST"
 ls "$DEST"
 echo

@@ -195,3 +195,13 @@ def test_pytest_benchmark_suite_runs_at_toy_size():
                        cwd=root, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert " passed" in r.stdout and "skipped" not in r.stdout, r.stdout[-500:]
+
+
+def test_profile_tables_run_at_toy_size():
+    # benchmarks/profile_gpu.py (gpu_check.sh's last step): every case and provider gives a
+    # table, none an error.
+    from benchmarks import profile_gpu
+
+    text = profile_gpu.run("cpu", quick=True, budget_s=600)
+    sections = [line for line in text.splitlines() if line.startswith("## ")]
+    assert len(sections) == 8 and all(s.endswith("(3 calls)") for s in sections), sections
