@@ -163,8 +163,19 @@ if triton is not None:
             tl.store(conf_ptr + r, (1.0 / Z).to(tl.float32))
 
     @triton.jit
-    def _greedy_row(base, r, V, tok_ptr, conf_ptr, MODE: tl.constexpr, BLOCK_V: tl.constexpr):
-        # One greedy row (T = 0; no active filter unless MODE 1) in one pass over its logits.
+    def _greedy_row(base, r, V, tok_ptr, conf_ptr, MODE: tl.constexpr, BLOCK_V: tl.constexpr,
+                    CHUNK: tl.constexpr, FAST_EXP: tl.constexpr):  # fmt: skip
+        # One greedy row (T = 0; no active filter unless MODE 1) in one pass over its logits:
+        # prob / raw_prob with per-chunk state, margin / neg_entropy with per-lane state.
+        if (MODE == 0) | (MODE == 1):
+            _greedy_prob_row(base, r, V, tok_ptr, conf_ptr, BLOCK_V, CHUNK, FAST_EXP)
+        else:
+            _greedy_lanes_row(base, r, V, tok_ptr, conf_ptr, MODE, BLOCK_V)
+
+    @triton.jit
+    def _greedy_lanes_row(base, r, V, tok_ptr, conf_ptr, MODE: tl.constexpr,
+                          BLOCK_V: tl.constexpr):  # fmt: skip
+        # A greedy margin / neg_entropy row in one pass.
         cols0 = tl.arange(0, BLOCK_V)
         ninf = float("-inf")
         # Per-lane online softmax. Every lane (one element slot of the tile) keeps its max
@@ -291,15 +302,9 @@ if triton is not None:
             tl.store(conf_ptr + r, ninf)
         elif GREEDY:  # (constexpr) every row greedy: the kernel holds this path alone
             tl.static_assert(MODE != 4, "confidence random has no one-pass greedy path")
-            if (MODE == 0) | (MODE == 1):
-                _greedy_prob_row(base, r, V, tok_ptr, conf_ptr, BLOCK_V, CHUNK, FAST_EXP)
-            else:
-                _greedy_row(base, r, V, tok_ptr, conf_ptr, MODE, BLOCK_V)
+            _greedy_row(base, r, V, tok_ptr, conf_ptr, MODE, BLOCK_V, CHUNK, FAST_EXP)
         elif one_pass:
-            if (MODE == 0) | (MODE == 1):
-                _greedy_prob_row(base, r, V, tok_ptr, conf_ptr, BLOCK_V, CHUNK, FAST_EXP)
-            else:
-                _greedy_row(base, r, V, tok_ptr, conf_ptr, MODE, BLOCK_V)
+            _greedy_row(base, r, V, tok_ptr, conf_ptr, MODE, BLOCK_V, CHUNK, FAST_EXP)
         else:
             # Pass 1: max and its lowest index.
             mx = tl.full([], ninf, tl.float32)
