@@ -211,7 +211,7 @@ def _prompts(tok, texts: list[str] | None, num: int, dev: str):
         if unknown:
             print(f"dlm sample: warning: the prompt's characters {', '.join(map(repr, unknown))} "
                   "are not in the model's vocabulary; each is read as "
-                  f"{tok.decode([tok._unk])!r}", file=sys.stderr)  # fmt: skip
+                  f"{tok.decode([getattr(tok, '_unk', 0)])!r}", file=sys.stderr)  # fmt: skip
     rows = [torch.as_tensor(tok.encode(t), dtype=torch.long) for t in texts for _ in range(num)]
     P = max(len(r) for r in rows)
     if P == 0:
