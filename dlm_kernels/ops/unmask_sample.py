@@ -52,7 +52,16 @@ if triton is not None:
     def _load_x(base, offs, V):
         # NaN -> -inf (never drawn), +inf -> FLT_MAX, -0 -> +0 (so the int keys order like the
         # float compares of the other paths), upcast to float32.
-        x = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+        return _fix_x(_load_raw(base, offs, V))
+
+    @triton.jit
+    def _load_raw(base, offs, V):
+        # The logits as stored (-inf past V): a load whose _fix_x comes later (prefetch).
+        return tl.load(base + offs, mask=offs < V, other=float("-inf"))
+
+    @triton.jit
+    def _fix_x(raw):
+        x = raw.to(tl.float32)
         x = tl.where(x != x, float("-inf"), x)
         x = tl.where(x == float("inf"), 3.4028234663852886e38, x)
         return tl.where(x == 0.0, 0.0, x)
@@ -277,6 +286,7 @@ if triton is not None:
         GREEDY: tl.constexpr = False,  # every row greedy (T = 0), no active filter but MODE 1's
         CHUNK: tl.constexpr = 8,  # logits per thread and load of the greedy prob rows (16 bytes)
         FAST_EXP: tl.constexpr = False,  # the greedy prob rows' exps flush subnormals (GPU)
+        STAGES: tl.constexpr = 3,  # cp.async stages of the passes over BLOCK_V tiles (GPU)
     ):
         r = tl.program_id(0).to(tl.int64)
         base = logits_ptr + r * stride_row
@@ -306,10 +316,13 @@ if triton is not None:
         elif one_pass:
             _greedy_row(base, r, V, tok_ptr, conf_ptr, MODE, BLOCK_V, CHUNK, FAST_EXP)
         else:
-            # Pass 1: max and its lowest index.
+            # Pass 1: max and its lowest index. (State per lane or per chunk here, as the
+            # greedy rows keep it, saves the tile reductions, but in sm_90 ptxas per-lane state
+            # spilled margin rows with every filter and per-chunk state took prob rows from 128
+            # to 165 registers: one program per SM instead of two.)
             mx = tl.full([], ninf, tl.float32)
             amax = tl.full([], 0, tl.int64)
-            for start in range(0, V, BLOCK_V):
+            for start in tl.range(0, V, BLOCK_V, num_stages=STAGES):
                 offs = start + cols0
                 x = _load_x(base, offs, V)
                 tm = tl.max(x, 0)
@@ -357,10 +370,19 @@ if triton is not None:
                                 piv = lo + 1 + ((he - lo - 1) * (ip + 1)) // (NPIV + 1)
                                 p32 = piv.to(tl.int32)
                                 cnt2 = tl.zeros([NPIV, BLOCK_S], tl.int32)
+                                # Loads two tiles ahead: a tile is one element per thread
+                                # (2 bytes under bf16, too narrow for cp.async pipelining),
+                                # and at ~100 instructions per element with 8-16 warps per SM
+                                # a load issued at its own iteration left each warp waiting
+                                # out the memory latency every iteration.
+                                ra = _load_raw(base, colS, V)
+                                rb = _load_raw(base, BLOCK_S + colS, V)
                                 for start in range(0, V, BLOCK_S):
-                                    offs = start + colS
-                                    kx = _key(_load_x(base, offs, V), SHIFT)  # kmin past V
+                                    rc = _load_raw(base, start + 2 * BLOCK_S + colS, V)
+                                    kx = _key(_fix_x(ra), SHIFT)  # kmin past V
                                     cnt2 += (kx[None, :] >= p32[:, None]).to(tl.int32)
+                                    ra = rb
+                                    rb = rc
                                 # count(>= piv) falls with the pivot: the last pivot that keeps
                                 # k raises lo to it, the first that does not lowers he to it.
                                 ok = tl.sum(cnt2, 1) >= k
@@ -374,7 +396,7 @@ if triton is not None:
                             invT = _inv_temp(Te)
                             kk32 = kk.to(tl.int32)
                             zs = tl.zeros([BLOCK_V], tl.float64)
-                            for start in range(0, V, BLOCK_V):
+                            for start in tl.range(0, V, BLOCK_V, num_stages=STAGES):
                                 offs = start + cols0
                                 x = _load_x(base, offs, V)
                                 w = tl.exp((x - mx) * invT)
@@ -412,13 +434,17 @@ if triton is not None:
                                 # in a numpy model of the GPU layout). One more instruction per
                                 # pivot and element than float32 lanes in sm_90 SASS.
                                 acc2 = tl.zeros([NPIV, BLOCK_S], tl.float64)
+                                ra = _load_raw(base, colS, V)  # two tiles ahead, as top_k's
+                                rb = _load_raw(base, BLOCK_S + colS, V)
                                 for start in range(0, V, BLOCK_S):
-                                    offs = start + colS
-                                    x = _load_x(base, offs, V)
+                                    rc = _load_raw(base, start + 2 * BLOCK_S + colS, V)
+                                    x = _fix_x(ra)
                                     kx = _key(x, SHIFT)
                                     w = tl.where(kx >= kk32, tl.exp((x - mx) * invT), 0.0)
                                     w64 = w.to(tl.float64)
                                     acc2 += tl.where(kx[None, :] > p32[:, None], w64[None, :], 0.0)
+                                    ra = rb
+                                    rb = rc
                                 acc = tl.sum(acc2, 1)
                                 # mass(key > piv) falls with the pivot: the first pivot under
                                 # the target lowers hi to it, the last one at or over it raises
@@ -454,7 +480,7 @@ if triton is not None:
                     sec = tl.full([BLOCK_V], ninf, tl.float32)  # the second value (a logit)
                     best = tl.full([], ninf, tl.float64)
                     bidx = amax
-                    for start in range(0, V, BLOCK_V):
+                    for start in tl.range(0, V, BLOCK_V, num_stages=STAGES):
                         offs = start + cols0
                         x = _load_x(base, offs, V)
                         keep = (_key(x, SHIFT) >= kk32) & (offs < V)
@@ -511,7 +537,7 @@ if triton is not None:
                 if MODE == 1:
                     # Untempered, unfiltered softmax of the drawn token (LLaDA low_confidence).
                     zr = tl.zeros([BLOCK_V], tl.float64)
-                    for start in range(0, V, BLOCK_V):
+                    for start in tl.range(0, V, BLOCK_V, num_stages=STAGES):
                         offs = start + cols0
                         x = _load_x(base, offs, V)
                         zr += tl.exp(x.to(tl.float64) - mx.to(tl.float64))
@@ -562,8 +588,16 @@ def _sample_configs(V: int) -> list:
         if (bv, nw, npiv) not in seen:
             seen.add((bv, nw, npiv))
             bs = min(bv, 32 * nw)
-            out.append(triton.Config({"BLOCK_V": bv, "BLOCK_S": bs, "NPIV": npiv}, num_warps=nw))
+            meta = {"BLOCK_V": bv, "BLOCK_S": bs, "NPIV": npiv, "STAGES": _stages(bv)}
+            out.append(triton.Config(meta, num_warps=nw))
     return out
+
+
+def _stages(block_v: int, mode: int = 0) -> int:
+    """cp.async stages of the passes over BLOCK_V tiles: 3 (two tiles in flight while one is
+    computed); 2 for 4096-wide tiles and margin rows (3 spilled registers there with top_k in
+    sm_90 ptxas)."""
+    return 2 if block_v >= 4096 or mode == 2 else 3
 
 
 # Pivots per pass of the top_k / top_p searches: ceil(log_(NPIV+1) of the key range) passes of
@@ -574,10 +608,13 @@ _NPIV = 16
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """Rows without a top_k / top_p search compile the same kernel for every NPIV: one each."""
-    if kwargs.get("HAS_TOPK") or kwargs.get("HAS_TOPP"):
-        return configs
-    return [c for c in configs if c.kwargs["NPIV"] == _NPIV]
+    """Rows without a top_k / top_p search compile the same kernel for every NPIV: one each.
+    The stages follow the confidence mode (_stages)."""
+    if not (kwargs.get("HAS_TOPK") or kwargs.get("HAS_TOPP")):
+        configs = [c for c in configs if c.kwargs["NPIV"] == _NPIV]
+    mode = kwargs.get("MODE", 0)
+    return [triton.Config({**c.kwargs, "STAGES": _stages(c.kwargs["BLOCK_V"], mode)},
+                          num_warps=c.num_warps) for c in configs]  # fmt: skip
 
 
 _TUNERS: dict = {}  # V bucket -> triton.autotune wrapper of _sample_rows_kernel
@@ -636,7 +673,8 @@ def _triton_sample(logits, rows, valid, temp, topk, topp, minp, mode, seed, offs
         return tok, conf
     bv = _block_v(V)
     _sample_rows_kernel[(R,)](*args, **meta, BLOCK_V=bv, BLOCK_S=_block_s(V), NPIV=_NPIV,
-                              CHUNK=min(chunk, bv), num_warps=8)  # fmt: skip
+                              CHUNK=min(chunk, bv), STAGES=_stages(bv, mode),
+                              num_warps=8)  # fmt: skip
     return tok, conf
 
 

@@ -63,7 +63,8 @@ for mode, flags, per_row, seed, cfgs, dt, greedy in cases:
     for cfg in cfgs:
         consts = dict(MODE=mode, HAS_TOPK=flags[0], HAS_TOPP=flags[1], HAS_MINP=flags[2],
                       PER_ROW_KEY=per_row, SHIFT=shifts[dt], GREEDY=greedy,
-                      CHUNK=4 if dt == "fp32" else 8, FAST_EXP=True, **cfg.kwargs)
+                      CHUNK=4 if dt == "fp32" else 8, FAST_EXP=True,
+                      **dict(cfg.kwargs, STAGES=us._stages(cfg.kwargs["BLOCK_V"], mode)))
         sig = dict(signature, logits_ptr="*" + dt, seed=mangle_type(seed),
                    **{k: "constexpr" for k in consts})
         src = ASTSource(fn=fn, signature=sig,

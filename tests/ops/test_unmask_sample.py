@@ -1203,4 +1203,17 @@ def test_autotune_candidates_and_pruning():
     assert all(c.kwargs["BLOCK_S"] == min(c.kwargs["BLOCK_V"], 32 * c.num_warps) for c in configs)
     plain = us._prune_configs(configs, {}, HAS_TOPK=False, HAS_TOPP=False, HAS_MINP=True)
     assert plain and {c.kwargs["NPIV"] for c in plain} == {us._NPIV}
-    assert us._prune_configs(configs, {}, HAS_TOPK=False, HAS_TOPP=True) == configs
+
+    def view(cs):
+        return [(c.kwargs, c.num_warps) for c in cs]
+
+    assert view(us._prune_configs(configs, {}, HAS_TOPK=False, HAS_TOPP=True)) == view(configs)
+    # cp.async stages: 3 but for 4096-wide tiles and margin rows (2: sm_90 spills with 3).
+    assert {c.kwargs["BLOCK_V"]: c.kwargs["STAGES"] for c in configs} == {
+        2048: 3,
+        1024: 3,
+        4096: 2,
+        512: 3,
+    }
+    margin = us._prune_configs(configs, {}, MODE=2, HAS_TOPK=True, HAS_TOPP=False)
+    assert view(margin) == [(dict(c.kwargs, STAGES=2), c.num_warps) for c in configs]
