@@ -122,13 +122,26 @@ if triton is not None:
             first_pos = len_k - len_q + start_m
             full = tl.minimum(full, (first_pos // block_size + 1) * block_size)
         mid = lo + (tl.maximum(full - lo, 0) // BLOCK_N) * BLOCK_N
-        return lo, mid, hi
+        return lo, mid, hi, full
+
+    @triton.jit
+    def _dense_range(b, lo, hi, full, kv_lo_ptr, BLOCK_N: tl.constexpr):
+        """A row whose real keys are one run [kv_lo, kv_hi) (left or right padding, the common
+        case) needs no mask reads: [lo, e1) is the partial tile before the first aligned tile
+        (keys from kv_lo on), [lo_c, mid) whole tiles every query of the tile may see, [mid,
+        hi) the edge tiles. With lo, hi, full of _key_range."""
+        k_first = tl.load(kv_lo_ptr + b)
+        lo_c = ((k_first + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
+        e1 = tl.maximum(tl.minimum(lo_c, hi), lo)
+        mid = lo_c + (tl.maximum(full - lo_c, 0) // BLOCK_N) * BLOCK_N
+        return k_first, e1, lo_c, mid
 
     @triton.jit
     def _fwd_tiles(
         acc, m_i, l_i,  # running output sum, max (base 2), sum of exp2 of one query tile
         q, k_base, v_base, mask_row, pos_m, offs_d, d_ok,
         start, end,  # key range [start, end), start a multiple of BLOCK_N
+        begin,  # CHECK: keys before begin are not seen either (a dense row's first tile)
         stride_ks, stride_vs, sm_scale2, block_size,
         HAS_MASK: tl.constexpr,
         CHECK: tl.constexpr,  # mask per element (the last tiles): bounds and block-causal
@@ -147,7 +160,7 @@ if triton is not None:
         for start_n in range(start, end, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             if CHECK:
-                col_ok = offs_n < end
+                col_ok = (offs_n < end) & (offs_n >= begin)
                 if HAS_MASK:
                     col_ok = col_ok & (tl.load(mask_row + offs_n, mask=col_ok, other=0) != 0)
             else:
@@ -190,6 +203,7 @@ if triton is not None:
     def _dq_tiles(
         dq, q, do, lse2, delta,  # one query tile: dq accumulator, lse * log2(e) (+inf: no key)
         k_base, v_base, mask_row, pos_m, offs_d, d_ok, start, end,
+        begin,  # CHECK: keys before begin are not seen either (a dense row's first tile)
         stride_ks, sm_scale2, block_size,
         HAS_MASK: tl.constexpr,
         CHECK: tl.constexpr,
@@ -201,7 +215,7 @@ if triton is not None:
         for start_n in range(start, end, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             if CHECK:
-                col_ok = offs_n < end
+                col_ok = (offs_n < end) & (offs_n >= begin)
                 if HAS_MASK:
                     col_ok = col_ok & (tl.load(mask_row + offs_n, mask=col_ok, other=0) != 0)
             else:
@@ -233,6 +247,7 @@ if triton is not None:
         q_base, do_base, lse_base, delta_base,  # query head h: row 0 of q, do, lse, delta
         dq_base,  # ATOMIC_DQ: row 0 of head h in the float32 dQ accumulator (q's layout)
         mask_row, pos0, offs_n, offs_d, d_ok, col_ok, start, end,
+        row_begin,  # queries before row_begin are padding (a dense row; start otherwise)
         stride_qs, stride_ds, sm_scale2, block_size,
         HAS_MASK: tl.constexpr,
         CHECK: tl.constexpr,  # apply the block-causal rule per element (the first tiles)
@@ -251,7 +266,7 @@ if triton is not None:
         for start_m in range(start, end, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             pos_m = pos0 + offs_m
-            row_ok = offs_m < end
+            row_ok = (offs_m < end) & (offs_m >= row_begin)
             if HAS_MASK:
                 row_ok = row_ok & (tl.load(mask_row + pos_m, mask=row_ok, other=0) != 0)
             q_mask = row_ok[:, None] & d_ok[None, :]
@@ -286,12 +301,72 @@ if triton is not None:
         return dk, dv
 
     @triton.jit
+    def _fwd_two(
+        acc, m_i, l_i, q, k_base, v_base, mask_row, pos_m, offs_d, d_ok, lo, mid, hi,
+        stride_ks, stride_vs, sm_scale2, block_size,
+        HAS_MASK: tl.constexpr, BLOCK_CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
+        PRECISION: tl.constexpr, POS_SCALE: tl.constexpr,
+    ):  # fmt: skip
+        """Whole tiles [lo, mid) (no per-element mask), then the edge tiles [mid, hi)."""
+        acc, m_i, l_i = _fwd_tiles(
+            acc, m_i, l_i, q, k_base, v_base, mask_row, pos_m, offs_d, d_ok, lo, mid, lo,
+            stride_ks, stride_vs, sm_scale2, block_size,
+            HAS_MASK, False, BLOCK_CAUSAL, BLOCK_N, PRECISION, POS_SCALE,
+        )  # fmt: skip
+        return _fwd_tiles(
+            acc, m_i, l_i, q, k_base, v_base, mask_row, pos_m, offs_d, d_ok, mid, hi, mid,
+            stride_ks, stride_vs, sm_scale2, block_size,
+            HAS_MASK, True, BLOCK_CAUSAL, BLOCK_N, PRECISION, POS_SCALE,
+        )  # fmt: skip
+
+    @triton.jit
+    def _dq_two(
+        dq, q, do, lse2, delta, k_base, v_base, mask_row, pos_m, offs_d, d_ok, lo, mid, hi,
+        stride_ks, sm_scale2, block_size,
+        HAS_MASK: tl.constexpr, BLOCK_CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """_fwd_two's split for dQ."""
+        dq = _dq_tiles(
+            dq, q, do, lse2, delta, k_base, v_base, mask_row, pos_m, offs_d, d_ok, lo, mid, lo,
+            stride_ks, sm_scale2, block_size, HAS_MASK, False, BLOCK_CAUSAL, BLOCK_N, PRECISION,
+        )  # fmt: skip
+        return _dq_tiles(
+            dq, q, do, lse2, delta, k_base, v_base, mask_row, pos_m, offs_d, d_ok, mid, hi, mid,
+            stride_ks, sm_scale2, block_size, HAS_MASK, True, BLOCK_CAUSAL, BLOCK_N, PRECISION,
+        )  # fmt: skip
+
+    @triton.jit
+    def _dkdv_two(
+        dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, mask_row, pos0, offs_n,
+        offs_d, d_ok, col_ok, q_lo, q_mid, q_hi, row_begin, stride_qs, stride_ds, sm_scale2,
+        block_size,
+        HAS_MASK: tl.constexpr, BLOCK_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+        PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    ):  # fmt: skip
+        """Query tiles [q_lo, q_mid) with the block-causal rule per element, then [q_mid,
+        q_hi) without; queries before row_begin are padding."""
+        dk, dv = _dkdv_tiles(
+            dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, mask_row, pos0,
+            offs_n, offs_d, d_ok, col_ok, q_lo, q_mid, row_begin, stride_qs, stride_ds,
+            sm_scale2, block_size,
+            HAS_MASK, BLOCK_CAUSAL, BLOCK_CAUSAL, BLOCK_M, PRECISION, ATOMIC_DQ,
+        )  # fmt: skip
+        return _dkdv_tiles(
+            dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, mask_row, pos0,
+            offs_n, offs_d, d_ok, col_ok, q_mid, q_hi, row_begin, stride_qs, stride_ds,
+            sm_scale2, block_size,
+            HAS_MASK, False, BLOCK_CAUSAL, BLOCK_M, PRECISION, ATOMIC_DQ,
+        )  # fmt: skip
+
+    @triton.jit
     def _attn_fwd_kernel(
         q_ptr, k_ptr, v_ptr,  # (B, Sq, Hq, D), (B, Sk, Hkv, D) x2; varlen: (total, H, D)
         o_ptr,  # out, strides of q's layout, dtype of q
         lse_ptr,  # out (B, Hq, Sq) float32 natural-log lse; varlen (Hq, total_q)
         mask_ptr,  # (B, Sk) uint8, 1 = real key (read only when HAS_MASK)
         kv_lo_ptr, kv_hi_ptr,  # (B,) int32: first real key, one past the last real key
+        kv_dense_ptr,  # (B,) uint8: 1 if the real keys are the one run [kv_lo, kv_hi)
         cu_q_ptr, cu_k_ptr,  # (B + 1,) int32 packed offsets (read only when VARLEN)
         stride_qb, stride_qs, stride_qh,  # element strides of q (batch stride 0 when varlen)
         stride_kb, stride_ks, stride_kh,
@@ -344,22 +419,39 @@ if triton is not None:
             m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
             l_i = tl.zeros([BLOCK_M], tl.float32)
             acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-            lo, mid, hi = _key_range(
+            lo, mid, hi, full = _key_range(
                 b, start_m, len_q, len_k, row_ok, kv_lo_ptr, kv_hi_ptr, block_size,
                 HAS_MASK, BLOCK_CAUSAL, BLOCK_M, BLOCK_N,
             )  # fmt: skip
             mask_row = mask_ptr + b * stride_mb
-            # Whole tiles first (no per-element mask), then the edge tiles (bounds, blocks).
-            acc, m_i, l_i = _fwd_tiles(
-                acc, m_i, l_i, q, k_base, v_base, mask_row, pos_m, offs_d, d_ok, lo, mid,
-                stride_ks, stride_vs, sm_scale2, block_size,
-                HAS_MASK, False, BLOCK_CAUSAL, BLOCK_N, PRECISION, POS_SCALE,
-            )  # fmt: skip
-            acc, m_i, l_i = _fwd_tiles(
-                acc, m_i, l_i, q, k_base, v_base, mask_row, pos_m, offs_d, d_ok, mid, hi,
-                stride_ks, stride_vs, sm_scale2, block_size,
-                HAS_MASK, True, BLOCK_CAUSAL, BLOCK_N, PRECISION, POS_SCALE,
-            )  # fmt: skip
+            if HAS_MASK:
+                if tl.load(kv_dense_ptr + b) != 0:
+                    # One run of real keys: bounds instead of mask reads (the loads of a key
+                    # tile's mask sat in each iteration's critical path, and its select on
+                    # every score): the first partial tile, whole tiles, the edge tiles.
+                    k_first, e1, lo_c, mid = _dense_range(b, lo, hi, full, kv_lo_ptr, BLOCK_N)
+                    acc, m_i, l_i = _fwd_tiles(
+                        acc, m_i, l_i, q, k_base, v_base, mask_row, pos_m, offs_d, d_ok, lo,
+                        e1, k_first, stride_ks, stride_vs, sm_scale2, block_size,
+                        False, True, BLOCK_CAUSAL, BLOCK_N, PRECISION, POS_SCALE,
+                    )  # fmt: skip
+                    acc, m_i, l_i = _fwd_two(
+                        acc, m_i, l_i, q, k_base, v_base, mask_row, pos_m, offs_d, d_ok, lo_c,
+                        mid, hi, stride_ks, stride_vs, sm_scale2, block_size,
+                        False, BLOCK_CAUSAL, BLOCK_N, PRECISION, POS_SCALE,
+                    )  # fmt: skip
+                else:
+                    acc, m_i, l_i = _fwd_two(
+                        acc, m_i, l_i, q, k_base, v_base, mask_row, pos_m, offs_d, d_ok, lo,
+                        mid, hi, stride_ks, stride_vs, sm_scale2, block_size,
+                        True, BLOCK_CAUSAL, BLOCK_N, PRECISION, POS_SCALE,
+                    )  # fmt: skip
+            else:
+                acc, m_i, l_i = _fwd_two(
+                    acc, m_i, l_i, q, k_base, v_base, mask_row, pos_m, offs_d, d_ok, lo, mid,
+                    hi, stride_ks, stride_vs, sm_scale2, block_size,
+                    False, BLOCK_CAUSAL, BLOCK_N, PRECISION, POS_SCALE,
+                )  # fmt: skip
             seen = (l_i > 0.0) & row_ok  # padding rows ran with q = 0: discard them here
             l_safe = tl.where(seen, l_i, 1.0)
             out = tl.where(seen[:, None], acc / l_safe[:, None], 0.0)
@@ -417,7 +509,7 @@ if triton is not None:
         dk_ptr, dv_ptr,  # out: layouts of k and v (contiguous, same strides as k)
         dq_ptr,  # ATOMIC_DQ: float32 dQ accumulator, zeroed, q's layout (same strides as q)
         lse_ptr, delta_ptr,  # float32, layout of lse
-        mask_ptr, kv_lo_ptr, kv_hi_ptr, cu_q_ptr, cu_k_ptr,
+        mask_ptr, kv_lo_ptr, kv_hi_ptr, kv_dense_ptr, cu_q_ptr, cu_k_ptr,
         stride_qb, stride_qs, stride_qh,
         stride_kb, stride_ks, stride_kh,  # also the strides of dk, dv, v
         stride_db, stride_ds, stride_dh,  # strides of do
@@ -480,23 +572,36 @@ if triton is not None:
             dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
             dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
             mask_row = mask_ptr + b * stride_mb
+            # One run of real keys (see the forward): a query row is real iff its position is
+            # at or after the first real key (q_hi ends the run), with no mask reads per tile.
             for h in range(hk * group, hk * group + group):  # GQA: sum over the group here
                 q_base = q_ptr + b * stride_qb + q_start * stride_qs + h * stride_qh
                 dq_base = dq_ptr + b * stride_qb + q_start * stride_qs + h * stride_qh
                 do_base = do_ptr + b * stride_db + q_start * stride_ds + h * stride_dh
                 l_off = b * stride_lb + h * stride_lh + q_start
-                dk, dv = _dkdv_tiles(
-                    dk, dv, k, v, q_base, do_base, lse_ptr + l_off, delta_ptr + l_off, dq_base,
-                    mask_row, off, offs_n, offs_d, d_ok, col_ok, q_lo, q_mid,
-                    stride_qs, stride_ds, sm_scale2, block_size,
-                    HAS_MASK, BLOCK_CAUSAL, BLOCK_CAUSAL, BLOCK_M, PRECISION, ATOMIC_DQ,
-                )  # fmt: skip
-                dk, dv = _dkdv_tiles(
-                    dk, dv, k, v, q_base, do_base, lse_ptr + l_off, delta_ptr + l_off, dq_base,
-                    mask_row, off, offs_n, offs_d, d_ok, col_ok, q_mid, q_hi,
-                    stride_qs, stride_ds, sm_scale2, block_size,
-                    HAS_MASK, False, BLOCK_CAUSAL, BLOCK_M, PRECISION, ATOMIC_DQ,
-                )  # fmt: skip
+                if HAS_MASK:
+                    if tl.load(kv_dense_ptr + b) != 0:
+                        dk, dv = _dkdv_two(
+                            dk, dv, k, v, q_base, do_base, lse_ptr + l_off, delta_ptr + l_off,
+                            dq_base, mask_row, off, offs_n, offs_d, d_ok, col_ok, q_lo, q_mid,
+                            q_hi, tl.load(kv_lo_ptr + b) - off, stride_qs, stride_ds,
+                            sm_scale2, block_size,
+                            False, BLOCK_CAUSAL, BLOCK_M, PRECISION, ATOMIC_DQ,
+                        )  # fmt: skip
+                    else:
+                        dk, dv = _dkdv_two(
+                            dk, dv, k, v, q_base, do_base, lse_ptr + l_off, delta_ptr + l_off,
+                            dq_base, mask_row, off, offs_n, offs_d, d_ok, col_ok, q_lo, q_mid,
+                            q_hi, q_lo, stride_qs, stride_ds, sm_scale2, block_size,
+                            True, BLOCK_CAUSAL, BLOCK_M, PRECISION, ATOMIC_DQ,
+                        )  # fmt: skip
+                else:
+                    dk, dv = _dkdv_two(
+                        dk, dv, k, v, q_base, do_base, lse_ptr + l_off, delta_ptr + l_off,
+                        dq_base, mask_row, off, offs_n, offs_d, d_ok, col_ok, q_lo, q_mid, q_hi,
+                        q_lo, stride_qs, stride_ds, sm_scale2, block_size,
+                        False, BLOCK_CAUSAL, BLOCK_M, PRECISION, ATOMIC_DQ,
+                    )  # fmt: skip
             # Padding keys ran with k = v = 0 against real queries: their gradients are 0.
             dk = tl.where(col_ok[:, None], dk, 0.0)
             dv = tl.where(col_ok[:, None], dv, 0.0)
@@ -514,7 +619,7 @@ if triton is not None:
         q_ptr, k_ptr, v_ptr, do_ptr,
         dq_ptr,  # out: the layout of q (same strides)
         lse_ptr, delta_ptr,
-        mask_ptr, kv_lo_ptr, kv_hi_ptr, cu_q_ptr, cu_k_ptr,
+        mask_ptr, kv_lo_ptr, kv_hi_ptr, kv_dense_ptr, cu_q_ptr, cu_k_ptr,
         stride_qb, stride_qs, stride_qh,  # also the strides of dq
         stride_kb, stride_ks, stride_kh,  # also the strides of v
         stride_db, stride_ds, stride_dh,
@@ -567,21 +672,36 @@ if triton is not None:
             dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
             k_base = k_ptr + b * stride_kb + k_start * stride_ks + hk * stride_kh
             v_base = v_ptr + b * stride_kb + k_start * stride_ks + hk * stride_kh
-            lo, mid, hi = _key_range(
+            lo, mid, hi, full = _key_range(
                 b, start_m, len_q, len_k, row_ok, kv_lo_ptr, kv_hi_ptr, block_size,
                 HAS_MASK, BLOCK_CAUSAL, BLOCK_M, BLOCK_N,
             )  # fmt: skip
             mask_row = mask_ptr + b * stride_mb
-            dq = _dq_tiles(
-                dq, q, do, lse2, delta, k_base, v_base, mask_row, pos_m, offs_d, d_ok, lo, mid,
-                stride_ks, sm_scale2, block_size,
-                HAS_MASK, False, BLOCK_CAUSAL, BLOCK_N, PRECISION,
-            )  # fmt: skip
-            dq = _dq_tiles(
-                dq, q, do, lse2, delta, k_base, v_base, mask_row, pos_m, offs_d, d_ok, mid, hi,
-                stride_ks, sm_scale2, block_size,
-                HAS_MASK, True, BLOCK_CAUSAL, BLOCK_N, PRECISION,
-            )  # fmt: skip
+            if HAS_MASK:
+                if tl.load(kv_dense_ptr + b) != 0:  # one run of real keys: see the forward
+                    k_first, e1, lo_c, mid = _dense_range(b, lo, hi, full, kv_lo_ptr, BLOCK_N)
+                    dq = _dq_tiles(
+                        dq, q, do, lse2, delta, k_base, v_base, mask_row, pos_m, offs_d, d_ok,
+                        lo, e1, k_first, stride_ks, sm_scale2, block_size,
+                        False, True, BLOCK_CAUSAL, BLOCK_N, PRECISION,
+                    )  # fmt: skip
+                    dq = _dq_two(
+                        dq, q, do, lse2, delta, k_base, v_base, mask_row, pos_m, offs_d, d_ok,
+                        lo_c, mid, hi, stride_ks, sm_scale2, block_size,
+                        False, BLOCK_CAUSAL, BLOCK_N, PRECISION,
+                    )  # fmt: skip
+                else:
+                    dq = _dq_two(
+                        dq, q, do, lse2, delta, k_base, v_base, mask_row, pos_m, offs_d, d_ok,
+                        lo, mid, hi, stride_ks, sm_scale2, block_size,
+                        True, BLOCK_CAUSAL, BLOCK_N, PRECISION,
+                    )  # fmt: skip
+            else:
+                dq = _dq_two(
+                    dq, q, do, lse2, delta, k_base, v_base, mask_row, pos_m, offs_d, d_ok, lo,
+                    mid, hi, stride_ks, sm_scale2, block_size,
+                    False, BLOCK_CAUSAL, BLOCK_N, PRECISION,
+                )  # fmt: skip
             tl.store(
                 dq_ptr + q_off + offs_d[None, :], (dq * sm_scale).to(dq_ptr.dtype.element_ty),
                 mask=row_in[:, None] & d_ok[None, :],
@@ -635,6 +755,10 @@ def _row_bytes(D: int, dtype: torch.dtype) -> int:
 # Spills that remain: bf16 dK/dV with mask + block-causal (the default 64x64 at D128: 516 bytes;
 # 16x128 8 warps: 4) and the float32 defaults (exact FMA dots, no tensor cores: fwd D128 64x32
 # spills 31 KB; 16x16 tiles none), which is why float32 gets small tiles to choose from.
+# With a mask the kernels hold two loop sets (one run of real keys, and any other mask), which
+# costs some candidates a few spilled registers, all outside the loops but one reload per tile
+# (bf16 D128 with mask: fwd 128x128 8 warps 2 stages 8 bytes; dq 128x64 4 bytes, 64x128 32;
+# dK/dV with block-causal 32x128 124 and 172 bytes).
 _CANDIDATES: dict[tuple[str, bool, int], list[tuple[int, int, int, int]]] = {
     # 16-bit, D <= 64
     ("fwd", False, 128): [(128, 128, 8, 3), (128, 64, 4, 4), (128, 64, 8, 3), (128, 32, 4, 3),
@@ -795,15 +919,17 @@ def _layout(x: Tensor, varlen: bool) -> tuple[int, int, int]:
     return (0, x.stride(0), x.stride(1)) if varlen else (x.stride(0), x.stride(1), x.stride(2))
 
 
-def _key_bounds(mask: Tensor | None, dummy: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(mask as uint8, first real key, one past the last real key) per row: no host sync."""
+def _key_bounds(mask: Tensor | None, dummy: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(mask as uint8, first real key, one past the last real key, 1 where the real keys are
+    that one run) per row: no host sync."""
     if mask is None:
-        return dummy, dummy, dummy
+        return dummy, dummy, dummy, dummy
     Sk = mask.shape[1]
     idx = torch.arange(Sk, device=mask.device, dtype=torch.int32)
     lo = torch.where(mask, idx, Sk).amin(dim=1).to(torch.int32)
     hi = torch.where(mask, idx + 1, 0).amax(dim=1).to(torch.int32)
-    return mask.contiguous().view(torch.uint8), lo, hi
+    dense = (mask.sum(dim=1, dtype=torch.int32) == hi - lo).view(torch.uint8)
+    return mask.contiguous().view(torch.uint8), lo, hi, dense
 
 
 def _shapes(q: Tensor, k: Tensor, cu_q: Tensor | None):
@@ -830,10 +956,10 @@ def _triton_fwd(q, k, v, mask, cu_q, cu_k, max_q, max_k, block_size, scale):
         return out, lse
     if k.numel() == 0:  # no keys at all: every row sees nothing
         return out.zero_(), lse.fill_(float("-inf"))
-    m8, lo, hi = _key_bounds(mask, q)
+    m8, lo, hi, dense = _key_bounds(mask, q)
     Sq, Sk = (max_q, max_k) if varlen else (q.shape[1], k.shape[1])
     args = (
-        q, k, v, out, lse, m8, lo, hi,
+        q, k, v, out, lse, m8, lo, hi, dense,
         cu_q if varlen else q, cu_k if varlen else q,
         *_layout(q, varlen), *_layout(k, varlen), *_layout(v, varlen), *_layout(out, varlen),
         0 if varlen else lse.stride(0), lse.stride(-2),
@@ -866,7 +992,7 @@ def _triton_bwd(do, q, k, v, out, lse, dlse, mask, cu_q, cu_k, max_q, max_k, blo
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if B == 0 or q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    m8, lo, hi = _key_bounds(mask, q)
+    m8, lo, hi, dense = _key_bounds(mask, q)
     Sq, Sk = (max_q, max_k) if varlen else (q.shape[1], k.shape[1])
     BLOCK_D = max(16, triton.next_power_of_2(D))
     stride_l = (0 if varlen else lse.stride(0), lse.stride(-2))
@@ -891,7 +1017,8 @@ def _triton_bwd(do, q, k, v, out, lse, dlse, mask, cu_q, cu_k, max_q, max_k, blo
     _launch(
         "dkdv", lambda META: (triton.cdiv(Sk, META["BLOCK_N"]), B * Hkv),
         (
-            q, k, v, do, dk, dv, dq_acc if atomic else dk, lse, delta, m8, lo, hi, cu_q_, cu_k_,
+            q, k, v, do, dk, dv, dq_acc if atomic else dk, lse, delta, m8, lo, hi, dense,
+            cu_q_, cu_k_,
             *_layout(q, varlen), *_layout(k, varlen), *_layout(do, varlen), *stride_l, stride_m,
             Hkv, Hq // Hkv, Sq, Sk, scale * _LOG2E, scale, block_size or 1,
         ),
@@ -902,7 +1029,7 @@ def _triton_bwd(do, q, k, v, out, lse, dlse, mask, cu_q, cu_k, max_q, max_k, blo
     _launch(
         "dq", lambda META: (triton.cdiv(Sq, META["BLOCK_M"]), B * Hq),
         (
-            q, k, v, do, dq, lse, delta, m8, lo, hi, cu_q_, cu_k_,
+            q, k, v, do, dq, lse, delta, m8, lo, hi, dense, cu_q_, cu_k_,
             *_layout(q, varlen), *_layout(k, varlen), *_layout(do, varlen), *stride_l, stride_m,
             Hq, Hq // Hkv, Sq, Sk, scale * _LOG2E, scale, block_size or 1,
         ),
