@@ -101,6 +101,18 @@ if triton is not None:
             return tl.exp(x)
 
     @triton.jit
+    def _chunk_state(BLOCK_V: tl.constexpr, CHUNK: tl.constexpr):
+        # The greedy rows' state per chunk row of a [BLOCK_V // CHUNK, CHUNK] tile: chunk
+        # starts, columns in a chunk, best chunk max, start of its first chunk, anchor, sum.
+        NC: tl.constexpr = BLOCK_V // CHUNK
+        ninf = float("-inf")
+        m_c = tl.full([NC], ninf, tl.float32)
+        a_c = tl.full([NC], ninf, tl.float32)
+        s_c = tl.zeros([NC], tl.int32)
+        z_c = tl.zeros([NC], tl.float64)
+        return tl.arange(0, NC) * CHUNK, tl.arange(0, CHUNK), m_c, s_c, a_c, z_c
+
+    @triton.jit
     def _greedy_prob_row(base, r, V, tok_ptr, conf_ptr, BLOCK_V: tl.constexpr,
                          CHUNK: tl.constexpr, FAST_EXP: tl.constexpr):  # fmt: skip
         # A greedy row's argmax and softmax probability (confidence prob or raw_prob at T = 0)
@@ -112,14 +124,8 @@ if triton is not None:
         # so its float32 factor never compounds). Per element: the NaN rewrite, one subtract,
         # one exp, one add and the chunk max (sm_90 SASS: ~11 instructions per bf16 element
         # against ~25 for per-element state); the max's index is found at the end in its chunk.
-        NC: tl.constexpr = BLOCK_V // CHUNK
         ninf = float("-inf")
-        crow = tl.arange(0, NC) * CHUNK
-        ccol = tl.arange(0, CHUNK)
-        m_c = tl.full([NC], ninf, tl.float32)
-        s_c = tl.zeros([NC], tl.int32)
-        a_c = tl.full([NC], ninf, tl.float32)
-        z_c = tl.zeros([NC], tl.float64)
+        crow, ccol, m_c, s_c, a_c, z_c = _chunk_state(BLOCK_V, CHUNK)
         for start in range(0, V, BLOCK_V):
             cs = start + crow
             offs = cs[:, None] + ccol[None, :]
@@ -155,8 +161,8 @@ if triton is not None:
                 # +inf counts as FLT_MAX on every path: the token is the first value >= FLT_MAX
                 # (a FLT_MAX before the first +inf wins), and each such value has weight 1, the
                 # rest 0. A second pass, for such rows only (no clamp in the loop).
-                zi = tl.zeros([NC], tl.int32)  # per chunk row: as few registers as the loop
-                ii = tl.full([NC], 2147483647, tl.int32)
+                zi = tl.zeros_like(s_c)  # per chunk row: as few registers as the loop
+                ii = tl.zeros_like(s_c) + 2147483647
                 for start in range(0, V, BLOCK_V):
                     o2 = start + crow[:, None] + ccol[None, :]  # (new names: see the search)
                     x2 = tl.load(base + o2, mask=o2 < V, other=ninf).to(tl.float32)
@@ -193,18 +199,12 @@ if triton is not None:
         # it so), NaN to -inf (never the max, weight 0). sm_90 SASS at 2048 x 8 warps: 151
         # instructions per 8 bf16 logits and 31-32 registers, against 228 / 74 (margin) and
         # 332 / 92 (neg_entropy) with per-lane state.
-        NC: tl.constexpr = BLOCK_V // CHUNK
         ninf = float("-inf")
-        crow = tl.arange(0, NC) * CHUNK
-        ccol = tl.arange(0, CHUNK)
-        m_c = tl.full([NC], ninf, tl.float32)
-        s_c = tl.zeros([NC], tl.int32)
-        a_c = tl.full([NC], ninf, tl.float32)
-        z_c = tl.zeros([NC], tl.float64)
+        crow, ccol, m_c, s_c, a_c, z_c = _chunk_state(BLOCK_V, CHUNK)
         if MODE == 2:
-            sec_c = tl.full([NC], ninf, tl.float32)
+            sec_c = m_c  # -inf
         if MODE == 3:
-            e_c = tl.zeros([NC], tl.float64)
+            e_c = tl.zeros_like(z_c)
         for start in range(0, V, BLOCK_V):
             cs = start + crow
             offs = cs[:, None] + ccol[None, :]
