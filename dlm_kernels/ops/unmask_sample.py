@@ -197,8 +197,8 @@ if triton is not None:
         # margin also keeps the chunk row's second value with multiplicity, neg_entropy the
         # float64 sum of exp(x - a) (x - a). +inf is rewritten to FLT_MAX (every path counts
         # it so), NaN to -inf (never the max, weight 0). sm_90 SASS at 2048 x 8 warps: 151
-        # instructions per 8 bf16 logits and 31-32 registers, against 228 / 74 (margin) and
-        # 332 / 92 (neg_entropy) with per-lane state.
+        # (margin) and 162 (neg_entropy) instructions per 8 bf16 logits, 32 registers, against
+        # 228 / 74 and 332 / 92 with per-lane state.
         ninf = float("-inf")
         crow, ccol, m_c, s_c, a_c, z_c = _chunk_state(BLOCK_V, CHUNK)
         if MODE == 2:
@@ -231,10 +231,16 @@ if triton is not None:
             live = cm > ninf
             e = tl.where(live, tl.sum(ex, 1), 0.0).to(tl.float64)
             if MODE == 3:
-                # Moving the anchor from a to a': sum e' (x - a') = f (E + (a - a') Z).
-                ent = tl.where(live, tl.sum(tl.where(ex > 0.0, ex * d, 0.0), 1), 0.0)
+                # Moving the anchor from a to a': sum e' (x - a') = f (E + (a - a') Z). A
+                # chunk adds sum e (x - a) = sum e (x - cm) + (cm - a) sum e: its float32
+                # products measured from the chunk max, not the anchor (up to 8 below it,
+                # whose terms e^8 x 8 lost 2e-6 relative in the final cancellation of
+                # E / Z - log Z), and the offset in float64 on the sum shared with Z.
+                xc = x - cm[:, None]
+                ent = tl.where(live, tl.sum(tl.where(ex > 0.0, ex * xc, 0.0), 1), 0.0)
+                off = tl.where(live, cm.to(tl.float64) - a_n.to(tl.float64), 0.0)
                 dm = tl.where(mv & (a_c > ninf), a_c.to(tl.float64) - a_n.to(tl.float64), 0.0)
-                e_c = fe.to(tl.float64) * (e_c + dm * z_c) + ent.to(tl.float64)
+                e_c = fe.to(tl.float64) * (e_c + dm * z_c) + ent.to(tl.float64) + off * e
             z_c = z_c * fe.to(tl.float64) + e
             a_c = a_n
         mx = tl.max(m_c, 0)

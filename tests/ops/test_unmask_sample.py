@@ -293,11 +293,20 @@ def test_triton_greedy_rising_rows_keep_precision(conf, monkeypatch):
     ramp = torch.linspace(0, 1, 1024, dtype=torch.float64)
     x = torch.stack([ramp, ramp * 4, ramp * 0.25 + torch.rand(1024, generator=g) * 1e-3])
     x = x.to(torch.float32)
-    ref = _run("reference", sample_tokens, x, confidence=conf)
-    tok, c = _run("triton", sample_tokens, x, confidence=conf)
-    assert torch.equal(tok, ref[0])
-    rel = ((c.double() - ref[1].double()).abs() / ref[1].double().abs()).max().item()
-    assert rel < 5e-7, rel
+    rows = [x]
+    if conf == "neg_entropy":
+        # A chunk whose anchor stays up to 8 below a later chunk's max (the anchor moves only
+        # beyond 8): sums of e (x - a) measured from it, e^8 x 8 per term in float32, lost up
+        # to 2.5e-6 relative in the final E / Z - log Z (a fuzzing helper's finding).
+        head = torch.rand(64, 4, generator=g) * -3
+        head[:, 0] = 0.0
+        rows.append(torch.cat([head, 5.5 + torch.rand(64, 2, generator=g) * 2.49], 1))
+    for y in rows:
+        ref = _run("reference", sample_tokens, y, confidence=conf)
+        tok, c = _run("triton", sample_tokens, y, confidence=conf)
+        assert torch.equal(tok, ref[0])
+        rel = ((c.double() - ref[1].double()).abs() / ref[1].double().abs()).max().item()
+        assert rel < 5e-7, rel
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
