@@ -267,7 +267,7 @@ if triton is not None:
                 sec = tl.maximum(sec, tl.max(sec_c, 0))
                 e2 = tl.exp(sec.to(tl.float64) - mx.to(tl.float64))
                 tl.store(conf_ptr + r, tl.where(sec == mx, 0.0, (1.0 - e2) / Z).to(tl.float32))
-            else:
+            elif MODE == 3:  # (MODE 4, random, never gets here: no one-pass path)
                 ES = tl.sum(tl.where(f > 0.0, f * (e_c + dl * z_c), 0.0), 0)
                 tl.store(conf_ptr + r, (ES / Z - tl.log(Z)).to(tl.float32))
 
