@@ -17,6 +17,8 @@ from dlm_kernels import dispatch, reference
 try:
     import triton
     import triton.language as tl
+
+    from dlm_kernels.ops.unmask_sample import _exp_ftz
 except Exception:  # no triton (or a broken one): dispatch never selects the Triton path
     triton = None
 
@@ -25,6 +27,25 @@ except Exception:  # no triton (or a broken one): dispatch never selects the Tri
 # Triton kernels
 # ---------------------------------------------------------------------------------------------
 if triton is not None:
+
+    @triton.jit
+    def _lse_step(x, offs, V, inv_v, a_c, z_c, t_c, MASKED: tl.constexpr,
+                  HAS_SMOOTHING: tl.constexpr, FAST_EXP: tl.constexpr):  # fmt: skip
+        # One [NC, CHUNK] tile of the forward's online logsumexp (see _mce_fwd_kernel): the
+        # chunk rows' anchors a_c, sums z_c of exp(x - a_c) and, with smoothing, sums of x / V.
+        cm = tl.max(x, 1)
+        mv = cm > a_c + 8.0  # False for NaN
+        a_n = tl.where(mv, tl.minimum(cm, 3.4028234663852886e38), a_c)
+        f = tl.where(mv, _exp_ftz(a_c - a_n, FAST_EXP), 1.0)
+        z_c = z_c * f + tl.sum(_exp_ftz(x - a_n[:, None], FAST_EXP), 1)
+        if HAS_SMOOTHING:
+            # The mean by terms x / V: sums of x overflowed to inf on rows of logits near
+            # +-3e38, whose mean is finite.
+            if MASKED:
+                t_c += tl.sum(tl.where(offs < V, x * inv_v, 0.0), 1)
+            else:
+                t_c += tl.sum(x * inv_v, 1)
+        return a_n, z_c, t_c
 
     @triton.jit
     def _mce_fwd_kernel(
@@ -42,43 +63,54 @@ if triton is not None:
         HAS_Z: tl.constexpr,  # z_loss != 0
         WRITE_GRAD: tl.constexpr,  # overwrite logits with d(loss_i)/d(logits_i) (Liger's trade)
         BLOCK_V: tl.constexpr,  # vocabulary tile
+        CHUNK: tl.constexpr,  # logits per thread and load (16 bytes: 8 bf16/fp16, 4 float32)
+        STAGES: tl.constexpr,  # cp.async stages of the sweeps over the row (GPU)
+        FAST_EXP: tl.constexpr,  # GPU: exps with subnormal results flushed (see _exp_ftz)
     ):
         row = tl.program_id(0).to(tl.int64)
         valid = tl.load(valid_ptr + row)
         if valid:
             base = logits_ptr + row * stride_row
             target = tl.load(target_ptr + row)
-            # Online logsumexp over vocabulary tiles, as one running (max, sum) pair per lane
-            # vector; reduced to scalars once at the end.
-            m = tl.full([BLOCK_V], float("-inf"), tl.float32)
-            s = tl.zeros([BLOCK_V], tl.float32)
-            total = tl.zeros([BLOCK_V], tl.float32)
+            # Online logsumexp with its state per chunk row of a [BLOCK_V // CHUNK, CHUNK] tile
+            # (each thread loads CHUNK contiguous logits), not per element: a sum z of
+            # exp(x - a) against an anchor a that moves to a chunk's max only when that exceeds
+            # it by more than 8 (terms stay below e^8, and a move multiplies z by less than
+            # e^-8). Per element: one max, subtract, exp and add (one exp instead of two).
+            # The anchor starts at -FLT_MAX, not -inf, so that no select is needed: a chunk of
+            # -inf (banned tokens) adds exp(-inf) = 0, a NaN adds NaN (the GPU's max drops NaN,
+            # the sum keeps it: a NaN row gets a NaN loss), and a +inf moves the anchor to
+            # FLT_MAX and adds inf (lse = +inf). Any finite chunk max moves the anchor off it.
+            NC: tl.constexpr = BLOCK_V // CHUNK
+            crow = tl.arange(0, NC) * CHUNK
+            ccol = tl.arange(0, CHUNK)
+            a_c = tl.full([NC], -3.4028234663852886e38, tl.float32)
+            z_c = tl.zeros([NC], tl.float32)
+            t_c = tl.zeros([NC], tl.float32)
             inv_v = 1.0 / V
-            for start in range(0, V, BLOCK_V):
-                offs = start + tl.arange(0, BLOCK_V)
+            # Whole tiles without a mask (no select per logit), then the ragged last one.
+            v_full = V - V % BLOCK_V
+            for start in tl.range(0, v_full, BLOCK_V, num_stages=STAGES):
+                offs = start + crow[:, None] + ccol[None, :]
+                x = tl.load(base + offs).to(tl.float32)
+                a_c, z_c, t_c = _lse_step(x, offs, V, inv_v, a_c, z_c, t_c, False,
+                                          HAS_SMOOTHING, FAST_EXP)  # fmt: skip
+            if v_full < V:
+                offs = v_full + crow[:, None] + ccol[None, :]
                 x = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-                # propagate_nan: the GPU's default max (maxnumf) drops NaN, which would hide a
-                # NaN logit; the interpreter's np.maximum keeps it, so only the GPU would differ.
-                m_new = tl.maximum(m, x, propagate_nan=tl.PropagateNan.ALL)
-                # A lane that has seen only -inf (or a +inf) shifts by 0: exp(-inf - 0) = 0 and
-                # exp(+inf) = inf give the right sums where inf - inf would give NaN.
-                shift = tl.where((m_new == float("-inf")) | (m_new == float("inf")), 0.0, m_new)
-                s = s * tl.exp(m - shift) + tl.exp(x - shift)
-                m = m_new
-                if HAS_SMOOTHING:
-                    # The mean by terms x / V: lanes of x overflowed to inf on rows of logits
-                    # near +-3e38, whose mean is finite.
-                    total += tl.where(offs < V, x * inv_v, 0.0)
-            m_row = tl.max(m, 0)  # a NaN lane poisons its own s below, so the sum is NaN
-            shift_row = tl.where((m_row == float("-inf")) | (m_row == float("inf")), 0.0, m_row)
-            lanes = tl.where(m == float("-inf"), 0.0, s * tl.exp(m - shift_row))
-            lse = shift_row + tl.log(tl.sum(lanes, 0))
+                a_c, z_c, t_c = _lse_step(x, offs, V, inv_v, a_c, z_c, t_c, True,
+                                          HAS_SMOOTHING, FAST_EXP)  # fmt: skip
+            # Chunk rows still at -FLT_MAX saw only -inf, -FLT_MAX or NaN: their terms scale by
+            # exp(0) = 1 if every row did (lse = -FLT_MAX + log(count), or -inf), else by 0
+            # (and a NaN z stays NaN).
+            a_row = tl.max(a_c, 0)
+            lse = a_row + tl.log(tl.sum(z_c * tl.exp(a_c - a_row), 0))
             in_range = (target >= 0) & (target < V)
             x_t = tl.load(base + tl.where(in_range, target, 0)).to(tl.float32)
             x_t = tl.where(in_range, x_t, float("nan"))  # never read outside the row
             loss = lse - x_t
             if HAS_SMOOTHING:
-                loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - tl.sum(total, 0))
+                loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - tl.sum(t_c, 0))
             if HAS_Z:
                 loss += z_loss * lse * lse
             w = tl.load(weight_ptr + row)
@@ -91,11 +123,9 @@ if triton is not None:
                 scale = w * (1.0 + 2.0 * z_loss * lse) if HAS_Z else w
                 shift = w * label_smoothing / V
                 hit = w * (1.0 - label_smoothing)
-                for start in range(0, V, BLOCK_V):
-                    offs = start + tl.arange(0, BLOCK_V)
-                    x = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-                    g = scale * tl.exp(x - lse) - shift - tl.where(offs == target, hit, 0.0)
-                    tl.store(base + offs, g.to(logits_ptr.dtype.element_ty), mask=offs < V)
+                t32 = tl.where(in_range, target, -1).to(tl.int32)
+                _dlogits_row(base, base, V, t32, lse, scale, shift, hit, BLOCK_V, STAGES,
+                             FAST_EXP)  # fmt: skip
         else:
             tl.store(loss_ptr + row, 0.0)
             tl.store(lse_ptr + row, 0.0)
@@ -105,6 +135,36 @@ if triton is not None:
                     offs = start + tl.arange(0, BLOCK_V)
                     zero = tl.zeros([BLOCK_V], tl.float32).to(logits_ptr.dtype.element_ty)
                     tl.store(base + offs, zero, mask=offs < V)
+
+    @triton.jit
+    def _dlogits_tile(src, dst, offs, V, t32, lse, scale, shift, hit, MASKED: tl.constexpr,
+                      FAST_EXP: tl.constexpr):  # fmt: skip
+        # d(loss)/d(logits) of one tile, read at src + offs and stored at dst + offs: scale *
+        # softmax - shift, minus hit at the target (t32: the target as int32, -1 when out of
+        # range; a 64-bit compare cost ~5 instructions per logit in sm_90 SASS). MASKED: the
+        # ragged last tile (lanes past V load nothing and store nothing).
+        if MASKED:
+            x = tl.load(src + offs, mask=offs < V).to(tl.float32)
+        else:
+            x = tl.load(src + offs).to(tl.float32)
+        sh = tl.where(offs == t32, shift + hit, shift)
+        g = (scale * _exp_ftz(x - lse, FAST_EXP) - sh).to(dst.dtype.element_ty)
+        if MASKED:
+            tl.store(dst + offs, g, mask=offs < V)
+        else:
+            tl.store(dst + offs, g)
+
+    @triton.jit
+    def _dlogits_row(src, dst, V, t32, lse, scale, shift, hit, BLOCK_V: tl.constexpr,
+                     STAGES: tl.constexpr, FAST_EXP: tl.constexpr):  # fmt: skip
+        # The gradient sweep over one row: whole tiles without masks, then the ragged one.
+        v_full = V - V % BLOCK_V
+        for start in tl.range(0, v_full, BLOCK_V, num_stages=STAGES):
+            offs = start + tl.arange(0, BLOCK_V)
+            _dlogits_tile(src, dst, offs, V, t32, lse, scale, shift, hit, False, FAST_EXP)
+        if v_full < V:
+            offs = v_full + tl.arange(0, BLOCK_V)
+            _dlogits_tile(src, dst, offs, V, t32, lse, scale, shift, hit, True, FAST_EXP)
 
     @triton.jit
     def _mce_bwd_kernel(
@@ -120,6 +180,8 @@ if triton is not None:
         label_smoothing,
         z_loss,
         BLOCK_V: tl.constexpr,
+        STAGES: tl.constexpr,  # cp.async stages of the sweep over the row (GPU)
+        FAST_EXP: tl.constexpr,  # GPU: exps with subnormal results flushed (see _exp_ftz)
     ):
         row = tl.program_id(0).to(tl.int64)
         valid = tl.load(valid_ptr + row)
@@ -133,11 +195,8 @@ if triton is not None:
             scale = tl.where(z_loss != 0.0, coef * (1.0 + 2.0 * z_loss * lse), coef)
             shift = coef * label_smoothing / V
             hit = coef * (1.0 - label_smoothing)
-            for start in range(0, V, BLOCK_V):
-                offs = start + tl.arange(0, BLOCK_V)
-                x = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-                g = scale * tl.exp(x - lse) - shift - tl.where(offs == target, hit, 0.0)
-                tl.store(out + offs, g.to(dlogits_ptr.dtype.element_ty), mask=offs < V)
+            t32 = tl.where((target >= 0) & (target < V), target, -1).to(tl.int32)
+            _dlogits_row(base, out, V, t32, lse, scale, shift, hit, BLOCK_V, STAGES, FAST_EXP)
         else:
             for start in range(0, V, BLOCK_V):
                 offs = start + tl.arange(0, BLOCK_V)
@@ -145,11 +204,27 @@ if triton is not None:
                 tl.store(out + offs, zero, mask=offs < V)
 
 
-def _block_v(V: int) -> int:
-    # One tile per row up to 4096 columns; larger vocabularies loop. Under the interpreter a
-    # bigger tile is simply faster (numpy vectorises it), so it takes the whole row up to 64k.
-    cap = 65536 if dispatch.triton_interpret() else 4096
-    return min(cap, triton.next_power_of_2(V))
+# The GPU tile: 2048 logits per program and sweep step, 4 warps (16 logits, two or four 16-byte
+# loads, per thread), 3 cp.async stages (two tiles in flight while one is computed). The sm_90
+# build of the old kernels (4096 x 8 warps, no stages, two exps per logit in the forward) loaded
+# each tile at the top of its own iteration, and the H200 ran them at ~1 TB/s (bench rows
+# N8192-V32000). Untimed on a GPU since.
+_GPU_BLOCK_V, _GPU_WARPS, _GPU_STAGES = 2048, 4, 3
+# Under the interpreter a bigger tile is simply faster (numpy vectorises it): the whole row up
+# to this many columns (tests lower it to run the sweeps' tile-to-tile paths on small rows).
+_INTERP_BLOCK_V = 65536
+
+
+def _launch_meta(V: int) -> dict:
+    # Interpreter: _INTERP_BLOCK_V, no stages, no fast exps.
+    interp = dispatch.triton_interpret()
+    bv = min(_INTERP_BLOCK_V if interp else _GPU_BLOCK_V, triton.next_power_of_2(V))
+    return dict(BLOCK_V=bv, STAGES=1 if interp else _GPU_STAGES, FAST_EXP=not interp,
+                num_warps=4 if interp else _GPU_WARPS)  # fmt: skip
+
+
+def _chunk(bv: int, dtype: torch.dtype) -> int:
+    return min(bv, 16 // dtype.itemsize)  # one 16-byte load per chunk
 
 
 def _triton_fwd(logits, target, valid, weight, label_smoothing, z_loss, write_grad=False):
@@ -163,11 +238,12 @@ def _triton_fwd(logits, target, valid, weight, label_smoothing, z_loss, write_gr
     lse = torch.empty(N, dtype=torch.float32, device=logits.device)
     if N == 0:
         return loss, lse
+    meta = _launch_meta(V)
     _mce_fwd_kernel[(N,)](
         logits, logits.stride(0), target, valid, weight, loss, lse, V,
         float(label_smoothing), float(z_loss),
         HAS_SMOOTHING=label_smoothing != 0.0, HAS_Z=z_loss != 0.0, WRITE_GRAD=write_grad,
-        BLOCK_V=_block_v(V), num_warps=8,
+        CHUNK=_chunk(meta["BLOCK_V"], logits.dtype), **meta,
     )  # fmt: skip
     return loss, lse
 
@@ -180,7 +256,7 @@ def _triton_bwd(grad, logits, target, valid, weight, lse, label_smoothing, z_los
         return out
     _mce_bwd_kernel[(N,)](
         grad.contiguous(), logits, logits.stride(0), out, target, valid, weight, lse, V,
-        float(label_smoothing), float(z_loss), BLOCK_V=_block_v(V), num_warps=8,
+        float(label_smoothing), float(z_loss), **_launch_meta(V),
     )  # fmt: skip
     return out
 

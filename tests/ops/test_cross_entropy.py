@@ -261,6 +261,69 @@ def test_label_smoothing_on_logits_near_float_max(name):
     torch.testing.assert_close(got_grad.double(), want_grad, rtol=1e-5, atol=1e-6)
 
 
+def _tile_rows(V, dtype, huge=True):
+    """Rows that drive the forward's per-chunk anchors through every case, tile after tile.
+    huge: also rows of logits near the float limits (not with smoothing or z-loss, whose float32
+    row mean and lse^2 overflow there)."""
+    j = torch.arange(V, dtype=torch.float32)
+    big = 3.0e38
+    rows = [
+        torch.randn(V) * 3,
+        j * 0.3,  # rising slowly: the anchors stay put, terms grow up to e^8
+        j * 1.0,  # rising fast: each tile moves the anchors (sums rescaled)
+        -j * 0.5,  # falling
+        torch.where(j < V // 2, float("-inf"), torch.randn(V)),  # -inf first, then values
+        torch.where(j < V // 2, torch.randn(V), float("-inf")),  # values, then a -inf tail
+        torch.where(j == V - 40, float("nan"), torch.randn(V)),  # NaN in a late tile
+        torch.where((j >= 96) & (j < 100), float("nan"), float("-inf")),  # NaN beside -inf only
+        torch.where(j == V - 30, float("inf"), torch.randn(V)),  # +inf in a late tile
+        torch.where(j == V - 1, 0.0, float("-inf")),  # one finite logit, last
+        torch.full((V,), float("-inf")),  # nothing finite
+        torch.randn(V) * 30,  # wide spread
+    ]
+    if huge:
+        rows += [
+            torch.full((V,), -big),  # finite, far below every other row
+            torch.where(j % 17 == 0, big / 4, -big / 4),  # weight * (lse - x_t) stays finite
+        ]
+    return torch.stack(rows).to(device=DEV, dtype=dtype)
+
+
+@pytest.mark.parametrize("opts", [{}, {"label_smoothing": 0.1}, {"z_loss": 1e-3}],
+                         ids=["plain", "smoothing", "z_loss"])  # fmt: skip
+@pytest.mark.parametrize("grad_in_forward", [False, True], ids=["bwd", "grad_in_fwd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: ids(d=d))
+@pytest.mark.parametrize("tile, V", [(16, 203), (64, 192)])
+def test_rows_swept_over_many_tiles_match_the_reference(tile, V, dtype, grad_in_forward, opts,
+                                                        monkeypatch):  # fmt: skip
+    """Tile-to-tile paths of the sweeps (the anchors' moves, -inf / NaN / +inf arriving in a
+    later tile, a ragged last tile or none): the interpreter's tile is lowered to 16 or 64
+    columns so that a row takes 3 to 13 of them (on a GPU the GPU tile runs: one)."""
+    skip_unless_available("triton")
+    from dlm_kernels.ops import cross_entropy as ce
+
+    monkeypatch.setattr(ce, "_INTERP_BLOCK_V", tile)
+    logits = _tile_rows(V, dtype, huge=not opts)
+    N = logits.shape[0]
+    target = torch.randint(0, V, (N,), device=DEV)
+    target[9] = V - 1  # the one finite logit
+    mask = torch.ones(N, dtype=torch.bool, device=DEV)
+    weight = torch.rand(N, device=DEV) + 0.5
+    g = torch.randn(N, dtype=torch.float64, device=DEV)
+    kw = dict(reduction="none", **opts)
+    want_loss, want_grad = _run("reference", logits.double(), target, mask, weight, g, **kw)
+    low_loss, low_grad = _run("reference", logits, target, mask, weight, g, **kw)
+    leaf = logits.detach().clone().requires_grad_(True)
+    x = leaf * 1  # grad_in_forward writes over the logits: they must come from an op
+    with impl("triton"):
+        got_loss = dlm_kernels.masked_cross_entropy(
+            x, target, mask, weight, grad_in_forward=grad_in_forward, **kw
+        )
+    (got_loss * g.to(got_loss.dtype)).sum().backward()
+    assert_close("loss", want_loss, got_loss.detach(), low_loss)
+    assert_close("grad", want_grad, leaf.grad, low_grad)
+
+
 @pytest.mark.parametrize("name", IMPLS)
 def test_noncontiguous_logits_and_broadcast_weight(name):
     skip_unless_available(name)
