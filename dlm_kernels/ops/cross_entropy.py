@@ -29,22 +29,23 @@ except Exception:  # no triton (or a broken one): dispatch never selects the Tri
 if triton is not None:
 
     @triton.jit
-    def _lse_step(x, offs, V, inv_v, a_c, z_c, t_c, MASKED: tl.constexpr,
+    def _lse_step(x, offs, V, a_c, z_c, t_c, MASKED: tl.constexpr,
                   HAS_SMOOTHING: tl.constexpr, FAST_EXP: tl.constexpr):  # fmt: skip
         # One [NC, CHUNK] tile of the forward's online logsumexp (see _mce_fwd_kernel): the
-        # chunk rows' anchors a_c, sums z_c of exp(x - a_c) and, with smoothing, sums of x / V.
+        # chunk rows' anchors a_c, sums z_c of exp(x - a_c) and, with smoothing, float64 sums of x.
         cm = tl.max(x, 1)
         mv = cm > a_c + 8.0  # False for NaN
         a_n = tl.where(mv, tl.minimum(cm, 3.4028234663852886e38), a_c)
         f = tl.where(mv, _exp_ftz(a_c - a_n, FAST_EXP), 1.0)
         z_c = z_c * f + tl.sum(_exp_ftz(x - a_n[:, None], FAST_EXP), 1)
         if HAS_SMOOTHING:
-            # The mean by terms x / V: sums of x overflowed to inf on rows of logits near
-            # +-3e38, whose mean is finite.
+            # The row sum for the mean, in float64 from each element on: float32 sums of x (or
+            # of x * fl(1 / V), which rounds up) overflowed on rows of logits near +-FLT_MAX,
+            # whose mean is finite.
             if MASKED:
-                t_c += tl.sum(tl.where(offs < V, x * inv_v, 0.0), 1)
+                t_c += tl.sum(tl.where(offs < V, x, 0.0).to(tl.float64), 1)
             else:
-                t_c += tl.sum(x * inv_v, 1)
+                t_c += tl.sum(x.to(tl.float64), 1)
         return a_n, z_c, t_c
 
     @triton.jit
@@ -86,19 +87,18 @@ if triton is not None:
             ccol = tl.arange(0, CHUNK)
             a_c = tl.full([NC], -3.4028234663852886e38, tl.float32)
             z_c = tl.zeros([NC], tl.float32)
-            t_c = tl.zeros([NC], tl.float32)
-            inv_v = 1.0 / V
+            t_c = tl.zeros([NC], tl.float64)
             # Whole tiles without a mask (no select per logit), then the ragged last one.
             v_full = V - V % BLOCK_V
             for start in tl.range(0, v_full, BLOCK_V, num_stages=STAGES):
                 offs = start + crow[:, None] + ccol[None, :]
                 x = tl.load(base + offs).to(tl.float32)
-                a_c, z_c, t_c = _lse_step(x, offs, V, inv_v, a_c, z_c, t_c, False,
+                a_c, z_c, t_c = _lse_step(x, offs, V, a_c, z_c, t_c, False,
                                           HAS_SMOOTHING, FAST_EXP)  # fmt: skip
             if v_full < V:
                 offs = v_full + crow[:, None] + ccol[None, :]
                 x = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-                a_c, z_c, t_c = _lse_step(x, offs, V, inv_v, a_c, z_c, t_c, True,
+                a_c, z_c, t_c = _lse_step(x, offs, V, a_c, z_c, t_c, True,
                                           HAS_SMOOTHING, FAST_EXP)  # fmt: skip
             # Chunk rows still at -FLT_MAX saw only -inf, -FLT_MAX or NaN: their terms scale by
             # exp(0) = 1 if every row did (lse = -FLT_MAX + log(count), or -inf), else by 0
@@ -110,7 +110,8 @@ if triton is not None:
             x_t = tl.where(in_range, x_t, float("nan"))  # never read outside the row
             loss = lse - x_t
             if HAS_SMOOTHING:
-                loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - tl.sum(t_c, 0))
+                mean = (tl.sum(t_c, 0) / V).to(tl.float32)
+                loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - mean)
             if HAS_Z:
                 loss += z_loss * lse * lse
             w = tl.load(weight_ptr + row)

@@ -261,6 +261,25 @@ def test_label_smoothing_on_logits_near_float_max(name):
     torch.testing.assert_close(got_grad.double(), want_grad, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("V", [33, 44, 66])
+@pytest.mark.parametrize("name", IMPLS)
+def test_label_smoothing_on_rows_of_float_max(name, V):
+    """Rows of +-FLT_MAX: the row mean is +-FLT_MAX, and the smoothing term lse - mean is
+    finite (0 in float64). A float32 sum of x * fl(1 / V) overflowed to inf at these V (fl(1 / V)
+    rounds up), which gave the loss -inf or +inf (a fuzzing helper's find)."""
+    skip_unless_available(name)
+    big = 3.4028234663852886e38
+    logits = torch.tensor([[big], [-big]], device=DEV).expand(2, V).contiguous()
+    target = torch.zeros(2, dtype=torch.int64, device=DEV)
+    mask = torch.ones(2, dtype=torch.bool, device=DEV)
+    weight = torch.ones(2, device=DEV)
+    kw = dict(reduction="none", label_smoothing=0.1)
+    want, _ = _run("reference", logits.double(), target, mask, weight, **kw)
+    got, _ = _run(name, logits, target, mask, weight, **kw)
+    assert got.isfinite().all(), got
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
+
+
 def _tile_rows(V, dtype, huge=True):
     """Rows that drive the forward's per-chunk anchors through every case, tile after tile.
     huge: also rows of logits near the float limits (not with smoothing or z-loss, whose float32
