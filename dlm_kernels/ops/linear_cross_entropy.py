@@ -41,6 +41,8 @@ from dlm_kernels.ops.cross_entropy import check_options, prepare_rows, reduce_ro
 try:
     import triton
     import triton.language as tl
+
+    from dlm_kernels.ops.unmask_sample import _exp_ftz
 except Exception:  # no triton, or a broken one: the Triton path is never selected
     triton = None
 
@@ -146,14 +148,18 @@ if triton is not None:
         HAS_CAP: tl.constexpr,
         HAS_SMOOTHING: tl.constexpr,
         HAS_Z: tl.constexpr,
+        FAST_EXP: tl.constexpr,  # GPU: exps with subnormal results flushed (_exp_ftz)
     ):
         """d(loss) / d(pre-softcap logits) for one tile, float32, 0 in padded slots."""
-        p = tl.exp(x - lse[:, None])
+        p = _exp_ftz(x - lse[:, None], FAST_EXP)
         scale = coef
         if HAS_Z:
             scale = coef * (1.0 + 2.0 * z_loss * lse)
         hit = coef * (1.0 - label_smoothing)
-        g = scale[:, None] * p - tl.where(offs_v[None, :] == tgt[:, None], hit[:, None], 0.0)
+        # The target as int32 (-1 when out of range): a 64-bit compare per logit cost ~3 more
+        # instructions in sm_90 SASS.
+        t32 = tl.where((tgt >= 0) & (tgt < V), tgt, -1).to(tl.int32)
+        g = scale[:, None] * p - tl.where(offs_v[None, :] == t32[:, None], hit[:, None], 0.0)
         if HAS_SMOOTHING:
             g -= (coef * (label_smoothing / V))[:, None]
         if HAS_CAP:
@@ -260,7 +266,7 @@ if triton is not None:
                 )  # fmt: skip
                 g = _dlogits_tile(
                     x, offs_v, col_ok, row_ok, tgt, lse, coef, V, label_smoothing, z_loss,
-                    softcap, HAS_CAP, HAS_SMOOTHING, HAS_Z,
+                    softcap, HAS_CAP, HAS_SMOOTHING, HAS_Z, False,
                 )  # fmt: skip
                 g = g.to(w_ptr.dtype.element_ty)
                 for k0 in range(0, H, BLOCK_K):
@@ -307,7 +313,7 @@ if triton is not None:
             )  # fmt: skip
             g = _dlogits_tile(
                 x, offs_v, col_ok, row_ok, tgt, lse, coef, V, label_smoothing, z_loss,
-                softcap, HAS_CAP, HAS_SMOOTHING, HAS_Z,
+                softcap, HAS_CAP, HAS_SMOOTHING, HAS_Z, False,
             )  # fmt: skip
             if HAS_BIAS:
                 db += tl.sum(g, 0)
@@ -360,7 +366,7 @@ if triton is not None:
             )  # fmt: skip
             g = _dlogits_tile(
                 x, offs_v, col_ok, row_ok, tgt, lse, coef, V, label_smoothing, z_loss,
-                softcap, HAS_CAP, HAS_SMOOTHING, HAS_Z,
+                softcap, HAS_CAP, HAS_SMOOTHING, HAS_Z, False,
             )  # fmt: skip
             if HAS_BIAS:
                 tl.atomic_add(db_ptr + offs_v, tl.sum(g, 0), mask=col_ok)
@@ -393,6 +399,43 @@ if triton is not None:
     # --- the slab path's elementwise work (see "CUDA, eager" below): one pass over each slab
 
     @triton.jit
+    def _slab_lse_step(x, inv_v, ok, a_c, z_c, t_c, HAS_SMOOTHING: tl.constexpr,
+                       MASKED: tl.constexpr, FAST_EXP: tl.constexpr):  # fmt: skip
+        """One (BLOCK_M, NC, CHUNK) tile of logits folded into the chunk states (see
+        _slab_fwd_kernel); MASKED: the ragged last tile (ok: its columns inside the piece)."""
+        if MASKED:
+            x = tl.where(ok, x, float("-inf"))
+        cm = tl.max(x, 2)
+        mv = cm > a_c + 8.0  # False for NaN
+        a_n = tl.where(mv, tl.minimum(cm, 3.4028234663852886e38), a_c)
+        f = tl.where(mv, _exp_ftz(a_c - a_n, FAST_EXP), 1.0)
+        z_c = z_c * f + tl.sum(_exp_ftz(x - a_n[:, :, None], FAST_EXP), 2)
+        if HAS_SMOOTHING:
+            if MASKED:
+                t_c += tl.sum(tl.where(ok, x * inv_v, 0.0), 2)
+            else:
+                t_c += tl.sum(x * inv_v, 2)
+        return a_n, z_c, t_c
+
+    @triton.jit
+    def _slab_logits(x_ptr, b_ptr, offs, cols, ok, softcap, HAS_BIAS: tl.constexpr,
+                     HAS_CAP: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
+        """Logits at x_ptr + offs (float32 h @ W_s.T): + bias at cols, then the softcap."""
+        if MASKED:
+            x = tl.load(x_ptr + offs, mask=ok, other=0.0)
+        else:
+            x = tl.load(x_ptr + offs)
+        if HAS_BIAS:
+            if MASKED:
+                x += tl.load(b_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+            else:
+                x += tl.load(b_ptr + cols).to(tl.float32)
+        if HAS_CAP:
+            # tanh(u) = 2 sigmoid(2u) - 1: saturates to +-1 without overflow.
+            x = softcap * (2.0 * tl.sigmoid(2.0 * x / softcap) - 1.0)
+        return x
+
+    @triton.jit
     def _slab_fwd_kernel(
         x_ptr,  # (M, C) float32 h @ W_s.T of one slab, rows contiguous
         b_ptr,  # bias from the slab's first column (unused without HAS_BIAS)
@@ -404,38 +447,66 @@ if triton is not None:
         softcap,
         HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+        CHUNK: tl.constexpr,  # float32 logits per thread and load (16 bytes)
+        STAGES: tl.constexpr,  # cp.async stages of the sweep (GPU)
+        FAST_EXP: tl.constexpr,  # GPU: exps with subnormal results flushed (_exp_ftz)
     ):  # fmt: skip
         """One (BLOCK_M rows, SPAN columns) piece of a slab, folded into an online logsumexp
-        and written as partial row p0 + program_id(1); _slab_fwd combines the partials once,
-        after the last slab. Reads the slab once (the torch composition read it five times
-        and wrote it twice); the column split keeps the GPU busy when few rows carry loss."""
+        and written as partial row p0 + program_id(1) (max m, sum s of exp(x - m), target
+        logit, row sum / V); _slab_fwd combines the partials once, after the last slab. Reads
+        the slab once; the column split keeps the GPU busy when few rows carry loss.
+
+        The tile is (BLOCK_M, BLOCK_C // CHUNK, CHUNK): each thread loads CHUNK contiguous
+        logits of one row and keeps the online logsumexp per (row, chunk column) as the masked
+        cross-entropy's forward does (a sum against an anchor that starts at -FLT_MAX and moves
+        to a chunk's max, clamped to FLT_MAX, only when that exceeds it by more than 8): no
+        reduction across threads inside the loop (the per-row state took 63 shuffles and 9
+        barriers per tile, ~28 instructions per logit in sm_90 SASS). The target logit is read
+        once after the sweep. Rows past M read row M - 1 (never stored): no row masks."""
+        NC: tl.constexpr = BLOCK_C // CHUNK
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         c_lo = tl.program_id(1) * SPAN
         c_hi = tl.minimum(C, c_lo + SPAN)
         row_ok = offs_m < M
-        base = offs_m.to(tl.int64) * C
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        s_i = tl.zeros([BLOCK_M], tl.float32)
-        x_t = tl.zeros([BLOCK_M], tl.float32)
-        total = tl.zeros([BLOCK_M], tl.float32)
+        base = tl.minimum(offs_m, M - 1).to(tl.int64) * C
+        cols0 = (tl.arange(0, NC) * CHUNK)[:, None] + tl.arange(0, CHUNK)[None, :]
+        # The bias is read at the logits' own (BLOCK_M, NC, CHUNK) shape (each row re-reads it
+        # from L1): a (1, NC, CHUNK) tile took a layout of its own, with shuffles in the loop.
+        rows0 = tl.zeros([BLOCK_M, 1, 1], tl.int32)
+        a_c = tl.full([BLOCK_M, NC], -3.4028234663852886e38, tl.float32)
+        z_c = tl.zeros([BLOCK_M, NC], tl.float32)
+        t_c = tl.zeros([BLOCK_M, NC], tl.float32)
+        c_full = c_lo + (c_hi - c_lo) // BLOCK_C * BLOCK_C  # whole tiles end here
+        for c0 in tl.range(c_lo, c_full, BLOCK_C, num_stages=STAGES):
+            cols = c0 + cols0
+            offs = base[:, None, None] + cols[None, :, :]
+            x = _slab_logits(x_ptr, b_ptr, offs, cols[None, :, :] + rows0, True, softcap,
+                             HAS_BIAS, HAS_CAP, False)  # fmt: skip
+            a_c, z_c, t_c = _slab_lse_step(x, inv_v, True, a_c, z_c, t_c, HAS_SMOOTHING,
+                                           False, FAST_EXP)  # fmt: skip
+        if c_full < c_hi:
+            cols = c_full + cols0
+            offs = base[:, None, None] + cols[None, :, :]
+            ok = cols[None, :, :] < c_hi
+            x = _slab_logits(x_ptr, b_ptr, offs, cols[None, :, :] + rows0, ok, softcap,
+                             HAS_BIAS, HAS_CAP, True)  # fmt: skip
+            a_c, z_c, t_c = _slab_lse_step(x, inv_v, ok, a_c, z_c, t_c, HAS_SMOOTHING, True,
+                                           FAST_EXP)  # fmt: skip
+        # Chunk states still at -FLT_MAX saw only -inf, -FLT_MAX or NaN: scaled by exp(0) = 1
+        # if the whole row did (s = 0: the combine gives lse = -inf), else by 0 (NaN stays).
+        m_i = tl.max(a_c, 1)
+        s_i = tl.sum(z_c * tl.exp(a_c - m_i[:, None]), 1)
         tgt = tl.load(t_ptr + offs_m, mask=row_ok, other=-1) - v0  # column in the slab
-        tgt = tl.where(tgt < C, tgt, -1)  # past the slab: must not match a padding column
-        for c0 in range(c_lo, c_hi, BLOCK_C):
-            cols = c0 + tl.arange(0, BLOCK_C)
-            col_ok = cols < c_hi
-            ok = row_ok[:, None] & col_ok[None, :]
-            x = tl.load(x_ptr + base[:, None] + cols[None, :], mask=ok, other=0.0)
-            x = _epilogue(x, b_ptr, cols, col_ok, softcap, HAS_BIAS, HAS_CAP)
-            x = tl.where(ok, x, float("-inf"))
-            m_i, s_i, x_t, total = _online_lse(
-                x, cols, col_ok, tgt, m_i, s_i, x_t, total, inv_v, HAS_SMOOTHING
-            )
+        t_ok = row_ok & (tgt >= c_lo) & (tgt < c_hi)
+        x_t = _slab_logits(x_ptr, b_ptr, base + tgt, tgt, t_ok, softcap, HAS_BIAS, HAS_CAP,
+                           True)  # fmt: skip
+        x_t = tl.where(t_ok, x_t, 0.0)
         out = (p0 + tl.program_id(1)).to(tl.int64) * M + offs_m
         tl.store(m_ptr + out, m_i, mask=row_ok)
         tl.store(s_ptr + out, s_i, mask=row_ok)
         tl.store(xt_ptr + out, x_t, mask=row_ok)
         if HAS_SMOOTHING:
-            tl.store(tot_ptr + out, total, mask=row_ok)
+            tl.store(tot_ptr + out, tl.sum(t_c, 1), mask=row_ok)
 
     @triton.jit
     def _slab_bwd_kernel(
@@ -451,6 +522,7 @@ if triton is not None:
         HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
         HAS_Z: tl.constexpr, HAS_DB: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+        FAST_EXP: tl.constexpr,  # GPU: exps with subnormal results flushed (_exp_ftz)
     ):  # fmt: skip
         """One (BLOCK_M, BLOCK_C) tile of the slab's dlogits: reads the float32 logits once and
         writes the GEMM operand once (the torch composition made six passes)."""
@@ -468,7 +540,7 @@ if triton is not None:
         coef = tl.load(coef_ptr + offs_m, mask=row_ok, other=0.0)
         g = _dlogits_tile(
             x, cols, col_ok, row_ok, tgt, lse, coef, V, label_smoothing, z_loss, softcap,
-            HAS_CAP, HAS_SMOOTHING, HAS_Z,
+            HAS_CAP, HAS_SMOOTHING, HAS_Z, FAST_EXP,
         )  # fmt: skip
         tl.store(g_ptr + offs, g.to(g_ptr.dtype.element_ty), mask=ok)
         if HAS_DB:
@@ -724,7 +796,11 @@ def _slab_fwd(hidden, W, bias, target, valid, weight, eps, z, cap):
     h = hidden.index_select(0, idx)
     cols = _slab_cols(M, V)
     blk = _slab_blocks()
+    interp = dispatch.triton_interpret()
     splits, span = _slab_split(M, cols, blk, _slab_programs(hidden.device))
+    # The forward kernel reads the bias once per row of a tile (from L1): float32, 16 bytes per
+    # thread like the logits (sm_90: 180 instructions per 16 logits against 213 for bf16).
+    b32 = None if bias is None else bias.float()
     # Partial (max, sum, target logit, row sum) per (slab, column piece, row); pieces a short
     # last slab leaves unwritten stay at the identity (-inf, 0, 0, 0).
     P = triton.cdiv(V, cols) * splits
@@ -736,9 +812,10 @@ def _slab_fwd(hidden, W, bias, target, valid, weight, eps, z, cap):
         v1 = min(V, v0 + cols)
         x = _mm_f32(h, W[v0:v1].t())
         _slab_fwd_kernel[(triton.cdiv(M, blk["BLOCK_M"]), triton.cdiv(v1 - v0, span))](
-            x, bias[v0:] if bias is not None else x, t, m_p, s_p, xt_p, tot_p, M, v1 - v0, v0,
+            x, b32[v0:] if bias is not None else x, t, m_p, s_p, xt_p, tot_p, M, v1 - v0, v0,
             1.0 / V, i * splits, span, float(cap or 1.0), HAS_BIAS=bias is not None,
-            HAS_CAP=bool(cap), HAS_SMOOTHING=bool(eps), **blk,
+            HAS_CAP=bool(cap), HAS_SMOOTHING=bool(eps), CHUNK=min(4, blk["BLOCK_C"]),
+            STAGES=1 if interp else 3, FAST_EXP=not interp, **blk,
         )  # fmt: skip
     m = m_p.amax(0)
     # A row whose every logit is -inf keeps shift 0 (no -inf - -inf); its lse is -inf.
@@ -793,7 +870,8 @@ def _slab_bwd(grad, hidden, W, bias, target, valid, weight, lse, eps, z, cap, ne
         _slab_bwd_kernel[(tiles_m, triton.cdiv(C, blk["BLOCK_C"]))](
             x, bias[v0:] if bias is not None else x, t, lse_v, coef, gs, dbp, M, C, v0, V,
             float(eps), float(z), float(cap or 1.0), HAS_BIAS=bias is not None,
-            HAS_CAP=bool(cap), HAS_SMOOTHING=bool(eps), HAS_Z=bool(z), HAS_DB=has_db, **blk,
+            HAS_CAP=bool(cap), HAS_SMOOTHING=bool(eps), HAS_Z=bool(z), HAS_DB=has_db,
+            FAST_EXP=not dispatch.triton_interpret(), **blk,
         )  # fmt: skip
         del x
         if has_db:

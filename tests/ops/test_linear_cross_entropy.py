@@ -475,6 +475,31 @@ def test_slab_kernels_small_tiles(dtype, programs, monkeypatch):
     _check("slab", *inputs, **OPTIONS["all-none"])
 
 
+@pytest.mark.parametrize("programs", [1, 10], ids=lambda p: f"programs{p}")
+def test_slab_rising_and_banned_logits_across_tiles(programs, monkeypatch):
+    # Logits that rise (or fall) along the vocabulary by up to 6 per column, so that each
+    # chunk state of the slab forward meets a larger max in every column tile and moves its
+    # anchor (rescaling its sum), beside -inf bias runs that start and end inside tiles: the
+    # small tiles make a 100-column slab 3-4 tiles of 32 per program (or 2 per piece).
+    _skip("slab")
+    monkeypatch.setattr(lce, "_slab_blocks", lambda: dict(BLOCK_M=4, BLOCK_C=32))
+    monkeypatch.setattr(lce, "_slab_programs", lambda device: programs)
+    V = 1003
+    slopes = torch.tensor([0.25, 1.0, 6.0, -0.5, 0.0, 3.0, -6.0, 0.5, 2.0], device=DEV)
+    N = slopes.numel()
+    hidden = torch.stack([slopes, torch.ones(N, device=DEV)], 1)[None]  # logit = slope * j
+    W = torch.stack([torch.arange(V, device=DEV, dtype=torch.float32),
+                     torch.zeros(V, device=DEV)], 1)  # fmt: skip
+    b = torch.zeros(V, device=DEV)
+    b[130:175] = float("-inf")  # inside one slab, across a tile edge
+    b[290:410] = float("-inf")  # a whole slab and parts of two
+    allowed = (b == 0).nonzero().squeeze(1)
+    target = allowed[torch.randint(0, allowed.numel(), (1, N), device=DEV)]
+    mask = torch.ones(1, N, dtype=torch.bool, device=DEV)
+    weight = torch.rand(1, 1, device=DEV) + 0.5
+    _check("slab", hidden, W, b, target, mask, weight, label_smoothing=0.1, reduction="none")
+
+
 @pytest.mark.slow
 def test_large_vocabulary_slab(monkeypatch):
     # The eager CUDA path at Dream's vocabulary with its own slab width (V // 64 columns).
