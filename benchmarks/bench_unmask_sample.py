@@ -233,9 +233,20 @@ def _fused_head_rows(quick: bool, device: str) -> list[dict]:
             def fused(hidden=hidden, W=W, x=x, step=step):
                 return dlm_kernels.fused_head_unmask_step(x, hidden, W, **step)
 
+            provs = [("matmul", matmul), ("matmul+unmask_step", matmul_step),
+                     ("dlm_kernels", fused)]  # fmt: skip
+            if cuda and case == "greedy":
+                # What the chunking costs: the default chunk (2**26 // V rows: 441 at V 151936)
+                # against 384 rows (a multiple of cuBLAS's usual 128-row tile) and one chunk of
+                # every masked row (no saving in memory: the bound on what chunking can reach).
+                n = int(mask.sum())
+                for rows in (384, n):
+                    label = "one chunk" if rows == n else f"chunk_rows={rows}"
+                    provs.append((f"dlm_kernels {label}", functools.partial(
+                        dlm_kernels.fused_head_unmask_step, x, hidden, W, chunk_rows=rows,
+                        **step)))  # fmt: skip
             base = None
-            for prov, fn in [("matmul", matmul), ("matmul+unmask_step", matmul_step),
-                             ("dlm_kernels", fused)]:  # fmt: skip
+            for prov, fn in provs:
                 try:
                     t = time_fn(fn, device, quick=quick)
                     base = t["ms"] if prov == "matmul" else base
