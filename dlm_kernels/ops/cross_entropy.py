@@ -18,7 +18,7 @@ try:
     import triton
     import triton.language as tl
 
-    from dlm_kernels.ops.unmask_sample import _exp_ftz
+    from dlm_kernels.ops.fast_math import _exp_ftz
 except Exception:  # no triton (or a broken one): dispatch never selects the Triton path
     triton = None
 
@@ -100,9 +100,9 @@ if triton is not None:
                 x = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
                 a_c, z_c, t_c = _lse_step(x, offs, V, a_c, z_c, t_c, True,
                                           HAS_SMOOTHING, FAST_EXP)  # fmt: skip
-            # Chunk rows still at -FLT_MAX saw only -inf, -FLT_MAX or NaN: their terms scale by
-            # exp(0) = 1 if every row did (lse = -FLT_MAX + log(count), or -inf), else by 0
-            # (and a NaN z stays NaN).
+            # Chunk rows still at -FLT_MAX saw only -inf and -FLT_MAX, or a NaN (a chunk max of
+            # NaN never moves the anchor; its z is NaN): their terms scale by exp(0) = 1 if every
+            # row did (lse = -FLT_MAX + log(count), or -inf), else by 0 (a NaN z stays NaN).
             a_row = tl.max(a_c, 0)
             lse = a_row + tl.log(tl.sum(z_c * tl.exp(a_c - a_row), 0))
             in_range = (target >= 0) & (target < V)
@@ -148,8 +148,8 @@ if triton is not None:
             x = tl.load(src + offs, mask=offs < V).to(tl.float32)
         else:
             x = tl.load(src + offs).to(tl.float32)
-        sh = tl.where(offs == t32, shift + hit, shift)
-        g = (scale * _exp_ftz(x - lse, FAST_EXP) - sh).to(dst.dtype.element_ty)
+        g = scale * _exp_ftz(x - lse, FAST_EXP) - shift
+        g = tl.where(offs == t32, g - hit, g).to(dst.dtype.element_ty)  # the C++ kernel's order
         if MASKED:
             tl.store(dst + offs, g, mask=offs < V)
         else:

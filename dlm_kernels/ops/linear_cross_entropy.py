@@ -42,7 +42,7 @@ try:
     import triton
     import triton.language as tl
 
-    from dlm_kernels.ops.unmask_sample import _exp_ftz
+    from dlm_kernels.ops.fast_math import _exp_ftz
 except Exception:  # no triton, or a broken one: the Triton path is never selected
     triton = None
 
@@ -119,17 +119,18 @@ if triton is not None:
         return _epilogue(acc, b_ptr, offs_v, col_ok, softcap, HAS_BIAS, HAS_CAP)
 
     @triton.jit
-    def _online_lse(x, cols, col_ok, tgt, m_i, s_i, x_t, total, inv_v, HAS_SMOOTHING: tl.constexpr):
+    def _online_lse(x, cols, col_ok, tgt, m_i, s_i, x_t, total, HAS_SMOOTHING: tl.constexpr):
         """Fold a (rows, cols) tile of logits (-inf outside col_ok) into each row's running
-        max m_i, sum s_i of exp(x - m_i), target logit x_t and (smoothing) row mean total, by
-        terms x / V (a float32 sum of x overflowed on logits near +-3e38)."""
+        max m_i, sum s_i of exp(x - m_i), target logit x_t and (smoothing) row sum total, in
+        float64 from each element on (float32 sums of x, or of x * fl(1 / V), overflowed on
+        rows of logits near +-FLT_MAX, whose mean is finite)."""
         m_new = tl.maximum(m_i, tl.max(x, 1))
         # A row that has seen only -inf keeps shift 0: exp(-inf - 0) = 0, not NaN.
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         s_i = s_i * tl.exp(m_i - shift) + tl.sum(tl.exp(x - shift[:, None]), 1)
         x_t += tl.sum(tl.where(cols[None, :] == tgt[:, None], x, 0.0), 1)
         if HAS_SMOOTHING:
-            total += tl.sum(tl.where(col_ok[None, :], x * inv_v, 0.0), 1)
+            total += tl.sum(tl.where(col_ok[None, :], x, 0.0).to(tl.float64), 1)
         return m_new, s_i, x_t, total
 
     @triton.jit
@@ -214,7 +215,7 @@ if triton is not None:
             m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
             s_i = tl.zeros((BLOCK_M,), tl.float32)
             x_t = tl.zeros((BLOCK_M,), tl.float32)
-            total = tl.zeros((BLOCK_M,), tl.float32)
+            total = tl.zeros((BLOCK_M,), tl.float64)
             for v0 in range(0, V, BLOCK_V):
                 offs_v = v0 + tl.arange(0, BLOCK_V)
                 col_ok = offs_v < V
@@ -224,12 +225,13 @@ if triton is not None:
                 )  # fmt: skip
                 x = tl.where(col_ok[None, :], x, float("-inf"))
                 m_i, s_i, x_t, total = _online_lse(
-                    x, offs_v, col_ok, tgt, m_i, s_i, x_t, total, 1.0 / V, HAS_SMOOTHING
+                    x, offs_v, col_ok, tgt, m_i, s_i, x_t, total, HAS_SMOOTHING
                 )
             lse = m_i + tl.log(s_i)
             loss = lse - x_t
             if HAS_SMOOTHING:
-                loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - total)
+                mean = (total / V).to(tl.float32)
+                loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - mean)
             if HAS_Z:
                 loss += z_loss * lse * lse
             w = tl.load(weight_ptr + rows, mask=row_ok, other=0.0)
@@ -399,7 +401,7 @@ if triton is not None:
     # --- the slab path's elementwise work (see "CUDA, eager" below): one pass over each slab
 
     @triton.jit
-    def _slab_lse_step(x, inv_v, ok, a_c, z_c, t_c, HAS_SMOOTHING: tl.constexpr,
+    def _slab_lse_step(x, ok, a_c, z_c, t_c, HAS_SMOOTHING: tl.constexpr,
                        MASKED: tl.constexpr, FAST_EXP: tl.constexpr):  # fmt: skip
         """One (BLOCK_M, NC, CHUNK) tile of logits folded into the chunk states (see
         _slab_fwd_kernel); MASKED: the ragged last tile (ok: its columns inside the piece)."""
@@ -412,9 +414,9 @@ if triton is not None:
         z_c = z_c * f + tl.sum(_exp_ftz(x - a_n[:, :, None], FAST_EXP), 2)
         if HAS_SMOOTHING:
             if MASKED:
-                t_c += tl.sum(tl.where(ok, x * inv_v, 0.0), 2)
+                t_c += tl.sum(tl.where(ok, x, 0.0).to(tl.float64), 2)
             else:
-                t_c += tl.sum(x * inv_v, 2)
+                t_c += tl.sum(x.to(tl.float64), 2)
         return a_n, z_c, t_c
 
     @triton.jit
@@ -440,9 +442,9 @@ if triton is not None:
         x_ptr,  # (M, C) float32 h @ W_s.T of one slab, rows contiguous
         b_ptr,  # bias from the slab's first column (unused without HAS_BIAS)
         t_ptr,  # (M,) int64 targets
-        m_ptr, s_ptr, xt_ptr, tot_ptr,  # (P, M) float32 partial max, sum, target logit, row mean
+        m_ptr, s_ptr, xt_ptr, tot_ptr,  # (P, M) float32 partial m, s, target logit, sum / V
         M, C, v0,  # rows, slab width, the slab's first column
-        inv_v,  # 1 / V (the row mean's terms are x / V)
+        V,  # vocabulary size (the row mean is the sum of the partials' sums / V)
         p0, SPAN,  # this slab's first partial row; columns per program along grid axis 1
         softcap,
         HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
@@ -452,8 +454,9 @@ if triton is not None:
         FAST_EXP: tl.constexpr,  # GPU: exps with subnormal results flushed (_exp_ftz)
     ):  # fmt: skip
         """One (BLOCK_M rows, SPAN columns) piece of a slab, folded into an online logsumexp
-        and written as partial row p0 + program_id(1) (max m, sum s of exp(x - m), target
-        logit, row sum / V); _slab_fwd combines the partials once, after the last slab. Reads
+        and written as partial row p0 + program_id(1) (m: the largest chunk anchor, within 8
+        of the piece's max; s: the sum of exp(x - m); the target logit; the piece's float64
+        sum of x / V); _slab_fwd combines the partials once, after the last slab. Reads
         the slab once; the column split keeps the GPU busy when few rows carry loss.
 
         The tile is (BLOCK_M, BLOCK_C // CHUNK, CHUNK): each thread loads CHUNK contiguous
@@ -475,14 +478,14 @@ if triton is not None:
         rows0 = tl.zeros([BLOCK_M, 1, 1], tl.int32)
         a_c = tl.full([BLOCK_M, NC], -3.4028234663852886e38, tl.float32)
         z_c = tl.zeros([BLOCK_M, NC], tl.float32)
-        t_c = tl.zeros([BLOCK_M, NC], tl.float32)
+        t_c = tl.zeros([BLOCK_M, NC], tl.float64)
         c_full = c_lo + (c_hi - c_lo) // BLOCK_C * BLOCK_C  # whole tiles end here
         for c0 in tl.range(c_lo, c_full, BLOCK_C, num_stages=STAGES):
             cols = c0 + cols0
             offs = base[:, None, None] + cols[None, :, :]
             x = _slab_logits(x_ptr, b_ptr, offs, cols[None, :, :] + rows0, True, softcap,
                              HAS_BIAS, HAS_CAP, False)  # fmt: skip
-            a_c, z_c, t_c = _slab_lse_step(x, inv_v, True, a_c, z_c, t_c, HAS_SMOOTHING,
+            a_c, z_c, t_c = _slab_lse_step(x, True, a_c, z_c, t_c, HAS_SMOOTHING,
                                            False, FAST_EXP)  # fmt: skip
         if c_full < c_hi:
             cols = c_full + cols0
@@ -490,10 +493,11 @@ if triton is not None:
             ok = cols[None, :, :] < c_hi
             x = _slab_logits(x_ptr, b_ptr, offs, cols[None, :, :] + rows0, ok, softcap,
                              HAS_BIAS, HAS_CAP, True)  # fmt: skip
-            a_c, z_c, t_c = _slab_lse_step(x, inv_v, ok, a_c, z_c, t_c, HAS_SMOOTHING, True,
+            a_c, z_c, t_c = _slab_lse_step(x, ok, a_c, z_c, t_c, HAS_SMOOTHING, True,
                                            FAST_EXP)  # fmt: skip
-        # Chunk states still at -FLT_MAX saw only -inf, -FLT_MAX or NaN: scaled by exp(0) = 1
-        # if the whole row did (s = 0: the combine gives lse = -inf), else by 0 (NaN stays).
+        # Chunk states still at -FLT_MAX saw only -inf and -FLT_MAX, or a NaN (its z is NaN):
+        # scaled by exp(0) = 1 if the whole row did (all -inf: s = 0, and the combine gives lse
+        # = -inf), else by 0 (a NaN z stays NaN).
         m_i = tl.max(a_c, 1)
         s_i = tl.sum(z_c * tl.exp(a_c - m_i[:, None]), 1)
         tgt = tl.load(t_ptr + offs_m, mask=row_ok, other=-1) - v0  # column in the slab
@@ -506,7 +510,7 @@ if triton is not None:
         tl.store(s_ptr + out, s_i, mask=row_ok)
         tl.store(xt_ptr + out, x_t, mask=row_ok)
         if HAS_SMOOTHING:
-            tl.store(tot_ptr + out, tl.sum(t_c, 1), mask=row_ok)
+            tl.store(tot_ptr + out, (tl.sum(t_c, 1) / V).to(tl.float32), mask=row_ok)
 
     @triton.jit
     def _slab_bwd_kernel(
@@ -801,8 +805,8 @@ def _slab_fwd(hidden, W, bias, target, valid, weight, eps, z, cap):
     # The forward kernel reads the bias once per row of a tile (from L1): float32, 16 bytes per
     # thread like the logits (sm_90: 180 instructions per 16 logits against 213 for bf16).
     b32 = None if bias is None else bias.float()
-    # Partial (max, sum, target logit, row sum) per (slab, column piece, row); pieces a short
-    # last slab leaves unwritten stay at the identity (-inf, 0, 0, 0).
+    # Partial (anchor, sum, target logit, row sum / V) per (slab, column piece, row); pieces a
+    # short last slab leaves unwritten stay at the identity (-inf, 0, 0, 0).
     P = triton.cdiv(V, cols) * splits
     m_p = torch.full((P, M), float("-inf"), **f32)
     s_p = torch.zeros(P, M, **f32)
@@ -813,16 +817,17 @@ def _slab_fwd(hidden, W, bias, target, valid, weight, eps, z, cap):
         x = _mm_f32(h, W[v0:v1].t())
         _slab_fwd_kernel[(triton.cdiv(M, blk["BLOCK_M"]), triton.cdiv(v1 - v0, span))](
             x, b32[v0:] if bias is not None else x, t, m_p, s_p, xt_p, tot_p, M, v1 - v0, v0,
-            1.0 / V, i * splits, span, float(cap or 1.0), HAS_BIAS=bias is not None,
+            V, i * splits, span, float(cap or 1.0), HAS_BIAS=bias is not None,
             HAS_CAP=bool(cap), HAS_SMOOTHING=bool(eps), CHUNK=min(4, blk["BLOCK_C"]),
             STAGES=1 if interp else 3, FAST_EXP=not interp, **blk,
         )  # fmt: skip
     m = m_p.amax(0)
-    # A row whose every logit is -inf keeps shift 0 (no -inf - -inf); its lse is -inf.
+    # Every row has written anchors (-FLT_MAX at least); the where keeps the unwritten pieces'
+    # -inf from an -inf - -inf. A row whose every logit is -inf has s = 0: its lse is -inf.
     shift = torch.where(m == float("-inf"), 0.0, m)
     s = (s_p * torch.exp(m_p - shift)).sum(0)
     x_t = xt_p.sum(0)
-    total = tot_p.sum(0)
+    total = tot_p.sum(0, dtype=torch.float64).float()  # float32 sums overflowed at +-FLT_MAX
     lse_v = m + torch.log(s)
     row = lse_v - x_t
     if eps:

@@ -35,7 +35,8 @@ from dlm_kernels import dispatch, reference
 try:
     import triton
     import triton.language as tl
-    from triton.language.extra import libdevice
+
+    from dlm_kernels.ops.fast_math import _exp_ftz
 except Exception:  # no triton, or a broken one: the Triton path is never selected
     triton = None
 
@@ -87,18 +88,6 @@ if triton is not None:
             if SHIFT == 16:
                 k = tl.where(x == 3.4028234663852886e38, k + 1, k)
         return k
-
-    @triton.jit
-    def _exp_ftz(x, FAST: tl.constexpr):
-        # exp with subnormal results flushed to 0: on a GPU one MUFU.EX2 after the scaling
-        # (tl.exp's ex2.approx.f32 adds a compare and two predicated multiplies per element to
-        # keep subnormals, ~3 of ~15 instructions per element of the greedy pass in sm_90
-        # SASS). The interpreter has no libdevice: tl.exp there; the two differ only for
-        # results under 2^-126, which the greedy sums (>= 1) cannot tell apart from 0.
-        if FAST:
-            return libdevice.fast_expf(x)
-        else:
-            return tl.exp(x)
 
     @triton.jit
     def _chunk_state(BLOCK_V: tl.constexpr, CHUNK: tl.constexpr):

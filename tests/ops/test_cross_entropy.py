@@ -261,7 +261,7 @@ def test_label_smoothing_on_logits_near_float_max(name):
     torch.testing.assert_close(got_grad.double(), want_grad, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("V", [33, 44, 66])
+@pytest.mark.parametrize("V", [33, 44, 64, 66])  # 64: one whole tile (the unmasked loop)
 @pytest.mark.parametrize("name", IMPLS)
 def test_label_smoothing_on_rows_of_float_max(name, V):
     """Rows of +-FLT_MAX: the row mean is +-FLT_MAX, and the smoothing term lse - mean is
@@ -317,11 +317,16 @@ def test_rows_swept_over_many_tiles_match_the_reference(tile, V, dtype, grad_in_
                                                         monkeypatch):  # fmt: skip
     """Tile-to-tile paths of the sweeps (the anchors' moves, -inf / NaN / +inf arriving in a
     later tile, a ragged last tile or none): the interpreter's tile is lowered to 16 or 64
-    columns so that a row takes 3 to 13 of them (on a GPU the GPU tile runs: one)."""
+    columns so that a row takes 3 to 13 of them; on a GPU, V grows to 3 GPU tiles and 203
+    columns, or to exactly 3 GPU tiles."""
     skip_unless_available("triton")
     from dlm_kernels.ops import cross_entropy as ce
 
     monkeypatch.setattr(ce, "_INTERP_BLOCK_V", tile)
+    if DEV.type == "cuda":
+        # The tile above is the interpreter's: here 3 GPU tiles and a ragged 203 columns, or
+        # exactly 3 GPU tiles (no ragged one).
+        V = 3 * ce._GPU_BLOCK_V + (203 if V == 203 else 0)
     logits = _tile_rows(V, dtype, huge=not opts)
     N = logits.shape[0]
     target = torch.randint(0, V, (N,), device=DEV)

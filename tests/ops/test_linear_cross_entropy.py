@@ -222,6 +222,30 @@ def test_minus_inf_bias_columns(name):
     assert torch.isfinite(dh).all()
 
 
+@pytest.mark.parametrize("V", [33, 64, 66])
+@pytest.mark.parametrize("name", KERNELS)
+def test_label_smoothing_on_rows_of_float_max(name, V):
+    # Logits of +-FLT_MAX (a bias of +-FLT_MAX, W = 0): the row mean is +-FLT_MAX and the
+    # smoothing term lse - mean is finite (0 in float64). Float32 sums of x * fl(1 / V) (which
+    # rounds up) overflowed to inf at these V in the fused and slab kernels: loss -inf / +inf.
+    _skip(name)
+    dev = _dev(name)
+    hidden = torch.zeros(1, 2, 4, device=dev)
+    W = torch.zeros(V, 4, device=dev)
+    target = torch.zeros(1, 2, dtype=torch.int64, device=dev)
+    mask = torch.ones(1, 2, dtype=torch.bool, device=dev)
+    for big in (3.4028234663852886e38, -3.4028234663852886e38):
+        b = torch.full((V,), big, device=dev)
+        kw = dict(bias=b, label_smoothing=0.1, reduction="none")
+        want = reference.masked_linear_cross_entropy(
+            hidden.double(), W.double(), target, mask, **{**kw, "bias": b.double()}
+        )
+        with _impl(name):
+            got = dlm_kernels.masked_linear_cross_entropy(hidden, W, target, mask, **kw)
+        assert got.isfinite().all(), (big, got)
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", KERNELS)
 def test_triton_atomics_and_return_lse(name):
     # deterministic=False (the atomic backward on Triton; the CPU path ignores it) and the lse.
