@@ -125,8 +125,10 @@ if triton is not None:
         float64 from each element on (float32 sums of x, or of x * fl(1 / V), overflowed on
         rows of logits near +-FLT_MAX, whose mean is finite)."""
         m_new = tl.maximum(m_i, tl.max(x, 1))
-        # A row that has seen only -inf keeps shift 0: exp(-inf - 0) = 0, not NaN.
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        # A row that has seen only -inf keeps shift 0: exp(-inf - 0) = 0, not NaN. A +inf
+        # shifts by FLT_MAX: exp(+inf - FLT_MAX) = inf, so s and the lse are +inf (a shift of
+        # +inf gave exp(inf - inf) = NaN: a +inf bias made every row's loss NaN).
+        shift = tl.where(m_new == float("-inf"), 0.0, tl.minimum(m_new, 3.4028234663852886e38))
         s_i = s_i * tl.exp(m_i - shift) + tl.sum(tl.exp(x - shift[:, None]), 1)
         x_t += tl.sum(tl.where(cols[None, :] == tgt[:, None], x, 0.0), 1)
         if HAS_SMOOTHING:

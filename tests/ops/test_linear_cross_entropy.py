@@ -222,6 +222,30 @@ def test_minus_inf_bias_columns(name):
     assert torch.isfinite(dh).all()
 
 
+@pytest.mark.parametrize("name", KERNELS)
+def test_pos_inf_bias_column(name):
+    # A +inf bias column: every row's lse is +inf, so the loss is +inf where the target is
+    # another column and NaN (inf - inf) where it is that column, as in float64; the gradients
+    # are NaN exactly where the reference's are. The fused kernel's online logsumexp shifted by
+    # +inf and made every loss NaN (a fuzzing helper's find).
+    _skip(name)
+    dev = _dev(name)
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(1, 2, 4, generator=g).to(dev)
+    W = torch.randn(8, 4, generator=g).to(dev)
+    b = torch.zeros(8, device=dev)
+    b[3] = float("inf")
+    target = torch.tensor([[3, 1]], device=dev)
+    mask = torch.ones(1, 2, dtype=torch.bool, device=dev)
+    gout = torch.ones(1, 2, dtype=torch.float64, device=dev)
+    want, want_grads = _run("reference", hidden.double(), W.double(), b.double(), target, mask,
+                            None, gout, reduction="none")  # fmt: skip
+    got, got_grads = _run(name, hidden, W, b, target, mask, None, gout, reduction="none")
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf()), got
+    for w_, o in zip(want_grads, got_grads):
+        assert torch.equal(o.isnan(), w_.isnan()), (o, w_)
+
+
 @pytest.mark.parametrize("V", [33, 64, 66])
 @pytest.mark.parametrize("name", KERNELS)
 def test_label_smoothing_on_rows_of_float_max(name, V):
