@@ -32,6 +32,8 @@ the logits of those rows are never all alive at once:
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -907,6 +909,22 @@ def _cpu_chunk_rows(V: int) -> int:
     return max(16, _CPU_CHUNK_ELEMS // max(V, 1))
 
 
+def _dh_low(dl: Tensor, W: Tensor, dtype: torch.dtype) -> Tensor:
+    """dl @ W for one chunk, as float32, with the GEMM in ``dtype`` (bf16 / fp16: no mixed-dtype
+    GEMM on the CPU). float16 has no float32 range: at an upstream gradient of 1 (reduction
+    "mean" / "sum" scale dHidden afterwards) a row could overflow to inf where the true gradient
+    fits, so the GEMM runs scaled by a power of two (exact) that keeps its output, bounded by
+    max_i sum_j |dl_ij| * max |W|, under 2^15, and the scale is undone in float32."""
+    k = 0
+    if dtype == torch.float16:
+        bound = float(dl.abs().sum(1, dtype=torch.float32).max()) * float(W.abs().max())
+        if math.isfinite(bound) and bound > 2.0**15:
+            k = math.ceil(math.log2(bound / 2.0**15))
+    d = (dl * 2.0**-k if k else dl).to(dtype)
+    out = (d @ W).to(torch.float32)
+    return out * 2.0**k if k else out
+
+
 def _cpu_run(
     h, W, b, target, valid, weight, eps, z, cap, grad_rows, want_loss, want_grad, lse_rows=None,
     want_dh=True, want_dw=True,
@@ -976,7 +994,7 @@ def _cpu_run(
                     db.add_(dl32.sum(0))
                 del dl32
             if want_dh:
-                dh.index_copy_(0, rows, (dl.to(h.dtype) @ W).to(torch.float32))
+                dh.index_copy_(0, rows, _dh_low(dl, W, h.dtype))
         else:
             if want_dw:
                 dW.addmm_(dl.t(), hc)
