@@ -18,7 +18,7 @@ try:
     import triton
     import triton.language as tl
 
-    from dlm_kernels.ops.fast_math import _exp_ftz
+    from dlm_kernels.ops.fast_math import _ANCHOR0, _chunk_lse_step, _chunk_lse_total, _exp_ftz
 except Exception:  # no triton (or a broken one): dispatch never selects the Triton path
     triton = None
 
@@ -27,26 +27,6 @@ except Exception:  # no triton (or a broken one): dispatch never selects the Tri
 # Triton kernels
 # ---------------------------------------------------------------------------------------------
 if triton is not None:
-
-    @triton.jit
-    def _lse_step(x, offs, V, a_c, z_c, t_c, MASKED: tl.constexpr,
-                  HAS_SMOOTHING: tl.constexpr, FAST_EXP: tl.constexpr):  # fmt: skip
-        # One [NC, CHUNK] tile of the forward's online logsumexp (see _mce_fwd_kernel): the
-        # chunk rows' anchors a_c, sums z_c of exp(x - a_c) and, with smoothing, float64 sums of x.
-        cm = tl.max(x, 1)
-        mv = cm > a_c + 8.0  # False for NaN
-        a_n = tl.where(mv, tl.minimum(cm, 3.4028234663852886e38), a_c)
-        f = tl.where(mv, _exp_ftz(a_c - a_n, FAST_EXP), 1.0)
-        z_c = z_c * f + tl.sum(_exp_ftz(x - a_n[:, None], FAST_EXP), 1)
-        if HAS_SMOOTHING:
-            # The row sum for the mean, in float64 from each element on: float32 sums of x (or
-            # of x * fl(1 / V), which rounds up) overflowed on rows of logits near +-FLT_MAX,
-            # whose mean is finite.
-            if MASKED:
-                t_c += tl.sum(tl.where(offs < V, x, 0.0).to(tl.float64), 1)
-            else:
-                t_c += tl.sum(x.to(tl.float64), 1)
-        return a_n, z_c, t_c
 
     @triton.jit
     def _mce_fwd_kernel(
@@ -73,19 +53,12 @@ if triton is not None:
         if valid:
             base = logits_ptr + row * stride_row
             target = tl.load(target_ptr + row)
-            # Online logsumexp with its state per chunk row of a [BLOCK_V // CHUNK, CHUNK] tile
-            # (each thread loads CHUNK contiguous logits), not per element: a sum z of
-            # exp(x - a) against an anchor a that moves to a chunk's max only when that exceeds
-            # it by more than 8 (terms stay below e^8, and a move multiplies z by less than
-            # e^-8). Per element: one max, subtract, exp and add (one exp instead of two).
-            # The anchor starts at -FLT_MAX, not -inf, so that no select is needed: a chunk of
-            # -inf (banned tokens) adds exp(-inf) = 0, a NaN adds NaN (the GPU's max drops NaN,
-            # the sum keeps it: a NaN row gets a NaN loss), and a +inf moves the anchor to
-            # FLT_MAX and adds inf (lse = +inf). Any finite chunk max moves the anchor off it.
+            # Online logsumexp per chunk row of a [BLOCK_V // CHUNK, CHUNK] tile (each thread
+            # loads CHUNK contiguous logits): see fast_math._chunk_lse_step.
             NC: tl.constexpr = BLOCK_V // CHUNK
             crow = tl.arange(0, NC) * CHUNK
             ccol = tl.arange(0, CHUNK)
-            a_c = tl.full([NC], -3.4028234663852886e38, tl.float32)
+            a_c = tl.full([NC], _ANCHOR0, tl.float32)
             z_c = tl.zeros([NC], tl.float32)
             t_c = tl.zeros([NC], tl.float64)
             # Whole tiles without a mask (no select per logit), then the ragged last one.
@@ -93,18 +66,15 @@ if triton is not None:
             for start in tl.range(0, v_full, BLOCK_V, num_stages=STAGES):
                 offs = start + crow[:, None] + ccol[None, :]
                 x = tl.load(base + offs).to(tl.float32)
-                a_c, z_c, t_c = _lse_step(x, offs, V, a_c, z_c, t_c, False,
-                                          HAS_SMOOTHING, FAST_EXP)  # fmt: skip
+                a_c, z_c, t_c = _chunk_lse_step(x, True, a_c, z_c, t_c, 1, False,
+                                                HAS_SMOOTHING, FAST_EXP)  # fmt: skip
             if v_full < V:
                 offs = v_full + crow[:, None] + ccol[None, :]
                 x = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-                a_c, z_c, t_c = _lse_step(x, offs, V, a_c, z_c, t_c, True,
-                                          HAS_SMOOTHING, FAST_EXP)  # fmt: skip
-            # Chunk rows still at -FLT_MAX saw only -inf and -FLT_MAX, or a NaN (a chunk max of
-            # NaN never moves the anchor; its z is NaN): their terms scale by exp(0) = 1 if every
-            # row did (lse = -FLT_MAX + log(count), or -inf), else by 0 (a NaN z stays NaN).
-            a_row = tl.max(a_c, 0)
-            lse = a_row + tl.log(tl.sum(z_c * tl.exp(a_c - a_row), 0))
+                a_c, z_c, t_c = _chunk_lse_step(x, offs < V, a_c, z_c, t_c, 1, True,
+                                                HAS_SMOOTHING, FAST_EXP)  # fmt: skip
+            a_row, z_row = _chunk_lse_total(a_c, z_c, 0)
+            lse = a_row + tl.log(z_row)
             in_range = (target >= 0) & (target < V)
             x_t = tl.load(base + tl.where(in_range, target, 0)).to(tl.float32)
             x_t = tl.where(in_range, x_t, float("nan"))  # never read outside the row

@@ -44,7 +44,7 @@ try:
     import triton
     import triton.language as tl
 
-    from dlm_kernels.ops.fast_math import _exp_ftz
+    from dlm_kernels.ops.fast_math import _ANCHOR0, _chunk_lse_step, _chunk_lse_total, _exp_ftz
 except Exception:  # no triton, or a broken one: the Triton path is never selected
     triton = None
 
@@ -405,25 +405,6 @@ if triton is not None:
     # --- the slab path's elementwise work (see "CUDA, eager" below): one pass over each slab
 
     @triton.jit
-    def _slab_lse_step(x, ok, a_c, z_c, t_c, HAS_SMOOTHING: tl.constexpr,
-                       MASKED: tl.constexpr, FAST_EXP: tl.constexpr):  # fmt: skip
-        """One (BLOCK_M, NC, CHUNK) tile of logits folded into the chunk states (see
-        _slab_fwd_kernel); MASKED: the ragged last tile (ok: its columns inside the piece)."""
-        if MASKED:
-            x = tl.where(ok, x, float("-inf"))
-        cm = tl.max(x, 2)
-        mv = cm > a_c + 8.0  # False for NaN
-        a_n = tl.where(mv, tl.minimum(cm, 3.4028234663852886e38), a_c)
-        f = tl.where(mv, _exp_ftz(a_c - a_n, FAST_EXP), 1.0)
-        z_c = z_c * f + tl.sum(_exp_ftz(x - a_n[:, :, None], FAST_EXP), 2)
-        if HAS_SMOOTHING:
-            if MASKED:
-                t_c += tl.sum(tl.where(ok, x, 0.0).to(tl.float64), 2)
-            else:
-                t_c += tl.sum(x.to(tl.float64), 2)
-        return a_n, z_c, t_c
-
-    @triton.jit
     def _slab_logits(x_ptr, b_ptr, offs, cols, ok, softcap, HAS_BIAS: tl.constexpr,
                      HAS_CAP: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
         """Logits at x_ptr + offs (float32 h @ W_s.T): + bias at cols, then the softcap."""
@@ -480,7 +461,7 @@ if triton is not None:
         # The bias is read at the logits' own (BLOCK_M, NC, CHUNK) shape (each row re-reads it
         # from L1): a (1, NC, CHUNK) tile took a layout of its own, with shuffles in the loop.
         rows0 = tl.zeros([BLOCK_M, 1, 1], tl.int32)
-        a_c = tl.full([BLOCK_M, NC], -3.4028234663852886e38, tl.float32)
+        a_c = tl.full([BLOCK_M, NC], _ANCHOR0, tl.float32)
         z_c = tl.zeros([BLOCK_M, NC], tl.float32)
         t_c = tl.zeros([BLOCK_M, NC], tl.float64)
         c_full = c_lo + (c_hi - c_lo) // BLOCK_C * BLOCK_C  # whole tiles end here
@@ -489,21 +470,17 @@ if triton is not None:
             offs = base[:, None, None] + cols[None, :, :]
             x = _slab_logits(x_ptr, b_ptr, offs, cols[None, :, :] + rows0, True, softcap,
                              HAS_BIAS, HAS_CAP, False)  # fmt: skip
-            a_c, z_c, t_c = _slab_lse_step(x, True, a_c, z_c, t_c, HAS_SMOOTHING,
-                                           False, FAST_EXP)  # fmt: skip
+            a_c, z_c, t_c = _chunk_lse_step(x, True, a_c, z_c, t_c, 2, False, HAS_SMOOTHING,
+                                            FAST_EXP)  # fmt: skip
         if c_full < c_hi:
             cols = c_full + cols0
             offs = base[:, None, None] + cols[None, :, :]
             ok = cols[None, :, :] < c_hi
             x = _slab_logits(x_ptr, b_ptr, offs, cols[None, :, :] + rows0, ok, softcap,
                              HAS_BIAS, HAS_CAP, True)  # fmt: skip
-            a_c, z_c, t_c = _slab_lse_step(x, ok, a_c, z_c, t_c, HAS_SMOOTHING, True,
-                                           FAST_EXP)  # fmt: skip
-        # Chunk states still at -FLT_MAX saw only -inf and -FLT_MAX, or a NaN (its z is NaN):
-        # scaled by exp(0) = 1 if the whole row did (all -inf: s = 0, and the combine gives lse
-        # = -inf), else by 0 (a NaN z stays NaN).
-        m_i = tl.max(a_c, 1)
-        s_i = tl.sum(z_c * tl.exp(a_c - m_i[:, None]), 1)
+            a_c, z_c, t_c = _chunk_lse_step(x, ok, a_c, z_c, t_c, 2, True, HAS_SMOOTHING,
+                                            FAST_EXP)  # fmt: skip
+        m_i, s_i = _chunk_lse_total(a_c, z_c, 1)
         tgt = tl.load(t_ptr + offs_m, mask=row_ok, other=-1) - v0  # column in the slab
         t_ok = row_ok & (tgt >= c_lo) & (tgt < c_hi)
         x_t = _slab_logits(x_ptr, b_ptr, base + tgt, tgt, t_ok, softcap, HAS_BIAS, HAS_CAP,
@@ -909,15 +886,16 @@ def _cpu_chunk_rows(V: int) -> int:
     return max(16, _CPU_CHUNK_ELEMS // max(V, 1))
 
 
-def _dh_low(dl: Tensor, W: Tensor, dtype: torch.dtype) -> Tensor:
+def _dh_low(dl: Tensor, W: Tensor, dtype: torch.dtype, w_absmax: float) -> Tensor:
     """dl @ W for one chunk, as float32, with the GEMM in ``dtype`` (bf16 / fp16: no mixed-dtype
     GEMM on the CPU). float16 has no float32 range: at an upstream gradient of 1 (reduction
     "mean" / "sum" scale dHidden afterwards) a row could overflow to inf where the true gradient
     fits, so the GEMM runs scaled by a power of two (exact) that keeps its output, bounded by
-    max_i sum_j |dl_ij| * max |W|, under 2^15, and the scale is undone in float32."""
+    max_i sum_j |dl_ij| * w_absmax (max |W|, read once per call), under 2^15, and the scale is
+    undone in float32."""
     k = 0
     if dtype == torch.float16:
-        bound = float(dl.abs().sum(1, dtype=torch.float32).max()) * float(W.abs().max())
+        bound = float(dl.abs().sum(1, dtype=torch.float32).max()) * w_absmax
         if math.isfinite(bound) and bound > 2.0**15:
             k = math.ceil(math.log2(bound / 2.0**15))
     d = (dl * 2.0**-k if k else dl).to(dtype)
@@ -960,6 +938,7 @@ def _cpu_run(
     ones_valid = torch.ones(min(C, n), dtype=torch.bool, device=h.device)
     Wt = W.t()
     low = h.dtype != torch.float32
+    w_absmax = float(W.abs().max()) if want_dh and h.dtype == torch.float16 else 0.0  # _dh_low
     for s in range(0, n, C):
         e = min(n, s + C)
         rows = idx[s:e]
@@ -994,7 +973,7 @@ def _cpu_run(
                     db.add_(dl32.sum(0))
                 del dl32
             if want_dh:
-                dh.index_copy_(0, rows, _dh_low(dl, W, h.dtype))
+                dh.index_copy_(0, rows, _dh_low(dl, W, h.dtype, w_absmax))
         else:
             if want_dw:
                 dW.addmm_(dl.t(), hc)
